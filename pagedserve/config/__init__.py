@@ -1,0 +1,20 @@
+"""Engine configuration: one dataclass per concern, gathered in EngineConfig (vLLM's VllmConfig)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pagedserve.config.cache import CacheConfig
+from pagedserve.config.model import ModelConfig
+from pagedserve.config.parallel import ParallelConfig
+from pagedserve.config.scheduler import SchedulerConfig
+
+__all__ = ["CacheConfig", "EngineConfig", "ModelConfig", "ParallelConfig", "SchedulerConfig"]
+
+
+@dataclass
+class EngineConfig:
+    model_config: ModelConfig
+    cache_config: CacheConfig
+    scheduler_config: SchedulerConfig
+    parallel_config: ParallelConfig

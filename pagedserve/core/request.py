@@ -1,0 +1,205 @@
+"""The engine core's view of one request."""
+
+from __future__ import annotations
+
+import enum
+import time
+
+from pagedserve.core.kv_cache_utils import BlockHash, RequestBlockHasher
+from pagedserve.engine import EngineCoreRequest, FinishReason
+from pagedserve.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    """Lifecycle of a request; every status after PREEMPTED is a finished one."""
+
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    PREEMPTED = enum.auto()
+    FINISHED_STOPPED = enum.auto()
+    FINISHED_LENGTH_CAPPED = enum.auto()
+    FINISHED_ABORTED = enum.auto()
+    FINISHED_ERROR = enum.auto()
+
+    def __str__(self) -> str:
+        return self.name
+
+    @staticmethod
+    def is_finished(status: RequestStatus) -> bool:
+        return status > RequestStatus.PREEMPTED
+
+    @staticmethod
+    def get_finished_reason(status: RequestStatus) -> FinishReason | None:
+        return _FINISHED_REASONS.get(status)
+
+
+_FINISHED_REASONS: dict[RequestStatus, FinishReason] = {
+    RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
+    RequestStatus.FINISHED_LENGTH_CAPPED: FinishReason.LENGTH,
+    RequestStatus.FINISHED_ABORTED: FinishReason.ABORT,
+    RequestStatus.FINISHED_ERROR: FinishReason.ERROR,
+}
+
+
+class Request:
+    """Token ids, progress and cache identity of one request.
+
+    Invariants: `all_token_ids == prompt_token_ids + output_token_ids`;
+    `block_hashes[i]` is the hash of full block i of `all_token_ids` (when a block hasher is
+    attached), extended as tokens are appended; `num_computed_tokens <= num_tokens`.
+    The token lists returned by the properties are the request's own: do not mutate them.
+    """
+
+    __slots__ = (
+        "request_id",
+        "prompt_token_ids",
+        "sampling_params",
+        "eos_token_id",
+        "arrival_time",
+        "priority",
+        "cache_salt",
+        "status",
+        "num_computed_tokens",
+        "num_cached_tokens",
+        "num_preemptions",
+        "stop_reason",
+        "max_tokens",
+        "min_tokens",
+        "ignore_eos",
+        "stop_token_ids",
+        "num_sample_logprobs",
+        "num_prompt_logprobs",
+        "block_hashes",
+        "_output_token_ids",
+        "_all_token_ids",
+        "_block_hasher",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams | None,
+        eos_token_id: int | None,
+        arrival_time: float | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        block_hasher: RequestBlockHasher | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.sampling_params = sampling_params
+        self.eos_token_id = eos_token_id
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.priority = priority
+        self.cache_salt = cache_salt
+
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0
+        # Prompt tokens found in the prefix cache when first scheduled; -1 until then.
+        self.num_cached_tokens = -1
+        self.num_preemptions = 0
+        self.stop_reason: int | str | None = None
+
+        # Stop conditions, resolved once so the per-step check is a few comparisons.
+        if sampling_params is None:
+            # Pooling: one forward pass over the prompt, no generated tokens.
+            self.max_tokens: int | None = 1
+            self.min_tokens = 0
+            self.ignore_eos = True
+            self.stop_token_ids: frozenset[int] = frozenset()
+            self.num_sample_logprobs: int | None = None
+            self.num_prompt_logprobs: int | None = None
+        else:
+            self.max_tokens = sampling_params.max_tokens
+            self.min_tokens = sampling_params.min_tokens
+            self.ignore_eos = sampling_params.ignore_eos
+            stop_ids = set(sampling_params.stop_token_ids or ())
+            # all_stop_token_ids holds EOS-like ids from the generation config; ignore_eos
+            # ignores them as well as eos_token_id itself.
+            if not sampling_params.ignore_eos:
+                stop_ids.update(sampling_params.all_stop_token_ids)
+                if eos_token_id is not None:
+                    stop_ids.discard(eos_token_id)
+            self.stop_token_ids = frozenset(stop_ids)
+            self.num_sample_logprobs = sampling_params.logprobs
+            self.num_prompt_logprobs = sampling_params.prompt_logprobs
+
+        self._output_token_ids: list[int] = []
+        self._all_token_ids: list[int] = list(prompt_token_ids)
+        self.block_hashes: list[BlockHash] = []
+        self._block_hasher: RequestBlockHasher | None = None
+        if block_hasher is not None:
+            self.set_block_hasher(block_hasher)
+
+    @classmethod
+    def from_engine_core_request(
+        cls, request: EngineCoreRequest, block_hasher: RequestBlockHasher | None
+    ) -> Request:
+        return cls(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            sampling_params=request.sampling_params,
+            eos_token_id=request.eos_token_id,
+            arrival_time=request.arrival_time,
+            priority=request.priority,
+            cache_salt=request.cache_salt,
+            block_hasher=block_hasher,
+        )
+
+    def set_block_hasher(self, block_hasher: RequestBlockHasher) -> None:
+        """Attach a hasher and hash the full blocks known so far (from scratch)."""
+        self._block_hasher = block_hasher
+        self.block_hashes = []
+        self.block_hashes.extend(block_hasher(self))
+
+    @property
+    def has_block_hasher(self) -> bool:
+        return self._block_hasher is not None
+
+    def append_output_token_ids(self, token_ids: int | list[int]) -> None:
+        if isinstance(token_ids, int):
+            self._output_token_ids.append(token_ids)
+            self._all_token_ids.append(token_ids)
+        else:
+            self._output_token_ids.extend(token_ids)
+            self._all_token_ids.extend(token_ids)
+        if self._block_hasher is not None:
+            self.block_hashes.extend(self._block_hasher(self))
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self._output_token_ids
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self._all_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self._all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self._output_token_ids)
+
+    @property
+    def skip_reading_prefix_cache(self) -> bool:
+        # Prompt logprobs need every prompt position computed, so cached blocks are not used.
+        return self.num_prompt_logprobs is not None
+
+    def is_finished(self) -> bool:
+        return self.status > RequestStatus.PREEMPTED
+
+    def get_finished_reason(self) -> FinishReason | None:
+        return _FINISHED_REASONS.get(self.status)
+
+    def __repr__(self) -> str:
+        return (
+            f"Request(id={self.request_id!r}, status={self.status}, "
+            f"num_tokens={self.num_tokens}, num_computed_tokens={self.num_computed_tokens})"
+        )

@@ -1,0 +1,59 @@
+"""What the scheduler sends to the workers each step: only what changed (the diff protocol).
+
+No tensors and nothing that needs pickle: plain dataclasses of ints, strings and lists, so the
+same objects can later be encoded with msgspec for worker processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pagedserve.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class NewRequestData:
+    """A request the workers do not hold yet: new, or resumed after preemption.
+
+    A resumed request is sent again in full (`output_token_ids` non-empty): workers drop
+    preempted requests entirely, so resumption needs no worker-side state.
+    """
+
+    req_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling_params: SamplingParams | None
+    # One list of block ids per KV cache group.
+    block_ids: tuple[list[int], ...]
+    # Tokens already in the KV cache (prefix-cache hits); computation starts here.
+    num_computed_tokens: int
+
+
+@dataclass(slots=True)
+class CachedRequestData:
+    """Requests the workers already hold, in parallel lists.
+
+    No token ids travel: the worker appended the token it sampled last step itself.
+    """
+
+    req_ids: list[str] = field(default_factory=list)
+    # Per request, per KV cache group: block ids appended since the last step (may be empty).
+    new_block_ids: list[tuple[list[int], ...] | None] = field(default_factory=list)
+    num_computed_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.req_ids)
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled_new_reqs: list[NewRequestData]
+    scheduled_cached_reqs: CachedRequestData
+    # req_id -> tokens to compute this step (a prefill chunk, or 1 for a decode).
+    num_scheduled_tokens: dict[str, int]
+    total_num_scheduled_tokens: int
+    # Requests that finished (or were aborted) since the last step; workers drop them.
+    finished_req_ids: set[str]
+    # Requests preempted this step; workers drop them (they come back as NewRequestData).
+    preempted_req_ids: set[str]

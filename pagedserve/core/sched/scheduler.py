@@ -1,0 +1,436 @@
+"""The unified scheduler: one step mixes prefill chunks and decodes under one token budget."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from pagedserve.config.cache import CacheConfig
+from pagedserve.config.scheduler import SchedulerConfig
+from pagedserve.core.kv_cache_manager import KVCacheManager
+from pagedserve.core.request import Request, RequestStatus
+from pagedserve.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+from pagedserve.core.sched.request_queue import create_request_queue
+from pagedserve.engine import EngineCoreOutput, EngineCoreOutputs, SchedulerStats
+from pagedserve.worker.outputs import LogprobsLists, ModelRunnerOutput
+
+_LogprobsRows = list[tuple[list[int], list[float], int]]
+
+
+def _logprobs_rows(logprobs: LogprobsLists, start: int, end: int, num_logprobs: int) -> _LogprobsRows:
+    # Column 0 is the sampled (or prompt) token, then the top-k; trim to the request's own k.
+    cols = num_logprobs + 1
+    return list(
+        zip(
+            logprobs.logprob_token_ids[start:end, :cols].tolist(),
+            logprobs.logprobs[start:end, :cols].tolist(),
+            logprobs.selected_token_ranks[start:end].tolist(),
+        )
+    )
+
+
+class Scheduler:
+    """Decides, each step, which requests compute how many tokens, and applies the results.
+
+    Every request has `num_computed_tokens` and `num_tokens`; a step gives each request up to
+    `num_tokens - num_computed_tokens` tokens within `max_num_batched_tokens`. Running requests
+    are served first (in order), then waiting ones. `num_computed_tokens` is advanced when a step
+    is scheduled, so between `schedule()` and `update_from_output()` it already counts the tokens
+    being computed.
+    """
+
+    def __init__(
+        self,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        log_stats: bool = True,
+    ) -> None:
+        if cache_config.num_gpu_blocks is None:
+            raise ValueError("cache_config.num_gpu_blocks must be set before building a Scheduler")
+        self.scheduler_config = scheduler_config
+        self.cache_config = cache_config
+        self.log_stats = log_stats
+        self.max_num_running_reqs = scheduler_config.max_num_seqs
+        self.max_num_scheduled_tokens = scheduler_config.max_num_batched_tokens
+        self.max_model_len = scheduler_config.max_model_len
+        self.enable_chunked_prefill = scheduler_config.enable_chunked_prefill
+        self.policy = scheduler_config.policy
+        self.block_size = cache_config.block_size
+
+        self.kv_cache_manager = KVCacheManager(
+            num_blocks=cache_config.num_gpu_blocks,
+            block_size=cache_config.block_size,
+            enable_caching=cache_config.enable_prefix_caching,
+            max_model_len=self.max_model_len,
+            hash_seed=cache_config.prefix_caching_hash_seed,
+            log_stats=log_stats,
+        )
+        self.block_hasher = self.kv_cache_manager.request_block_hasher
+
+        self.requests: dict[str, Request] = {}
+        self.waiting = create_request_queue(self.policy)
+        self.running: list[Request] = []
+        # Finished or aborted since the last schedule(); sent so workers drop their state.
+        self.finished_req_ids: set[str] = set()
+        # Outputs of requests the scheduler finished outside update_from_output (errors).
+        self._pending_outputs: list[EngineCoreOutput] = []
+        self._num_preemptions_since_stats = 0
+
+    # ---------------------------------------------------------------- requests in and out
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request {request.request_id!r} is already in the scheduler")
+        if self.block_hasher is not None and not request.has_block_hasher:
+            request.set_block_hasher(self.block_hasher)
+        self.requests[request.request_id] = request
+        error = self._check_can_ever_fit(request.num_tokens)
+        if error is not None:
+            # The frontend validates lengths first; this only keeps the scheduler from
+            # waiting forever for blocks that can never be free.
+            self._finish_with_error(request, error)
+            return
+        self.waiting.add_request(request)
+
+    def _check_can_ever_fit(self, num_tokens: int) -> str | None:
+        if num_tokens > self.max_model_len:
+            return f"{num_tokens} tokens exceed max_model_len={self.max_model_len}"
+        manager = self.kv_cache_manager
+        if manager.num_blocks_for_tokens(num_tokens) > manager.num_usable_blocks:
+            return (
+                f"{num_tokens} tokens need more KV cache blocks than exist "
+                f"({manager.num_usable_blocks} blocks of {self.block_size} tokens)"
+            )
+        return None
+
+    def _finish_with_error(self, request: Request, message: str) -> None:
+        del message  # No error text field in EngineCoreOutput yet; the reason is ERROR.
+        request.status = RequestStatus.FINISHED_ERROR
+        self._pending_outputs.append(
+            EngineCoreOutput(
+                request_id=request.request_id,
+                new_token_ids=[],
+                finish_reason=request.get_finished_reason(),
+                num_cached_tokens=max(request.num_cached_tokens, 0),
+            )
+        )
+        self._free_request(request)
+
+    def finish_requests(self, request_ids: str | Iterable[str], finished_status: RequestStatus) -> None:
+        """Finish requests from outside (abort): every block is freed; no output is produced."""
+        assert RequestStatus.is_finished(finished_status)
+        if isinstance(request_ids, str):
+            request_ids = (request_ids,)
+        running_to_remove: set[str] = set()
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None or request.is_finished():
+                continue
+            was_running = request.status == RequestStatus.RUNNING
+            request.status = finished_status
+            if was_running:
+                running_to_remove.add(request_id)
+            else:
+                self.waiting.discard(request)
+            self._free_request(request)
+        if running_to_remove:
+            self.running = [r for r in self.running if r.request_id not in running_to_remove]
+
+    def _free_request(self, request: Request) -> None:
+        assert request.is_finished()
+        self.kv_cache_manager.free(request)
+        self.finished_req_ids.add(request.request_id)
+        del self.requests[request.request_id]
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.get_num_unfinished_requests() > 0
+
+    def has_finished_requests(self) -> bool:
+        """Finished ids or error outputs still to be delivered by the next step."""
+        return bool(self.finished_req_ids) or bool(self._pending_outputs)
+
+    def has_requests(self) -> bool:
+        return self.has_unfinished_requests() or self.has_finished_requests()
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv_cache_manager.reset_prefix_cache()
+
+    # ---------------------------------------------------------------- schedule
+
+    def schedule(self) -> SchedulerOutput:
+        kv_cache_manager = self.kv_cache_manager
+        token_budget = self.max_num_scheduled_tokens
+        max_model_len = self.max_model_len
+        num_scheduled_tokens: dict[str, int] = {}
+        # Running requests scheduled this step and their new blocks (None: no new block).
+        scheduled_running_reqs: list[Request] = []
+        running_new_block_ids: list[tuple[list[int], ...] | None] = []
+        preempted_reqs: list[Request] = []
+
+        running = self.running
+        req_index = 0
+        while req_index < len(running) and token_budget > 0:
+            request = running[req_index]
+            num_new_tokens = request.num_tokens - request.num_computed_tokens
+            if num_new_tokens > token_budget:
+                num_new_tokens = token_budget
+            # Positions stop at max_model_len (reaching it finishes the request).
+            if num_new_tokens > max_model_len - request.num_computed_tokens:
+                num_new_tokens = max_model_len - request.num_computed_tokens
+            if num_new_tokens <= 0:
+                req_index += 1
+                continue
+
+            while True:
+                new_blocks = kv_cache_manager.allocate_slots(request, num_new_tokens)
+                if new_blocks is not None:
+                    break
+                preempted = self._pick_request_to_preempt()
+                if preempted is request and len(running) == 1:
+                    # Alone and still out of blocks: it can never fit the pool.
+                    running.pop()
+                    self._finish_with_error(
+                        request, "the request outgrew the KV cache while running alone"
+                    )
+                    break
+                if preempted is running[-1]:
+                    running.pop()
+                else:
+                    # Priority policy only: the victim may sit before the current request.
+                    position = running.index(preempted)
+                    del running[position]
+                    if position < req_index:
+                        req_index -= 1
+                    if preempted.request_id in num_scheduled_tokens:
+                        # Already scheduled this step: it loses its turn and its budget.
+                        position = scheduled_running_reqs.index(preempted)
+                        del scheduled_running_reqs[position]
+                        del running_new_block_ids[position]
+                        token_budget += num_scheduled_tokens.pop(preempted.request_id)
+                self._preempt(preempted)
+                preempted_reqs.append(preempted)
+                if preempted is request:
+                    break
+            if new_blocks is None:
+                # The current request was preempted or failed; everyone after it already was.
+                break
+
+            scheduled_running_reqs.append(request)
+            running_new_block_ids.append(
+                None if not new_blocks.blocks[0] else new_blocks.get_block_ids()
+            )
+            num_scheduled_tokens[request.request_id] = num_new_tokens
+            token_budget -= num_new_tokens
+            req_index += 1
+
+        # New and resumed requests, only if nothing was preempted: a request preempted this
+        # step must not come back in the same step (workers would drop and add it at once).
+        scheduled_new_reqs: list[Request] = []
+        if not preempted_reqs:
+            self._schedule_waiting(token_budget, num_scheduled_tokens, scheduled_new_reqs)
+
+        new_reqs_data = [
+            NewRequestData(
+                req_id=request.request_id,
+                prompt_token_ids=request.prompt_token_ids,
+                # A copy: an in-process worker appends to the list it is given.
+                output_token_ids=list(request.output_token_ids),
+                sampling_params=request.sampling_params,
+                block_ids=kv_cache_manager.get_block_ids(request.request_id),
+                num_computed_tokens=request.num_computed_tokens,
+            )
+            for request in scheduled_new_reqs
+        ]
+        cached_reqs_data = CachedRequestData(
+            req_ids=[request.request_id for request in scheduled_running_reqs],
+            new_block_ids=running_new_block_ids,
+            num_computed_tokens=[request.num_computed_tokens for request in scheduled_running_reqs],
+        )
+        scheduler_output = SchedulerOutput(
+            scheduled_new_reqs=new_reqs_data,
+            scheduled_cached_reqs=cached_reqs_data,
+            num_scheduled_tokens=num_scheduled_tokens,
+            total_num_scheduled_tokens=sum(num_scheduled_tokens.values()),
+            finished_req_ids=self.finished_req_ids,
+            preempted_req_ids={request.request_id for request in preempted_reqs},
+        )
+        self.finished_req_ids = set()
+
+        # Advance now (vLLM-style): the step's tokens count as computed from here on.
+        requests = self.requests
+        for request_id, num_tokens in num_scheduled_tokens.items():
+            requests[request_id].num_computed_tokens += num_tokens
+        return scheduler_output
+
+    def _schedule_waiting(
+        self,
+        token_budget: int,
+        num_scheduled_tokens: dict[str, int],
+        scheduled_new_reqs: list[Request],
+    ) -> None:
+        kv_cache_manager = self.kv_cache_manager
+        waiting = self.waiting
+        running = self.running
+        while token_budget > 0 and len(running) < self.max_num_running_reqs and waiting:
+            request = waiting.peek_request()
+            # A preempted request recomputes its prompt and outputs; the prefix cache usually
+            # still holds most of them.
+            computed_blocks, num_computed_tokens = kv_cache_manager.get_computed_blocks(request)
+            num_new_tokens = request.num_tokens - num_computed_tokens
+            if num_new_tokens > token_budget:
+                if not self.enable_chunked_prefill:
+                    # Never chunk: wait for a step with room (head-of-line, keeps FCFS order).
+                    break
+                num_new_tokens = token_budget
+            new_blocks = kv_cache_manager.allocate_slots(
+                request, num_new_tokens, num_computed_tokens, computed_blocks
+            )
+            if new_blocks is None:
+                break
+            waiting.pop_request()
+            running.append(request)
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_computed_tokens
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_computed_tokens
+            scheduled_new_reqs.append(request)
+            num_scheduled_tokens[request.request_id] = num_new_tokens
+            token_budget -= num_new_tokens
+
+    def _pick_request_to_preempt(self) -> Request:
+        if self.policy == "priority":
+            # Lowest priority = largest (priority, arrival_time); O(running), rare.
+            return max(self.running, key=lambda r: (r.priority, r.arrival_time))
+        return self.running[-1]
+
+    def _preempt(self, request: Request) -> None:
+        """Free every block and send the request back to the front of the waiting queue."""
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self._num_preemptions_since_stats += 1
+        self.waiting.prepend_request(request)
+
+    # ---------------------------------------------------------------- results
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
+    ) -> EngineCoreOutputs:
+        sampled_token_ids = model_runner_output.sampled_token_ids
+        req_id_to_index = model_runner_output.req_id_to_index
+        logprobs = model_runner_output.logprobs
+        prompt_logprobs_dict = model_runner_output.prompt_logprobs_dict
+        pooler_output = model_runner_output.pooler_output
+        requests = self.requests
+
+        outputs = self._pending_outputs
+        self._pending_outputs = []
+        finished_ids: set[str] = {output.request_id for output in outputs}
+        any_stopped = False
+
+        for request_id in scheduler_output.num_scheduled_tokens:
+            request = requests.get(request_id)
+            if request is None:
+                # Aborted between schedule() and now.
+                continue
+            req_index = req_id_to_index[request_id]
+            new_token_ids = sampled_token_ids[req_index]
+            stopped = False
+            new_logprobs = None
+            new_prompt_logprobs = None
+            pooling_output = None
+
+            if new_token_ids:
+                if len(new_token_ids) == 1:
+                    request.append_output_token_ids(new_token_ids[0])
+                    stopped = self._check_stop(request)
+                else:
+                    # Several tokens in one step (speculative decoding): stop at the first
+                    # stopping token and drop the rest.
+                    for num_kept, token_id in enumerate(new_token_ids, 1):
+                        request.append_output_token_ids(token_id)
+                        if self._check_stop(request):
+                            stopped = True
+                            new_token_ids = new_token_ids[:num_kept]
+                            break
+                if logprobs is not None and request.num_sample_logprobs is not None:
+                    new_logprobs = _logprobs_rows(
+                        logprobs, req_index, req_index + 1, request.num_sample_logprobs
+                    )
+            elif pooler_output is not None and request.sampling_params is None:
+                pooled = pooler_output.get(request_id)
+                if pooled is not None:
+                    pooling_output = pooled.tolist()
+                    request.status = RequestStatus.FINISHED_STOPPED
+                    stopped = True
+
+            if request.num_prompt_logprobs is not None and prompt_logprobs_dict:
+                prompt_rows = prompt_logprobs_dict.get(request_id)
+                if prompt_rows is not None and len(prompt_rows.selected_token_ranks):
+                    new_prompt_logprobs = _logprobs_rows(
+                        prompt_rows, 0, len(prompt_rows.selected_token_ranks), request.num_prompt_logprobs
+                    )
+
+            if stopped:
+                any_stopped = True
+                finished_ids.add(request_id)
+                self._free_request(request)
+            if new_token_ids or stopped or new_prompt_logprobs is not None:
+                outputs.append(
+                    EngineCoreOutput(
+                        request_id=request_id,
+                        new_token_ids=new_token_ids,
+                        new_logprobs=new_logprobs,
+                        new_prompt_logprobs=new_prompt_logprobs,
+                        finish_reason=request.get_finished_reason(),
+                        stop_reason=request.stop_reason,
+                        num_cached_tokens=request.num_cached_tokens,
+                        pooling_output=pooling_output,
+                    )
+                )
+
+        if any_stopped:
+            self.running = [r for r in self.running if not r.is_finished()]
+        return EngineCoreOutputs(
+            outputs=outputs,
+            scheduler_stats=self.make_stats() if self.log_stats else None,
+            finished_requests=finished_ids or None,
+        )
+
+    def _check_stop(self, request: Request) -> bool:
+        """Apply stop conditions after one token was appended; sets the finished status."""
+        if request.num_output_tokens >= request.min_tokens:
+            last_token_id = request.output_token_ids[-1]
+            if last_token_id == request.eos_token_id and not request.ignore_eos:
+                request.status = RequestStatus.FINISHED_STOPPED
+                return True
+            if last_token_id in request.stop_token_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                request.stop_reason = last_token_id
+                return True
+        max_tokens = request.max_tokens
+        if request.num_tokens >= self.max_model_len or (
+            max_tokens is not None and request.num_output_tokens >= max_tokens
+        ):
+            request.status = RequestStatus.FINISHED_LENGTH_CAPPED
+            return True
+        return False
+
+    # ---------------------------------------------------------------- stats
+
+    def make_stats(self) -> SchedulerStats:
+        """Stats of the steps since the last call (normally one step)."""
+        prefix_stats = self.kv_cache_manager.make_prefix_cache_stats()
+        num_preemptions = self._num_preemptions_since_stats
+        self._num_preemptions_since_stats = 0
+        return SchedulerStats(
+            num_running_reqs=len(self.running),
+            num_waiting_reqs=len(self.waiting),
+            kv_cache_usage=self.kv_cache_manager.usage,
+            prefix_cache_queries=prefix_stats.num_query_tokens,
+            prefix_cache_hits=prefix_stats.num_hit_tokens,
+            num_preemptions=num_preemptions,
+        )

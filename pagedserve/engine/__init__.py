@@ -1,0 +1,67 @@
+"""Messages between the frontend and the engine core (vLLM keeps them in the same place).
+
+msgspec structs: they are encoded with msgspec when the engine core runs in its own process.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+
+import msgspec
+
+from pagedserve.sampling_params import SamplingParams
+
+
+class FinishReason(enum.IntEnum):
+    STOP = 0
+    LENGTH = 1
+    ABORT = 2
+    ERROR = 3
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+
+class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams | None
+    eos_token_id: int | None
+    arrival_time: float
+    priority: int = 0
+    cache_salt: str | None = None
+
+
+class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    request_id: str
+    new_token_ids: list[int]
+    # Per new token: (token ids [k+1], logprobs [k+1], rank of the sampled token), as lists.
+    new_logprobs: list[tuple[list[int], list[float], int]] | None = None
+    # Per prompt position computed this step, same form (position 0 has none and is skipped).
+    new_prompt_logprobs: list[tuple[list[int], list[float], int]] | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+    pooling_output: list[float] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class SchedulerStats(msgspec.Struct, omit_defaults=True):
+    num_running_reqs: int = 0
+    num_waiting_reqs: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0  # tokens looked up this step
+    prefix_cache_hits: int = 0  # tokens found this step
+    num_preemptions: int = 0  # preemptions this step
+
+
+class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    outputs: list[EngineCoreOutput] = []
+    scheduler_stats: SchedulerStats | None = None
+    timestamp: float = msgspec.field(default_factory=time.monotonic)
+    # Requests the engine finished on its own this step (for clients that track them).
+    finished_requests: set[str] | None = None

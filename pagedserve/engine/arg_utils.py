@@ -1,0 +1,109 @@
+"""EngineArgs: every engine setting, one field per CLI flag, named as vLLM names them."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from dataclasses import dataclass, fields
+from typing import Any
+
+from pagedserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+
+_MEMORY_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_memory_size(value: str | int | None) -> int | None:
+    """'4GiB', '512m', '1073741824' -> bytes."""
+    if value is None or isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", value.lower())
+    if not match:
+        raise ValueError(f"cannot parse memory size {value!r} (examples: 4GiB, 512MiB, 1073741824)")
+    return int(float(match.group(1)) * _MEMORY_UNITS[match.group(2)])
+
+
+@dataclass
+class EngineArgs:
+    """Field `foo_bar` is CLI flag `--foo-bar`; the help text is the field's metadata."""
+
+    model: str | None = dataclasses.field(
+        default=None, metadata={"help": "HF checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct)"}
+    )
+    tokenizer: str | None = dataclasses.field(default=None, metadata={"help": "tokenizer directory (default: the model's)"})
+    dtype: str = dataclasses.field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16"})
+    max_model_len: int | None = dataclasses.field(
+        default=None, metadata={"help": "longest sequence (prompt + output) in tokens (default: the model's)"}
+    )
+    seed: int = dataclasses.field(default=0, metadata={"help": "global random seed"})
+    block_size: int = dataclasses.field(default=16, metadata={"help": "tokens per KV cache block"})
+    kv_cache_memory: str | None = dataclasses.field(
+        default=None, metadata={"help": "KV cache size, e.g. 2GiB (default: a share of free RAM, at most 4GiB)"}
+    )
+    num_gpu_blocks_override: int | None = dataclasses.field(
+        default=None, metadata={"help": "use exactly this many KV cache blocks (testing)"}
+    )
+    enable_prefix_caching: bool = dataclasses.field(
+        default=True, metadata={"help": "reuse KV cache blocks of identical prefixes"}
+    )
+    prefix_caching_hash_seed: int | None = dataclasses.field(
+        default=None, metadata={"help": "seed of the prefix-cache hash chain (default: random per process)"}
+    )
+    max_num_seqs: int = dataclasses.field(default=256, metadata={"help": "most requests in one step"})
+    max_num_batched_tokens: int | None = dataclasses.field(
+        default=None, metadata={"help": "token budget of one step (default: 2048, or max_model_len without chunking)"}
+    )
+    enable_chunked_prefill: bool = dataclasses.field(
+        default=True, metadata={"help": "split long prompts over several steps"}
+    )
+    scheduling_policy: str = dataclasses.field(default="fcfs", metadata={"help": "fcfs or priority"})
+    tensor_parallel_size: int = dataclasses.field(default=1, metadata={"help": "number of tensor-parallel workers"})
+
+    def create_engine_config(self) -> EngineConfig:
+        from pagedserve.model_files import default_model
+
+        model = self.model or default_model()
+        model_config = ModelConfig(
+            model=model, tokenizer=self.tokenizer, dtype=self.dtype, max_model_len=self.max_model_len, seed=self.seed
+        )
+        max_model_len = int(model_config.max_model_len)  # type: ignore[arg-type]
+        max_num_batched_tokens = self.max_num_batched_tokens
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = 2048 if self.enable_chunked_prefill else max(2048, max_model_len)
+        return EngineConfig(
+            model_config=model_config,
+            cache_config=CacheConfig(
+                block_size=self.block_size,
+                kv_cache_memory_bytes=parse_memory_size(self.kv_cache_memory),
+                enable_prefix_caching=self.enable_prefix_caching,
+                prefix_caching_hash_seed=self.prefix_caching_hash_seed,
+                num_gpu_blocks=self.num_gpu_blocks_override,
+            ),
+            scheduler_config=SchedulerConfig(
+                max_num_seqs=self.max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_model_len=max_model_len,
+                enable_chunked_prefill=self.enable_chunked_prefill,
+                policy=self.scheduling_policy,  # type: ignore[arg-type]
+            ),
+            parallel_config=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
+        )
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+        for f in fields(cls):
+            if f.name in skip:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            help_text = f.metadata.get("help", "")
+            if f.type in ("bool", bool):
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+                continue
+            type_name = str(f.type)
+            arg_type: Any = int if type_name.startswith("int") else str
+            parser.add_argument(flag, type=arg_type, default=f.default, help=help_text)
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})

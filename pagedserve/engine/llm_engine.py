@@ -1,0 +1,79 @@
+"""LLMEngine: the synchronous frontend — processor, engine-core client, output processor."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from pagedserve.config import EngineConfig
+from pagedserve.engine.arg_utils import EngineArgs
+from pagedserve.engine.core_client import InprocClient
+from pagedserve.engine.output_processor import OutputProcessor
+from pagedserve.engine.parallel_sampling import ParentRequest
+from pagedserve.engine.processor import Processor, PromptType
+from pagedserve.outputs import RequestOutput
+from pagedserve.sampling_params import SamplingParams
+from pagedserve.tokenizer import get_eos_token_ids, get_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, log_stats: bool = False) -> None:
+        self.config = config
+        model_config = config.model_config
+        self.tokenizer = get_tokenizer(model_config.model, model_config.tokenizer)
+        self.processor = Processor(model_config, self.tokenizer, get_eos_token_ids(model_config.model, self.tokenizer))
+        self.output_processor = OutputProcessor(self.tokenizer, log_stats=log_stats)
+        self.engine_core = InprocClient(config)
+        self.last_stats = None
+
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs) -> LLMEngine:
+        return cls(engine_args.create_engine_config())
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> None:
+        request, prompt_text = self.processor.process_inputs(
+            request_id, prompt, params, arrival_time or time.monotonic(), priority, cache_salt
+        )
+        assert request.sampling_params is not None
+        if request.sampling_params.n == 1:
+            self.output_processor.add_request(request, prompt_text)
+            self.engine_core.add_request(request)
+            return
+        parent = ParentRequest(request_id, request.sampling_params)
+        for index, child in enumerate(parent.make_child_requests(request)):
+            self.output_processor.add_request(child, prompt_text, parent, index)
+            self.engine_core.add_request(child)
+
+    def abort_request(self, request_ids: list[str]) -> None:
+        self.engine_core.abort_requests(self.output_processor.abort_requests(request_ids))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.output_processor.has_unfinished_requests()
+
+    def get_num_unfinished_requests(self) -> int:
+        return self.output_processor.get_num_unfinished_requests()
+
+    def step(self) -> list[RequestOutput]:
+        outputs = self.engine_core.get_output()
+        if outputs.scheduler_stats is not None:
+            self.last_stats = outputs.scheduler_stats
+        processed = self.output_processor.process_outputs(outputs.outputs, outputs.timestamp)
+        # Requests finished by a stop string in the frontend: the engine core must drop them.
+        self.engine_core.abort_requests(processed.reqs_to_abort)
+        return processed.request_outputs
+
+    def reset_prefix_cache(self) -> bool:
+        return self.engine_core.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        self.engine_core.shutdown()

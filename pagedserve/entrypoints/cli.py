@@ -1,0 +1,64 @@
+"""The `pagedserve` command: `generate` (offline completion) and `bench` (benchmarks)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pagedserve.engine.arg_utils import EngineArgs
+
+
+def _add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("generate", help="complete one prompt and print the completion")
+    parser.add_argument("prompt", help="the prompt text")
+    parser.add_argument("--max-tokens", type=int, default=32, help="most tokens to generate")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    EngineArgs.add_cli_args(parser)
+    parser.set_defaults(func=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from pagedserve.entrypoints.llm import LLM
+    from pagedserve.sampling_params import SamplingParams
+
+    engine_args = EngineArgs.from_cli_args(args)
+    llm = LLM(**vars(engine_args))
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
+    )
+    if args.chat:
+        output = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)[0]
+    else:
+        output = llm.generate(args.prompt, params, use_tqdm=False)[0]
+    print(output.outputs[0].text)
+    return 0
+
+
+def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
+    from pagedserve.benchmarks import throughput
+
+    parser = subparsers.add_parser("bench", help="benchmarks")
+    bench = parser.add_subparsers(dest="bench_command", required=True)
+    throughput.add_cli_args(bench.add_parser("throughput", help="offline throughput vs transformers"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="pagedserve", description="LLM inference and serving engine")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_generate_parser(subparsers)
+    _add_bench_parser(subparsers)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""One worker inside the engine-core process."""
+
+from __future__ import annotations
+
+from pagedserve.config import EngineConfig
+from pagedserve.core.sched.output import SchedulerOutput
+from pagedserve.executor.abstract import Executor
+from pagedserve.worker.outputs import ModelRunnerOutput
+from pagedserve.worker.worker import Worker
+
+
+class UniProcExecutor(Executor):
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        if config.parallel_config.world_size != 1:
+            raise ValueError("UniProcExecutor runs exactly one worker (tensor_parallel_size=1)")
+        self.worker = Worker(config)
+        self.worker.load_model()
+
+    def determine_num_kv_blocks(self) -> int:
+        return self.worker.determine_num_kv_blocks()
+
+    def initialize(self, num_blocks: int) -> None:
+        self.worker.initialize_cache(num_blocks)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.worker.execute_model(scheduler_output)

