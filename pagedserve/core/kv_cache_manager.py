@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pagedserve.core.block_pool import BlockPool, KVCacheBlock
@@ -148,16 +149,20 @@ class KVCacheManager:
         req_blocks = self.req_to_blocks.get(request_id)
         is_first_allocation = req_blocks is None
         num_owned_blocks = 0 if req_blocks is None else len(req_blocks)
-        computed_blocks = new_computed_blocks.blocks[0] if new_computed_blocks is not None else []
+        computed_blocks: Sequence[KVCacheBlock] = (
+            new_computed_blocks.blocks[0] if new_computed_blocks is not None else ()
+        )
         num_new_blocks = (
-            (num_tokens_need_slot + block_size - 1) // block_size
-            - num_owned_blocks
-            - len(computed_blocks)
+            (num_tokens_need_slot + block_size - 1) // block_size - num_owned_blocks - len(computed_blocks)
         )
 
         if num_new_blocks <= 0 and not computed_blocks:
             # Fast path (most decode steps): the last block still has room.
-            if self.enable_caching and req_blocks is not None:
+            if (
+                self.enable_caching
+                and req_blocks is not None
+                and (num_computed_tokens + num_new_tokens) // block_size > self.num_cached_block[request_id]
+            ):
                 self._cache_full_blocks(request, req_blocks, num_computed_tokens + num_new_tokens)
             return self.empty_kv_cache_blocks
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 BlockHash = bytes
 # Extra keys mixed into one block's hash: cache salt now; LoRA names and multimodal hashes later.
 ExtraKey = str | int | bytes
-RequestBlockHasher = Callable[["Request"], list[BlockHash]]
 
 _PROCESS_ROOT_HASH: BlockHash = os.urandom(32)
 _INT64_STRUCTS: dict[int, struct.Struct] = {}
@@ -86,22 +85,28 @@ def block_extra_keys(request: Request, block_index: int) -> tuple[ExtraKey, ...]
     return None
 
 
-def get_request_block_hasher(block_size: int, hash_seed: int | None = None) -> RequestBlockHasher:
-    """A function that returns the hashes of `request`'s full blocks not hashed yet.
+class RequestBlockHasher:
+    """Returns the hashes of a request's full blocks not hashed yet.
 
-    A Request calls it when created and after appending tokens and extends its `block_hashes`,
-    so each block is hashed exactly once.
+    A Request calls it when created and whenever a block fills up, and extends its
+    `block_hashes`, so each block is hashed exactly once.
     """
-    root = root_block_hash(hash_seed)
 
-    def request_block_hasher(request: Request) -> list[BlockHash]:
+    __slots__ = ("block_size", "root_hash")
+
+    def __init__(self, block_size: int, hash_seed: int | None = None) -> None:
+        self.block_size = block_size
+        self.root_hash = root_block_hash(hash_seed)
+
+    def __call__(self, request: Request) -> list[BlockHash]:
+        block_size = self.block_size
         block_hashes = request.block_hashes
         start = len(block_hashes)
         token_ids = request.all_token_ids
         num_full_blocks = len(token_ids) // block_size
         if start >= num_full_blocks:
             return []
-        parent = block_hashes[-1] if block_hashes else root
+        parent = block_hashes[-1] if block_hashes else self.root_hash
         new_hashes: list[BlockHash] = []
         for block_index in range(start, num_full_blocks):
             begin = block_index * block_size
@@ -113,4 +118,7 @@ def get_request_block_hasher(block_size: int, hash_seed: int | None = None) -> R
             new_hashes.append(parent)
         return new_hashes
 
-    return request_block_hasher
+
+def get_request_block_hasher(block_size: int, hash_seed: int | None = None) -> RequestBlockHasher:
+    """The block hasher a Scheduler attaches to its requests (vLLM's factory name)."""
+    return RequestBlockHasher(block_size, hash_seed)

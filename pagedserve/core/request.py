@@ -158,14 +158,17 @@ class Request:
         return self._block_hasher is not None
 
     def append_output_token_ids(self, token_ids: int | list[int]) -> None:
+        all_token_ids = self._all_token_ids
         if isinstance(token_ids, int):
             self._output_token_ids.append(token_ids)
-            self._all_token_ids.append(token_ids)
+            all_token_ids.append(token_ids)
         else:
             self._output_token_ids.extend(token_ids)
-            self._all_token_ids.extend(token_ids)
-        if self._block_hasher is not None:
-            self.block_hashes.extend(self._block_hasher(self))
+            all_token_ids.extend(token_ids)
+        hasher = self._block_hasher
+        # Hash only when a block fills up: most decode steps skip the call.
+        if hasher is not None and len(all_token_ids) // hasher.block_size > len(self.block_hashes):
+            self.block_hashes.extend(hasher(self))
 
     @property
     def output_token_ids(self) -> list[int]:

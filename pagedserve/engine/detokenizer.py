@@ -171,6 +171,7 @@ class FastIncrementalDetokenizer(BaseIncrementalDetokenizer):
 
     DecodeStream returns None while the decoded text ends in U+FFFD (a UTF-8 character split
     across byte-level tokens) and releases the whole character once its last byte arrives.
+    `spaces_between_special_tokens` is ignored, as in the Rust tokenizer's own `decode`.
     """
 
     def __init__(
@@ -235,7 +236,14 @@ class SlowIncrementalDetokenizer(BaseIncrementalDetokenizer):
         self._added_tokens: frozenset[str] = frozenset(tokenizer.get_added_vocab())
 
         context_ids = prompt_token_ids[-(_PROMPT_CONTEXT_TOKENS + 2) :]
-        self.tokens: list[str] = self._ids_to_tokens(context_ids)
+        tokens = self._ids_to_tokens(context_ids)
+        # Context stops after the prompt's last added token: the separator that
+        # spaces_between_special_tokens puts after it would otherwise open the output text.
+        for i in range(len(tokens) - 1, -1, -1):
+            if tokens[i] in self._added_tokens:
+                tokens = tokens[i + 1 :]
+                break
+        self.tokens: list[str] = tokens
         if self._tokens_to_string(self.tokens).endswith(_REPLACEMENT_CHAR):
             self.tokens = []  # the prompt ends inside a character; see FastIncrementalDetokenizer
         self.prefix_offset = max(len(self.tokens) - _PROMPT_CONTEXT_TOKENS, 0)

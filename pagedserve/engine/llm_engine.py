@@ -11,6 +11,7 @@ from pagedserve.engine.core_client import InprocClient
 from pagedserve.engine.output_processor import OutputProcessor
 from pagedserve.engine.parallel_sampling import ParentRequest
 from pagedserve.engine.processor import Processor, PromptType
+from pagedserve.metrics.stats import EngineTotals
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.tokenizer import get_eos_token_ids, get_tokenizer
@@ -19,14 +20,14 @@ logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, log_stats: bool = False) -> None:
+    def __init__(self, config: EngineConfig, log_stats: bool = True) -> None:
         self.config = config
         model_config = config.model_config
         self.tokenizer = get_tokenizer(model_config.model, model_config.tokenizer)
         self.processor = Processor(model_config, self.tokenizer, get_eos_token_ids(model_config.model, self.tokenizer))
         self.output_processor = OutputProcessor(self.tokenizer, log_stats=log_stats)
         self.engine_core = InprocClient(config)
-        self.last_stats = None
+        self.stats = EngineTotals()
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> LLMEngine:
@@ -66,7 +67,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         outputs = self.engine_core.get_output()
         if outputs.scheduler_stats is not None:
-            self.last_stats = outputs.scheduler_stats
+            self.stats.observe(outputs.scheduler_stats)
         processed = self.output_processor.process_outputs(outputs.outputs, outputs.timestamp)
         # Requests finished by a stop string in the frontend: the engine core must drop them.
         self.engine_core.abort_requests(processed.reqs_to_abort)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from pagedserve.core.request import Request
+from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.sched.output import SchedulerOutput
 from pagedserve.core.sched.scheduler import Scheduler
 from pagedserve.engine import EngineCoreOutput, EngineCoreOutputs
@@ -120,12 +120,48 @@ class RunResult:
     step_outputs: list[EngineCoreOutputs] = field(default_factory=list)
 
 
-def run_until_done(scheduler: Scheduler, worker: SimulatedWorker, max_steps: int = 10_000) -> RunResult:
+def check_invariants(scheduler: Scheduler) -> None:
+    """Block accounting of the whole pool agrees with the requests that own blocks."""
+    manager = scheduler.kv_cache_manager
+    pool = manager.block_pool
+    owners: dict[int, int] = {}
+    for req_id, blocks in manager.req_to_blocks.items():
+        assert req_id in scheduler.requests and scheduler.requests[req_id].status == RequestStatus.RUNNING
+        assert len({id(block) for block in blocks}) == len(blocks), "a request owns a block twice"
+        for block in blocks:
+            owners[block.block_id] = owners.get(block.block_id, 0) + 1
+    assert {r.request_id for r in scheduler.running} == set(manager.req_to_blocks)
+    free = {block.block_id for block in pool.free_block_queue.get_all_free_blocks()}
+    assert len(free) == manager.num_free_blocks
+    for block in pool.blocks[1:]:
+        assert block.ref_cnt == owners.get(block.block_id, 0), block
+        assert (block.block_id in free) == (block.ref_cnt == 0), block
+        if block.block_hash is not None:
+            assert pool.cached_block_hash_to_block[block.block_hash] is block
+    assert all(block.block_hash == h for h, block in pool.cached_block_hash_to_block.items())
+    assert len(scheduler.waiting) == sum(1 for _ in scheduler.waiting)
+    assert not manager.enable_caching or all(
+        len(r.block_hashes) == r.num_tokens // manager.block_size for r in scheduler.requests.values()
+    )
+
+
+def run_until_done(
+    scheduler: Scheduler,
+    worker: SimulatedWorker,
+    max_steps: int = 10_000,
+    arrivals: dict[int, list[Request]] | None = None,
+) -> RunResult:
+    """Step until every request finished; `arrivals[step]` are added before that step."""
     result = RunResult()
-    while scheduler.has_requests():
+    arrivals = dict(arrivals or {})
+    while scheduler.has_requests() or arrivals:
         assert result.num_steps < max_steps, "scheduler did not finish"
+        for request in arrivals.pop(result.num_steps, []):
+            scheduler.add_request(request)
         scheduler_output = scheduler.schedule()
+        check_invariants(scheduler)
         outputs = scheduler.update_from_output(scheduler_output, worker.execute(scheduler_output))
+        check_invariants(scheduler)
         result.num_steps += 1
         result.step_outputs.append(outputs)
         if outputs.scheduler_stats is not None:

@@ -10,7 +10,9 @@ NUM_BLOCKS = 24
 
 # (op, argument): the argument picks a block or a count modulo what is available.
 _ops = st.lists(
-    st.tuples(st.sampled_from(["popleft", "popleft_n", "remove", "append", "append_n"]), st.integers(0, 1000)),
+    st.tuples(
+        st.sampled_from(["popleft", "popleft_n", "remove", "append", "append_n"]), st.integers(0, 1000)
+    ),
     max_size=200,
 )
 

@@ -9,7 +9,11 @@ BLOCK_SIZE = 4
 
 def _manager(num_blocks: int = 16, enable_caching: bool = True) -> KVCacheManager:
     return KVCacheManager(
-        num_blocks=num_blocks, block_size=BLOCK_SIZE, enable_caching=enable_caching, max_model_len=1024, hash_seed=0
+        num_blocks=num_blocks,
+        block_size=BLOCK_SIZE,
+        enable_caching=enable_caching,
+        max_model_len=1024,
+        hash_seed=0,
     )
 
 
@@ -98,15 +102,16 @@ def test_free_puts_tail_blocks_first_so_prefix_blocks_are_evicted_last() -> None
 def test_revived_free_block_leaves_the_free_queue() -> None:
     manager = _manager(num_blocks=8)
     a = _request(manager, "a", list(range(9)))
-    _admit(manager, a)
+    a_prefix_ids = _admit(manager, a)[:2]
     manager.free(a)
     assert manager.num_free_blocks == 7 and manager.usage == 0.0
     b = _request(manager, "b", list(range(9)))
     _admit(manager, b)
     shared = manager.req_to_blocks["b"][:2]
     free = manager.block_pool.free_block_queue.get_all_free_blocks()
+    assert [block.block_id for block in shared] == a_prefix_ids
     assert all(block not in free and block.ref_cnt == 1 for block in shared)
-    assert manager.num_free_blocks == 5
+    assert manager.num_free_blocks == 7 - 3  # 2 revived + 1 new
 
 
 def test_shared_blocks_are_freed_only_by_their_last_owner() -> None:

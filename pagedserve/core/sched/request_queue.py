@@ -110,9 +110,7 @@ class PriorityRequestQueue(RequestQueue):
         self._counter = itertools.count()
 
     def add_request(self, request: Request) -> None:
-        heapq.heappush(
-            self._heap, (request.priority, request.arrival_time, next(self._counter), request)
-        )
+        heapq.heappush(self._heap, (request.priority, request.arrival_time, next(self._counter), request))
 
     def prepend_request(self, request: Request) -> None:
         # Its original (priority, arrival_time) key already puts it where it belongs.

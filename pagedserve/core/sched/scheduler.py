@@ -191,9 +191,7 @@ class Scheduler:
                 if preempted is request and len(running) == 1:
                     # Alone and still out of blocks: it can never fit the pool.
                     running.pop()
-                    self._finish_with_error(
-                        request, "the request outgrew the KV cache while running alone"
-                    )
+                    self._finish_with_error(request, "the request outgrew the KV cache while running alone")
                     break
                 if preempted is running[-1]:
                     running.pop()
@@ -218,9 +216,7 @@ class Scheduler:
                 break
 
             scheduled_running_reqs.append(request)
-            running_new_block_ids.append(
-                None if not new_blocks.blocks[0] else new_blocks.get_block_ids()
-            )
+            running_new_block_ids.append(None if not new_blocks.blocks[0] else new_blocks.get_block_ids())
             num_scheduled_tokens[request.request_id] = num_new_tokens
             token_budget -= num_new_tokens
             req_index += 1

@@ -1,0 +1,23 @@
+"""Engine-lifetime totals accumulated from the per-step SchedulerStats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pagedserve.engine import SchedulerStats
+
+
+@dataclass
+class EngineTotals:
+    num_steps: int = 0
+    prefix_cache_queries: int = 0  # tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # tokens found there
+    num_preemptions: int = 0
+    last: SchedulerStats | None = None
+
+    def observe(self, stats: SchedulerStats) -> None:
+        self.num_steps += 1
+        self.prefix_cache_queries += stats.prefix_cache_queries
+        self.prefix_cache_hits += stats.prefix_cache_hits
+        self.num_preemptions += stats.num_preemptions
+        self.last = stats

