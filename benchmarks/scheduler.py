@@ -15,6 +15,7 @@ import argparse
 import gc
 import random
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -61,7 +62,7 @@ class Workload:
         start = rng.randrange(len(self.token_pool) - prompt_len)
         if self.prefix_sharing:
             prefix = self.prefixes[rng.randrange(self.num_shared_prefixes)]
-            prompt = prefix + self.token_pool[start : start + prompt_len - len(prefix)]
+            prompt = prefix + self.token_pool[start : start + max(prompt_len - len(prefix), 16)]
         else:
             prompt = self.token_pool[start : start + prompt_len]
         self.num_requests += 1
@@ -81,7 +82,9 @@ def simulated_model(scheduler: Scheduler, scheduler_output: SchedulerOutput, ste
     for i, req_id in enumerate(req_ids):
         request = requests[req_id]
         # num_computed_tokens already counts this step's tokens (advanced by schedule()).
-        sampled.append([(step * 31 + i) % VOCAB_SIZE] if request.num_computed_tokens >= request.num_tokens else [])
+        sampled.append(
+            [(step * 31 + i) % VOCAB_SIZE] if request.num_computed_tokens >= request.num_tokens else []
+        )
     return ModelRunnerOutput(
         req_ids=req_ids,
         req_id_to_index={req_id: i for i, req_id in enumerate(req_ids)},
@@ -96,13 +99,18 @@ class Result:
     num_running: int
     num_waiting: int
     prefix_sharing: bool
+    # Thread CPU time per step; wall_us is schedule + update in wall-clock time.
     schedule_us: list[float]
     update_us: list[float]
+    wall_us: list[float]
     num_scheduled_reqs: list[int]
     num_scheduled_tokens: list[int]
     num_new_reqs: list[int]
     num_preemptions: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
     setup_s: float
+    calls_per_req: float = 0.0
 
     @property
     def step_us(self) -> list[float]:
@@ -110,7 +118,8 @@ class Result:
 
     @property
     def us_per_req(self) -> float:
-        return sum(self.step_us) / sum(self.num_scheduled_reqs)
+        """Median over steps of the step's cost divided by the requests it scheduled."""
+        return statistics.median(t / max(n, 1) for t, n in zip(self.step_us, self.num_scheduled_reqs))
 
 
 def run_config(
@@ -169,33 +178,65 @@ def run_config(
         gc.freeze()
     setup_s = time.perf_counter() - setup_start
 
-    result = Result(num_running, num_waiting, prefix_sharing, [], [], [], [], [], 0, setup_s)
+    result = Result(num_running, num_waiting, prefix_sharing, [], [], [], [], [], [], 0, 0, 0, setup_s)
     for _ in range(args.steps):
         step += 1
         _drive_step(scheduler, workload, step, refill=True, timed=result)
+    # Function calls per scheduled request over a few more steps: a noise-free measure of the
+    # work (timings on a shared machine move by 2x; call counts do not).
+    result.calls_per_req = _count_calls_per_req(scheduler, workload, step, num_steps=5)
     if args.gc_freeze:
         gc.unfreeze()
     return result
 
 
+def _count_calls_per_req(scheduler: Scheduler, workload: Workload, step: int, num_steps: int) -> float:
+    num_calls = 0
+
+    def count_calls(frame: object, event: str, arg: object) -> None:
+        nonlocal num_calls
+        if event == "call" or event == "c_call":
+            num_calls += 1
+
+    num_reqs = 0
+    for _ in range(num_steps):
+        step += 1
+        sys.setprofile(count_calls)
+        scheduler_output = scheduler.schedule()
+        sys.setprofile(None)
+        model_runner_output = simulated_model(scheduler, scheduler_output, step)
+        sys.setprofile(count_calls)
+        outputs = scheduler.update_from_output(scheduler_output, model_runner_output)
+        sys.setprofile(None)
+        num_reqs += len(scheduler_output.num_scheduled_tokens)
+        for _ in outputs.finished_requests or ():
+            scheduler.add_request(workload.make_request())
+    return num_calls / max(num_reqs, 1)
+
+
 def _drive_step(
     scheduler: Scheduler, workload: Workload, step: int, refill: bool, timed: Result | None
 ) -> None:
-    t0 = time.perf_counter()
+    # CPU time of this thread: other processes on a shared machine do not inflate it.
+    w0, t0 = time.perf_counter(), time.thread_time()
     scheduler_output = scheduler.schedule()
-    t1 = time.perf_counter()
+    w1, t1 = time.perf_counter(), time.thread_time()
     model_runner_output = simulated_model(scheduler, scheduler_output, step)
-    t2 = time.perf_counter()
+    w2, t2 = time.perf_counter(), time.thread_time()
     outputs = scheduler.update_from_output(scheduler_output, model_runner_output)
-    t3 = time.perf_counter()
+    w3, t3 = time.perf_counter(), time.thread_time()
     if timed is not None:
         timed.schedule_us.append((t1 - t0) * 1e6)
         timed.update_us.append((t3 - t2) * 1e6)
+        timed.wall_us.append((w1 - w0 + w3 - w2) * 1e6)
         timed.num_scheduled_reqs.append(len(scheduler_output.num_scheduled_tokens))
         timed.num_scheduled_tokens.append(scheduler_output.total_num_scheduled_tokens)
         timed.num_new_reqs.append(len(scheduler_output.scheduled_new_reqs))
-        if outputs.scheduler_stats is not None:
-            timed.num_preemptions += outputs.scheduler_stats.num_preemptions
+        stats = outputs.scheduler_stats
+        if stats is not None:
+            timed.num_preemptions += stats.num_preemptions
+            timed.prefix_cache_queries += stats.prefix_cache_queries
+            timed.prefix_cache_hits += stats.prefix_cache_hits
     if refill and outputs.finished_requests:
         # Keep the number of live requests constant: one new request per finished one.
         for _ in outputs.finished_requests:
@@ -203,19 +244,23 @@ def _drive_step(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--running", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--waiting", type=int, nargs="+", default=[0, 16384])
     parser.add_argument("--prefix-sharing", choices=["on", "off", "both"], default="both")
-    parser.add_argument("--steps", type=int, default=40, help="timed steps per configuration")
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per configuration")
     parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--prefill-budget", type=int, default=2048, help="token budget beyond one per running request")
+    parser.add_argument(
+        "--prefill-budget", type=int, default=2048, help="token budget beyond one per running request"
+    )
     parser.add_argument("--min-prompt-len", type=int, default=64)
     parser.add_argument("--max-prompt-len", type=int, default=1024)
     parser.add_argument("--min-output-len", type=int, default=16)
     parser.add_argument("--max-output-len", type=int, default=512)
-    parser.add_argument("--shared-prefix-len", type=int, default=48, help="tokens; with --prefix-sharing on")
+    parser.add_argument("--shared-prefix-len", type=int, default=128, help="tokens; with --prefix-sharing on")
     parser.add_argument("--num-shared-prefixes", type=int, default=8)
     parser.add_argument("--extra-blocks", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
@@ -227,38 +272,52 @@ def main() -> None:
 
     sharing = {"on": [True], "off": [False], "both": [True, False]}[args.prefix_sharing]
     header = (
-        f"{'running':>7} {'waiting':>7} {'prefix':>6} {'reqs/step':>9} {'new/step':>8} {'tok/step':>8} "
-        f"{'sched µs':>9} {'update µs':>9} {'step µs':>9} {'p90 µs':>8} {'µs/req':>7} {'vs w=0':>7} {'setup s':>7}"
+        f"{'running':>7} {'waiting':>7} {'prefix':>6} {'hit %':>5} {'reqs/step':>9} {'new/step':>8} {'tok/step':>8} "
+        f"{'sched µs':>9} {'update µs':>9} {'step µs':>9} {'p90 µs':>8} {'wall µs':>9} {'µs/req':>7} {'calls/req':>9} "
+        f"{'vs w=0':>7} {'setup s':>7}"
     )
     print(header)
     print("-" * len(header))
     failures = []
     start = time.perf_counter()
+    # Untimed: imports, allocator and interpreter caches warm up before the first timed row.
+    run_config(64, 0, True, argparse.Namespace(**{**vars(args), "steps": 5, "warmup_steps": 5}))
     for num_running in args.running:
         for prefix_sharing in sharing:
             baseline_step_us = None
             for num_waiting in args.waiting:
                 result = run_config(num_running, num_waiting, prefix_sharing, args)
-                step_us = statistics.mean(result.step_us)
+                step_us = statistics.median(result.step_us)
                 if baseline_step_us is None:
                     baseline_step_us = step_us
                 p90 = statistics.quantiles(result.step_us, n=10)[-1] if len(result.step_us) > 1 else step_us
+                hit_rate = 100 * result.prefix_cache_hits / max(result.prefix_cache_queries, 1)
                 print(
-                    f"{num_running:>7} {num_waiting:>7} {'on' if prefix_sharing else 'off':>6} "
+                    f"{num_running:>7} {num_waiting:>7} {'on' if prefix_sharing else 'off':>6} {hit_rate:>5.1f} "
                     f"{statistics.mean(result.num_scheduled_reqs):>9.0f} "
                     f"{statistics.mean(result.num_new_reqs):>8.1f} "
                     f"{statistics.mean(result.num_scheduled_tokens):>8.0f} "
-                    f"{statistics.mean(result.schedule_us):>9.0f} {statistics.mean(result.update_us):>9.0f} "
-                    f"{step_us:>9.0f} {p90:>8.0f} {result.us_per_req:>7.2f} "
+                    f"{statistics.median(result.schedule_us):>9.0f} {statistics.median(result.update_us):>9.0f} "
+                    f"{step_us:>9.0f} {p90:>8.0f} {statistics.median(result.wall_us):>9.0f} "
+                    f"{result.us_per_req:>7.2f} {result.calls_per_req:>9.1f} "
                     f"{step_us / baseline_step_us:>6.2f}x {result.setup_s:>7.1f}",
                     flush=True,
                 )
                 if result.num_preemptions:
                     print(f"        ({result.num_preemptions} preemptions)")
                 if num_running == 1024 and result.us_per_req > args.target_us_per_req:
-                    failures.append(f"{num_running} running, {num_waiting} waiting: {result.us_per_req:.2f} µs/req")
-    print("\nµs/req = (schedule + update_from_output) per scheduled request; vs w=0 = step time relative")
-    print(f"to the same configuration with an empty waiting queue. Total {time.perf_counter() - start:.0f} s.")
+                    failures.append(
+                        f"{num_running} running, {num_waiting} waiting: {result.us_per_req:.2f} µs/req"
+                    )
+    print(
+        "\nMedians over timed steps of this thread's CPU time (wall µs: wall clock, inflated when other"
+        "\nprocesses share the CPUs). µs/req = (schedule + update_from_output) per scheduled request;"
+        "\ncalls/req = Python and C function calls per scheduled request (a few extra, profiled steps);"
+        "\nvs w=0 = step time relative to the same configuration with an empty waiting queue."
+        "\nprefix on: prefix caching, prompts start with one of a few shared system prompts (hit % ="
+        "\nprefix-cache hit tokens / query tokens); off: prefix caching disabled, unique prompts."
+        f"\nTotal {time.perf_counter() - start:.0f} s."
+    )
     if failures:
         print(f"ABOVE the {args.target_us_per_req} µs/req target at 1024 running: " + "; ".join(failures))
     else:

@@ -69,6 +69,7 @@ class Request:
         "stop_token_ids",
         "num_sample_logprobs",
         "num_prompt_logprobs",
+        "num_prompt_logprobs_reported",
         "block_hashes",
         "_output_token_ids",
         "_all_token_ids",
@@ -125,6 +126,9 @@ class Request:
             self.num_sample_logprobs = sampling_params.logprobs
             self.num_prompt_logprobs = sampling_params.prompt_logprobs
 
+        # Prompt positions 1..n whose logprobs went out (recomputation after preemption
+        # must not report them twice).
+        self.num_prompt_logprobs_reported = 0
         self._output_token_ids: list[int] = []
         self._all_token_ids: list[int] = list(prompt_token_ids)
         self.block_hashes: list[BlockHash] = []
@@ -154,8 +158,8 @@ class Request:
         self.block_hashes.extend(block_hasher(self))
 
     @property
-    def has_block_hasher(self) -> bool:
-        return self._block_hasher is not None
+    def block_hasher(self) -> RequestBlockHasher | None:
+        return self._block_hasher
 
     def append_output_token_ids(self, token_ids: int | list[int]) -> None:
         all_token_ids = self._all_token_ids
@@ -194,6 +198,31 @@ class Request:
     def skip_reading_prefix_cache(self) -> bool:
         # Prompt logprobs need every prompt position computed, so cached blocks are not used.
         return self.num_prompt_logprobs is not None
+
+    def check_stop(self, max_model_len: int) -> bool:
+        """Apply the stop conditions after a token was appended; sets the finished status.
+
+        EOS and stop token ids count only once `min_tokens` tokens exist, and win over the
+        length limits when both hold (the model did stop). EOS leaves `stop_reason` None.
+        """
+        output_token_ids = self._output_token_ids
+        num_output_tokens = len(output_token_ids)
+        if num_output_tokens >= self.min_tokens:
+            last_token_id = output_token_ids[-1]
+            if last_token_id == self.eos_token_id and not self.ignore_eos:
+                self.status = RequestStatus.FINISHED_STOPPED
+                return True
+            if last_token_id in self.stop_token_ids:
+                self.status = RequestStatus.FINISHED_STOPPED
+                self.stop_reason = last_token_id
+                return True
+        max_tokens = self.max_tokens
+        if len(self._all_token_ids) >= max_model_len or (
+            max_tokens is not None and num_output_tokens >= max_tokens
+        ):
+            self.status = RequestStatus.FINISHED_LENGTH_CAPPED
+            return True
+        return False
 
     def is_finished(self) -> bool:
         return self.status > RequestStatus.PREEMPTED

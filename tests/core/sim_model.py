@@ -13,12 +13,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.sched.output import SchedulerOutput
 from pagedserve.core.sched.scheduler import Scheduler
 from pagedserve.engine import EngineCoreOutput, EngineCoreOutputs
 from pagedserve.sampling_params import SamplingParams
-from pagedserve.worker.outputs import ModelRunnerOutput
+from pagedserve.worker.outputs import LogprobsLists, ModelRunnerOutput
 
 VOCAB_SIZE = 1000
 
@@ -36,6 +38,8 @@ class _WorkerRequest:
     token_ids: list[int]
     block_ids: list[int]
     num_computed_tokens: int
+    num_prompt_tokens: int
+    wants_prompt_logprobs: bool
 
 
 @dataclass
@@ -63,6 +67,10 @@ class SimulatedWorker:
                 token_ids=list(new.prompt_token_ids) + list(new.output_token_ids),
                 block_ids=list(block_ids),
                 num_computed_tokens=new.num_computed_tokens,
+                num_prompt_tokens=len(new.prompt_token_ids),
+                wants_prompt_logprobs=(
+                    new.sampling_params is not None and new.sampling_params.prompt_logprobs is not None
+                ),
             )
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
@@ -89,9 +97,19 @@ class SimulatedWorker:
 
         req_ids: list[str] = []
         sampled_token_ids: list[list[int]] = []
+        prompt_logprobs_dict: dict[str, LogprobsLists | None] = {}
         for req_id, num_tokens in num_scheduled.items():
             req = self.requests[req_id]
             end = req.num_computed_tokens + num_tokens
+            if req.wants_prompt_logprobs:
+                # Rows for prompt positions start+1 .. min(end, prompt_len - 1); the logprob
+                # column encodes the position so tests can check coverage.
+                positions = np.arange(req.num_computed_tokens + 1, min(end, req.num_prompt_tokens - 1) + 1)
+                prompt_logprobs_dict[req_id] = LogprobsLists(
+                    np.array([[req.token_ids[p]] for p in positions], dtype=np.int64).reshape(-1, 1),
+                    -positions.astype(np.float32).reshape(-1, 1),
+                    positions,
+                )
             seen = [self._slot(req, position)[0][position % self.block_size] for position in range(end)]
             assert seen == req.token_ids[:end], f"{req_id}: KV cache does not hold its tokens"
             req.num_computed_tokens = end
@@ -107,13 +125,15 @@ class SimulatedWorker:
             req_id_to_index={req_id: i for i, req_id in enumerate(req_ids)},
             sampled_token_ids=sampled_token_ids,
             logprobs=None,
-            prompt_logprobs_dict={},
+            prompt_logprobs_dict=prompt_logprobs_dict,
         )
 
 
 @dataclass
 class RunResult:
     token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # Ranks of the prompt logprobs rows received = the prompt positions they describe.
+    prompt_logprob_positions: dict[str, list[int]] = field(default_factory=dict)
     finished: dict[str, EngineCoreOutput] = field(default_factory=dict)
     num_steps: int = 0
     num_preemptions: int = 0
@@ -168,6 +188,9 @@ def run_until_done(
             result.num_preemptions += outputs.scheduler_stats.num_preemptions
         for output in outputs.outputs:
             result.token_ids.setdefault(output.request_id, []).extend(output.new_token_ids)
+            if output.new_prompt_logprobs is not None:
+                positions = result.prompt_logprob_positions.setdefault(output.request_id, [])
+                positions.extend(rank for _, _, rank in output.new_prompt_logprobs)
             if output.finished:
                 assert output.request_id not in result.finished, "finished twice"
                 result.finished[output.request_id] = output

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from pagedserve.config.cache import CacheConfig
 from pagedserve.config.scheduler import SchedulerConfig
+from pagedserve.core.kv_cache_utils import get_request_block_hasher
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.sched.output import SchedulerOutput
 from pagedserve.core.sched.scheduler import Scheduler
@@ -320,6 +321,8 @@ def test_requests_that_can_never_fit_finish_with_an_error() -> None:
     scheduler.add_request(make_request("too-long", [1] * 33))
     scheduler.add_request(make_request("too-big", [1] * 17))
     scheduler.add_request(make_request("outgrows", [1] * 12, max_tokens=20))
+    # Rejected requests count as unfinished until their output is returned by a step.
+    assert scheduler.get_num_unfinished_requests() == 3
     result = run_until_done(scheduler, worker)
     assert result.finished["too-long"].finish_reason == FinishReason.ERROR
     assert result.finished["too-big"].finish_reason == FinishReason.ERROR
@@ -357,6 +360,19 @@ def test_logprobs_are_converted_to_per_token_tuples_trimmed_to_the_request() -> 
     assert outputs["a"].new_logprobs == [([7, 9], [-0.5, -1.0], 1)]
     assert outputs["a"].new_prompt_logprobs == [([2], [-1.5], 3), ([3], [-0.25], 2)]
     assert outputs["b"].new_logprobs is None and outputs["b"].new_prompt_logprobs is None
+
+
+def test_prompt_logprobs_cover_each_prompt_position_once_despite_chunks_and_preemption() -> None:
+    scheduler = _scheduler(num_blocks=14, max_num_batched_tokens=8)  # 13 usable blocks
+    worker = SimulatedWorker(block_size=4)
+    prompts = {f"r{i}": [i * 100 + j for j in range(20 + i)] for i in range(3)}
+    for request_id, prompt in prompts.items():
+        scheduler.add_request(make_request(request_id, prompt, max_tokens=12, prompt_logprobs=0))
+    result = run_until_done(scheduler, worker)
+    assert result.num_preemptions > 0
+    for request_id, prompt in prompts.items():
+        assert result.prompt_logprob_positions[request_id] == list(range(1, len(prompt)))
+        assert result.token_ids[request_id] == _reference_tokens(prompt, 12)
 
 
 def test_stats_count_prefix_cache_tokens_and_preemptions() -> None:
@@ -402,6 +418,8 @@ def test_request_built_without_a_hasher_gets_the_schedulers() -> None:
     assert len(request.block_hashes) == 2
     with pytest.raises(ValueError):
         scheduler.add_request(Request("a", [1], None, eos_token_id=None))
+    with pytest.raises(ValueError, match="blocks of 8 tokens"):
+        scheduler.add_request(Request("b", [1], None, None, block_hasher=get_request_block_hasher(8)))
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -457,4 +475,37 @@ def test_any_configuration_generates_the_reference_tokens(
     result = run_until_done(scheduler, SimulatedWorker(block_size=block_size), arrivals=arrivals)
     assert result.token_ids == expected
     assert all(o.finish_reason == FinishReason.LENGTH for o in result.finished.values())
+    _assert_all_blocks_free(scheduler)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 10_000),
+    num_blocks=st.integers(3, 12),
+    max_num_batched_tokens=st.integers(4, 48),
+    policy=st.sampled_from(["fcfs", "priority"]),
+)
+def test_requests_larger_than_the_pool_end_in_errors_never_in_a_hang(
+    seed: int, num_blocks: int, max_num_batched_tokens: int, policy: str
+) -> None:
+    scheduler = _scheduler(
+        num_blocks=num_blocks, max_num_batched_tokens=max_num_batched_tokens, max_model_len=96, policy=policy
+    )
+    rng = random.Random(seed)
+    workload = _workload(seed, num_requests=6)
+    arrivals: dict[int, list[Request]] = {}
+    for i, (request_id, prompt, max_tokens) in enumerate(workload):
+        arrivals.setdefault(i, []).append(
+            make_request(request_id, prompt, max_tokens=max_tokens, priority=rng.randint(0, 2))
+        )
+    result = run_until_done(scheduler, SimulatedWorker(block_size=4), max_steps=2_000, arrivals=arrivals)
+    assert set(result.finished) == {request_id for request_id, _, _ in workload}
+    for request_id, prompt, max_tokens in workload:
+        tokens = result.token_ids.get(request_id, [])
+        reference = _reference_tokens(prompt, max_tokens)
+        if result.finished[request_id].finish_reason == FinishReason.LENGTH:
+            assert tokens == reference
+        else:
+            assert result.finished[request_id].finish_reason == FinishReason.ERROR
+            assert tokens == reference[: len(tokens)]
     _assert_all_blocks_free(scheduler)

