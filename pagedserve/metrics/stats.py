@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pagedserve.engine import SchedulerStats
+
+if TYPE_CHECKING:
+    from pagedserve.engine.output_processor import FinishedRequestStats
 
 
 @dataclass
@@ -21,3 +25,13 @@ class EngineTotals:
         self.prefix_cache_hits += stats.prefix_cache_hits
         self.num_preemptions += stats.num_preemptions
         self.last = stats
+
+
+@dataclass
+class IterationStats:
+    """What the frontend saw in one engine step's outputs."""
+
+    num_generation_tokens: int = 0
+    # Prompt tokens of requests that received their first token this step.
+    num_prompt_tokens: int = 0
+    finished_requests: list[FinishedRequestStats] = field(default_factory=list)
