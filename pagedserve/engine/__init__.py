@@ -10,6 +10,7 @@ import time
 
 import msgspec
 
+from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams
 
 
@@ -31,6 +32,8 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=
     arrival_time: float
     priority: int = 0
     cache_salt: str | None = None
+    # Set (and sampling_params None) for embedding / classification / scoring requests.
+    pooling_params: PoolingParams | None = None
 
 
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

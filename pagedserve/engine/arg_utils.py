@@ -58,24 +58,43 @@ class EngineArgs:
     )
     scheduling_policy: str = dataclasses.field(default="fcfs", metadata={"help": "fcfs or priority"})
     tensor_parallel_size: int = dataclasses.field(default=1, metadata={"help": "number of tensor-parallel workers"})
+    # --- pooling models (issue 6) ---
+    task: str = dataclasses.field(
+        default="auto",
+        metadata={
+            "help": "auto, generate, embed, classify or score (vLLM's --task): auto = the model's own "
+            "task; embed on a generative checkpoint pools its last token"
+        },
+    )
 
     def create_engine_config(self) -> EngineConfig:
         from pagedserve.model_files import default_model
 
         model = self.model or default_model()
         model_config = ModelConfig(
-            model=model, tokenizer=self.tokenizer, dtype=self.dtype, max_model_len=self.max_model_len, seed=self.seed
+            model=model,
+            tokenizer=self.tokenizer,
+            dtype=self.dtype,
+            max_model_len=self.max_model_len,
+            seed=self.seed,
+            task=self.task,  # type: ignore[arg-type]
         )
         max_model_len = int(model_config.max_model_len)  # type: ignore[arg-type]
+        enable_chunked_prefill = self.enable_chunked_prefill
+        enable_prefix_caching = self.enable_prefix_caching
+        if model_config.runner_type == "pooling" and not model_config.supports_chunked_pooling:
+            # Bidirectional attention (or CLS/mean pooling) needs each prompt whole in one step,
+            # and an encoder-only model keeps no KV cache to share.
+            enable_chunked_prefill = enable_prefix_caching = False
         max_num_batched_tokens = self.max_num_batched_tokens
         if max_num_batched_tokens is None:
-            max_num_batched_tokens = 2048 if self.enable_chunked_prefill else max(2048, max_model_len)
+            max_num_batched_tokens = 2048 if enable_chunked_prefill else max(2048, max_model_len)
         return EngineConfig(
             model_config=model_config,
             cache_config=CacheConfig(
                 block_size=self.block_size,
                 kv_cache_memory_bytes=parse_memory_size(self.kv_cache_memory),
-                enable_prefix_caching=self.enable_prefix_caching,
+                enable_prefix_caching=enable_prefix_caching,
                 prefix_caching_hash_seed=self.prefix_caching_hash_seed,
                 num_gpu_blocks=self.num_gpu_blocks_override,
             ),
@@ -83,8 +102,9 @@ class EngineArgs:
                 max_num_seqs=self.max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens,
                 max_model_len=max_model_len,
-                enable_chunked_prefill=self.enable_chunked_prefill,
+                enable_chunked_prefill=enable_chunked_prefill,
                 policy=self.scheduling_policy,  # type: ignore[arg-type]
+                runner_type=model_config.runner_type,
             ),
             parallel_config=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
         )

@@ -1,28 +1,54 @@
 """EngineCore: the busy loop's body — schedule, execute, update — and nothing else.
 
 It never tokenizes, detokenizes or builds user-facing objects: those live in the frontend.
+`EngineCoreProc` runs it in its own process, fed by an input thread and drained by an output
+thread, so ZMQ and msgspec work overlaps the model's forward pass.
+
+Wire protocol (ZMQ multipart frames, payloads msgspec-encoded):
+
+    frontend -> engine (PUSH -> PULL):  [b"A", EngineCoreRequest]      add
+                                        [b"X", list[str]]              abort
+                                        [b"U", (call_id, method, args)] utility call
+    engine -> frontend (PUSH -> PULL):  [b"R", {"num_gpu_blocks": n}]  ready (first message)
+                                        [b"O", EngineCoreOutputs]      step outputs
+                                        [b"V", (call_id, ok, result)]  utility result
+                                        [b"E", message]                engine failed; it exits
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import queue
+import signal
+import threading
 import time
+from typing import Any
+
+import zmq
 
 from pagedserve.config import EngineConfig
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.sched.scheduler import Scheduler
 from pagedserve.engine import EngineCoreOutputs, EngineCoreRequest
-from pagedserve.executor.abstract import Executor
-from pagedserve.executor.uniproc_executor import UniProcExecutor
+from pagedserve.engine.serial_utils import MsgpackDecoder, MsgpackEncoder
+from pagedserve.executor.abstract import Executor, get_executor_class
 
 logger = logging.getLogger(__name__)
 
+ADD, ABORT, UTILITY = b"A", b"X", b"U"
+READY, OUTPUTS, UTILITY_RESULT, FAILED = b"R", b"O", b"V", b"E"
+
+# Utility methods a client may call by name (anything else is refused).
+UTILITY_METHODS = frozenset({"reset_prefix_cache", "get_scheduler_stats", "get_num_unfinished_requests", "ping"})
+
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, executor_class: type[Executor] = UniProcExecutor) -> None:
+    def __init__(self, config: EngineConfig, executor_class: type[Executor] | None = None) -> None:
         self.config = config
         start = time.perf_counter()
-        self.executor = executor_class(config)
+        self.executor = (executor_class or get_executor_class(config))(config)
         num_blocks = self.executor.determine_num_kv_blocks()
         config.cache_config.num_gpu_blocks = num_blocks
         self.executor.initialize(num_blocks)
@@ -36,24 +62,164 @@ class EngineCore:
         )
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config)
 
-    def add_request(self, request: EngineCoreRequest) -> None:
-        self.scheduler.add_request(Request.from_engine_core_request(request, None))
+    def make_request(self, request: EngineCoreRequest) -> Request:
+        """Builds the scheduler's Request, block hashes included (off the busy loop in a proc)."""
+        return Request.from_engine_core_request(request, self.scheduler.kv_cache_manager.request_block_hasher)
+
+    def add_request(self, request: EngineCoreRequest | Request) -> None:
+        if isinstance(request, EngineCoreRequest):
+            request = self.make_request(request)
+        self.scheduler.add_request(request)
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_requests()
 
     def step(self) -> EngineCoreOutputs:
-        if not self.scheduler.has_unfinished_requests():
+        if not self.scheduler.has_requests():
             return EngineCoreOutputs()
         scheduler_output = self.scheduler.schedule()
         model_output = self.executor.execute_model(scheduler_output)
         return self.scheduler.update_from_output(scheduler_output, model_output)
 
+    # ---------------------------------------------------------------- utilities
     def reset_prefix_cache(self) -> bool:
         return self.scheduler.reset_prefix_cache()
 
+    def get_scheduler_stats(self) -> Any:
+        return self.scheduler.make_stats()
+
+    def get_num_unfinished_requests(self) -> int:
+        return self.scheduler.get_num_unfinished_requests()
+
+    def ping(self) -> bool:
+        return True
+
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+
+def set_parent_death_signal() -> None:
+    """Asks Linux to SIGKILL this process when its parent dies, so nothing is orphaned."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def watch_parent(parent_pid: int) -> None:
+    """Fallback for platforms without prctl: exit when the parent is gone."""
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(1)
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+class EngineCoreProc(EngineCore):
+    """EngineCore in its own process: input thread -> busy loop -> output thread."""
+
+    def __init__(self, config: EngineConfig, input_address: str, output_address: str) -> None:
+        self.ctx = zmq.Context()
+        self.output_socket = self.ctx.socket(zmq.PUSH)
+        self.output_socket.setsockopt(zmq.LINGER, 2000)
+        self.output_socket.connect(output_address)
+        self.input_address = input_address
+        self.input_queue: queue.Queue[tuple[bytes, Any]] = queue.Queue()
+        self.output_queue: queue.Queue[tuple[bytes, Any] | None] = queue.Queue()
+        super().__init__(config)
+
+    def run(self) -> None:
+        encoder = MsgpackEncoder()
+        self.output_socket.send_multipart(
+            [READY, encoder.encode({"num_gpu_blocks": self.config.cache_config.num_gpu_blocks})]
+        )
+        threading.Thread(target=self._input_thread, daemon=True, name="engine-input").start()
+        output_thread = threading.Thread(target=self._output_thread, daemon=True, name="engine-output")
+        output_thread.start()
+        try:
+            self._busy_loop()
+        except Exception as e:  # the frontend turns this into EngineDeadError
+            logger.exception("engine core failed")
+            self.output_queue.put((FAILED, f"{type(e).__name__}: {e}"))
+            raise
+        finally:
+            self.output_queue.put(None)
+            output_thread.join(timeout=5)
+            self.shutdown()
+
+    def _busy_loop(self) -> None:
+        while True:
+            self._process_input_queue()
+            outputs = self.step()
+            if outputs.outputs or outputs.finished_requests:
+                self.output_queue.put((OUTPUTS, outputs))
+
+    def _process_input_queue(self) -> None:
+        # Block only when there is nothing to run; otherwise drain what arrived and go on.
+        if not self.scheduler.has_requests():
+            self._handle(*self.input_queue.get())
+        while not self.input_queue.empty():
+            self._handle(*self.input_queue.get_nowait())
+
+    def _handle(self, kind: bytes, payload: Any) -> None:
+        if kind == ADD:
+            self.add_request(payload)
+        elif kind == ABORT:
+            self.abort_requests(payload)
+        elif kind == UTILITY:
+            call_id, method, args = payload
+            try:
+                if method not in UTILITY_METHODS:
+                    raise ValueError(f"unknown utility method {method!r}")
+                result, ok = getattr(self, method)(*args), True
+            except Exception as e:
+                result, ok = f"{type(e).__name__}: {e}", False
+            self.output_queue.put((UTILITY_RESULT, (call_id, ok, result)))
+
+    def _input_thread(self) -> None:
+        socket = self.ctx.socket(zmq.PULL)
+        socket.connect(self.input_address)
+        add_decoder = MsgpackDecoder(EngineCoreRequest)
+        decoder = MsgpackDecoder()
+        while True:
+            kind, payload = socket.recv_multipart(copy=False)
+            kind = bytes(kind.buffer)
+            if kind == ADD:
+                # Decoding and block hashing happen here, off the busy loop.
+                self.input_queue.put((ADD, self.make_request(add_decoder.decode(payload.buffer))))
+            else:
+                self.input_queue.put((kind, decoder.decode(payload.buffer)))
+
+    def _output_thread(self) -> None:
+        encoder = MsgpackEncoder()
+        while (item := self.output_queue.get()) is not None:
+            kind, payload = item
+            self.output_socket.send_multipart([kind, encoder.encode(payload)], copy=False)
+
+
+def run_engine_core(config: EngineConfig, input_address: str, output_address: str, parent_pid: int) -> None:
+    """Entry point of the engine-core process."""
+    set_parent_death_signal()
+    watch_parent(parent_pid)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    # SIGTERM from the client's shutdown: exit promptly (workers die with us via PDEATHSIG).
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    try:
+        engine = EngineCoreProc(config, input_address, output_address)
+    except Exception as e:
+        logger.exception("engine core failed to start")
+        ctx = zmq.Context()
+        socket = ctx.socket(zmq.PUSH)
+        socket.setsockopt(zmq.LINGER, 2000)
+        socket.connect(output_address)
+        socket.send_multipart([FAILED, MsgpackEncoder().encode(f"{type(e).__name__}: {e}")])
+        socket.close()
+        os._exit(1)
+    engine.run()

@@ -6,13 +6,15 @@ import logging
 import time
 
 from pagedserve.config import EngineConfig
+from pagedserve.engine import EngineCoreRequest
 from pagedserve.engine.arg_utils import EngineArgs
-from pagedserve.engine.core_client import InprocClient
+from pagedserve.engine.core_client import make_sync_client
 from pagedserve.engine.output_processor import OutputProcessor
 from pagedserve.engine.parallel_sampling import ParentRequest
 from pagedserve.engine.processor import Processor, PromptType
 from pagedserve.metrics.stats import EngineTotals
 from pagedserve.outputs import RequestOutput
+from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.tokenizer import get_eos_token_ids, get_tokenizer
 
@@ -24,9 +26,14 @@ class LLMEngine:
         self.config = config
         model_config = config.model_config
         self.tokenizer = get_tokenizer(model_config.model, model_config.tokenizer)
-        self.processor = Processor(model_config, self.tokenizer, get_eos_token_ids(model_config.model, self.tokenizer))
+        self.processor = Processor(
+            model_config,
+            self.tokenizer,
+            get_eos_token_ids(model_config.model, self.tokenizer),
+            config.scheduler_config,  # issue 6: prompts that must fit one step (no chunking)
+        )
         self.output_processor = OutputProcessor(self.tokenizer, log_stats=log_stats)
-        self.engine_core = InprocClient(config)
+        self.engine_core = make_sync_client(config)
         self.stats = EngineTotals()
 
     @classmethod
@@ -36,17 +43,22 @@ class LLMEngine:
     def add_request(
         self,
         request_id: str,
-        prompt: PromptType,
-        params: SamplingParams,
+        prompt: PromptType | EngineCoreRequest,
+        params: SamplingParams | PoolingParams | None,
         arrival_time: float | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
     ) -> None:
-        request, prompt_text = self.processor.process_inputs(
-            request_id, prompt, params, arrival_time or time.monotonic(), priority, cache_salt
-        )
-        assert request.sampling_params is not None
-        if request.sampling_params.n == 1:
+        # --- issue 6 (pooling): PoolingParams, and requests the Processor already built
+        # (cross-encoder pairs from Processor.process_score_pair; `params` is then None).
+        if isinstance(prompt, EngineCoreRequest):
+            request, prompt_text = prompt, None
+        else:
+            assert params is not None
+            request, prompt_text = self.processor.process_inputs(
+                request_id, prompt, params, arrival_time or time.monotonic(), priority, cache_salt
+            )
+        if request.sampling_params is None or request.sampling_params.n == 1:
             self.output_processor.add_request(request, prompt_text)
             self.engine_core.add_request(request)
             return
@@ -74,7 +86,11 @@ class LLMEngine:
         return processed.request_outputs
 
     def reset_prefix_cache(self) -> bool:
-        return self.engine_core.reset_prefix_cache()
+        return self.engine_core.call_utility("reset_prefix_cache")
+
+    def get_num_unfinished_requests_in_engine(self) -> int:
+        """Asks the engine core itself (not the frontend's bookkeeping)."""
+        return self.engine_core.call_utility("get_num_unfinished_requests")
 
     def shutdown(self) -> None:
         self.engine_core.shutdown()

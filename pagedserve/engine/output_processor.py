@@ -4,6 +4,9 @@ Per step and per request with new outputs: detokenize the new tokens, check stop
 convert logprobs, update the request's metrics and build the RequestOutput its `output_kind`
 asks for. A request that a stop string finishes here is still running in the engine core: its id
 is returned in `reqs_to_abort` and the caller must abort it there.
+
+Pooling requests (embed/classify/score) have no tokens to decode: they produce one
+PoolingRequestOutput, when the engine core finishes them.
 """
 
 from __future__ import annotations
@@ -14,17 +17,28 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import torch
+
 from pagedserve.engine import EngineCoreOutput, EngineCoreRequest, FinishReason
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.logprobs import LogprobsProcessor, TokenDecodeCache
 from pagedserve.engine.parallel_sampling import ParentRequest
-from pagedserve.outputs import CompletionOutput, PromptLogprobs, RequestMetrics, RequestOutput
+from pagedserve.outputs import (
+    CompletionOutput,
+    PoolingOutput,
+    PoolingRequestOutput,
+    PromptLogprobs,
+    RequestMetrics,
+    RequestOutput,
+)
+from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import RequestOutputKind
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-OutputQueue = asyncio.Queue[RequestOutput | Exception]
+AnyRequestOutput = RequestOutput | PoolingRequestOutput
+OutputQueue = asyncio.Queue[AnyRequestOutput | Exception]
 
 
 @dataclass(slots=True)
@@ -41,7 +55,7 @@ class FinishedRequestStats:
 @dataclass(slots=True)
 class OutputProcessorOutput:
     # Outputs of requests that have no queue (requests with a queue get theirs there).
-    request_outputs: list[RequestOutput]
+    request_outputs: list[AnyRequestOutput]
     # Requests finished here (stop strings) that the engine core still runs: abort them there.
     reqs_to_abort: list[str]
     # Requests that finished this step; filled only with log_stats.
@@ -59,11 +73,14 @@ class RequestState:
         output_kind: RequestOutputKind,
         prompt: str | None,
         prompt_token_ids: list[int],
-        detokenizer: IncrementalDetokenizer,
-        logprobs_processor: LogprobsProcessor,
+        detokenizer: IncrementalDetokenizer | None,
+        logprobs_processor: LogprobsProcessor | None,
         metrics: RequestMetrics | None,
         queue: OutputQueue | None,
+        pooling_params: PoolingParams | None = None,
     ) -> None:
+        # A generation request has a detokenizer and a logprobs processor; a pooling request
+        # has pooling_params and neither.
         self.request_id = request_id
         self.parent_req = parent_req
         self.request_index = request_index
@@ -74,6 +91,7 @@ class RequestState:
         self.logprobs_processor = logprobs_processor
         self.metrics = metrics
         self.queue = queue
+        self.pooling_params = pooling_params
         self.num_cached_tokens = 0
         # DELTA: how much of the token ids / logprobs earlier outputs already carried.
         self._num_emitted_token_ids = 0
@@ -91,12 +109,26 @@ class RequestState:
         queue: OutputQueue | None,
         log_stats: bool,
     ) -> RequestState:
+        metrics = RequestMetrics(arrival_time=request.arrival_time) if log_stats else None
+        if request.pooling_params is not None:
+            if parent_req is not None:
+                raise ValueError(f"pooling request {request.request_id} cannot have a parent (n > 1)")
+            return cls(
+                request_id=request.request_id,
+                parent_req=None,
+                request_index=0,
+                output_kind=RequestOutputKind.FINAL_ONLY,
+                prompt=prompt,
+                prompt_token_ids=request.prompt_token_ids,
+                detokenizer=None,
+                logprobs_processor=None,
+                metrics=metrics,
+                queue=queue,
+                pooling_params=request.pooling_params,
+            )
         params = request.sampling_params
         if params is None:
-            raise ValueError(
-                f"request {request.request_id} has no sampling params: the output processor "
-                "handles generation requests only"
-            )
+            raise ValueError(f"request {request.request_id} has neither sampling nor pooling params")
         return cls(
             request_id=request.request_id,
             parent_req=parent_req,
@@ -106,7 +138,7 @@ class RequestState:
             prompt_token_ids=request.prompt_token_ids,
             detokenizer=IncrementalDetokenizer.from_new_request(tokenizer, params, request.prompt_token_ids),
             logprobs_processor=LogprobsProcessor.from_new_request(tokenizer, params, decode_cache),
-            metrics=RequestMetrics(arrival_time=request.arrival_time) if log_stats else None,
+            metrics=metrics,
             queue=queue,
         )
 
@@ -117,6 +149,7 @@ class RequestState:
         finished = finish_reason is not None
         if not finished and self.output_kind == RequestOutputKind.FINAL_ONLY:
             return None
+        assert self.detokenizer is not None and self.logprobs_processor is not None
         delta = self.output_kind == RequestOutputKind.DELTA
         text = self.detokenizer.get_next_output_text(finished, delta)
         token_ids = self.detokenizer.output_token_ids
@@ -144,9 +177,23 @@ class RequestState:
         )
 
     def take_prompt_logprobs(self) -> PromptLogprobs | None:
+        assert self.logprobs_processor is not None
         if self.output_kind == RequestOutputKind.DELTA:
             return self.logprobs_processor.pop_prompt_logprobs()
         return self.logprobs_processor.prompt_logprobs
+
+    def make_pooling_output(
+        self, finish_reason: FinishReason, pooling_output: list[float] | None
+    ) -> PoolingRequestOutput[PoolingOutput]:
+        data = torch.tensor(pooling_output if pooling_output is not None else [], dtype=torch.float32)
+        return PoolingRequestOutput(
+            request_id=self.request_id,
+            outputs=PoolingOutput(data),
+            prompt_token_ids=self.prompt_token_ids,
+            finished=True,
+            num_cached_tokens=self.num_cached_tokens,
+            finish_reason=str(finish_reason),
+        )
 
     def make_request_output(self, completion_output: CompletionOutput, finished: bool) -> RequestOutput:
         return RequestOutput(
@@ -218,7 +265,7 @@ class OutputProcessor:
         engine_core_outputs: list[EngineCoreOutput],
         engine_core_timestamp: float | None = None,
     ) -> OutputProcessorOutput:
-        request_outputs: list[RequestOutput] = []
+        request_outputs: list[AnyRequestOutput] = []
         reqs_to_abort: list[str] = []
         finished_requests: list[FinishedRequestStats] = []
         touched_parents: dict[str, ParentRequest] = {}
@@ -231,12 +278,16 @@ class OutputProcessor:
             state = self.request_states.get(request_id)
             if state is None:
                 continue
+            if state.pooling_params is not None:
+                self._process_pooling_output(state, engine_core_output, now, request_outputs, finished_requests)
+                continue
             new_token_ids = engine_core_output.new_token_ids
             finish_reason = engine_core_output.finish_reason
             stop_reason = engine_core_output.stop_reason
             if engine_core_output.num_cached_tokens:
                 state.num_cached_tokens = engine_core_output.num_cached_tokens
 
+            assert state.logprobs_processor is not None and state.detokenizer is not None
             state.logprobs_processor.update_from_output(engine_core_output)
             stop_string = state.detokenizer.update(new_token_ids, finish_reason == FinishReason.STOP)
             if stop_string is not None:
@@ -283,6 +334,40 @@ class OutputProcessor:
             self._emit_parent_output(parent, request_outputs)
         return OutputProcessorOutput(request_outputs, reqs_to_abort, finished_requests)
 
+    def _process_pooling_output(
+        self,
+        state: RequestState,
+        engine_core_output: EngineCoreOutput,
+        now: float,
+        request_outputs: list[AnyRequestOutput],
+        finished_requests: list[FinishedRequestStats],
+    ) -> None:
+        """A pooling request reports once, when the engine core finished it."""
+        finish_reason = engine_core_output.finish_reason
+        if finish_reason is None:
+            return
+        if engine_core_output.num_cached_tokens:
+            state.num_cached_tokens = engine_core_output.num_cached_tokens
+        del self.request_states[state.request_id]
+        self._deliver(
+            state.make_pooling_output(finish_reason, engine_core_output.pooling_output),
+            state.queue,
+            request_outputs,
+        )
+        if state.metrics is not None:
+            # The pooled output is the request's first (and only) output.
+            state.metrics.first_token_time = state.metrics.last_token_time = now
+            state.metrics.finished_time = now
+            finished_requests.append(
+                FinishedRequestStats(
+                    request_id=state.request_id,
+                    finish_reason=finish_reason,
+                    num_prompt_tokens=len(state.prompt_token_ids),
+                    num_generation_tokens=0,
+                    metrics=state.metrics,
+                )
+            )
+
     def abort_requests(self, request_ids: Iterable[str]) -> list[str]:
         """Forgets the requests (a parent id stands for its unfinished children) and returns the
         engine-core request ids to abort. Requests with a queue get a final "abort" output."""
@@ -303,7 +388,7 @@ class OutputProcessor:
                 request_ids_to_abort.append(child_id)
                 self._finish_aborted(state, touched_parents)
 
-        request_outputs: list[RequestOutput] = []
+        request_outputs: list[AnyRequestOutput] = []
         for parent in touched_parents.values():
             self._emit_parent_output(parent, request_outputs)
         return request_ids_to_abort
@@ -318,6 +403,10 @@ class OutputProcessor:
         if state.metrics is not None:
             state.metrics.finished_time = time.monotonic()
         parent = state.parent_req
+        if state.pooling_params is not None:
+            if state.queue is not None:
+                state.queue.put_nowait(state.make_pooling_output(FinishReason.ABORT, None))
+            return
         if parent is None:
             if state.queue is not None:
                 completion_output = state.make_completion_output(FinishReason.ABORT, None)
@@ -344,7 +433,7 @@ class OutputProcessor:
                 prompt_logprobs = state.take_prompt_logprobs()
         parent.add_child_output(state.request_id, completion_output, finished, prompt_logprobs)
 
-    def _emit_parent_output(self, parent: ParentRequest, request_outputs: list[RequestOutput]) -> None:
+    def _emit_parent_output(self, parent: ParentRequest, request_outputs: list[AnyRequestOutput]) -> None:
         metrics = parent.merged_metrics() if self.log_stats else None
         request_output = parent.make_request_output(metrics)
         if parent.finished:
@@ -354,9 +443,9 @@ class OutputProcessor:
 
     @staticmethod
     def _deliver(
-        request_output: RequestOutput,
+        request_output: AnyRequestOutput,
         queue: OutputQueue | None,
-        request_outputs: list[RequestOutput],
+        request_outputs: list[AnyRequestOutput],
     ) -> None:
         if queue is not None:
             queue.put_nowait(request_output)

@@ -2,6 +2,11 @@
 
 Everything that can be wrong with a request is found here, in the frontend, and raised as a
 ValueError naming the problem — a bad request never reaches the scheduler.
+
+Generation requests carry SamplingParams; pooling requests (embed, classify, score) carry
+PoolingParams and `sampling_params=None`. Each is accepted only by a model loaded for its
+workflow (`model_config.runner_type`). `LLM` and the OpenAI server build requests through the
+same methods: `process_inputs` and, for cross-encoders, `process_score_pair`.
 """
 
 from __future__ import annotations
@@ -10,7 +15,9 @@ import time
 from typing import Any, TypedDict
 
 from pagedserve.config.model import ModelConfig
+from pagedserve.config.scheduler import SchedulerConfig
 from pagedserve.engine import EngineCoreRequest
+from pagedserve.pooling_params import PoolingParams, PoolingTask
 from pagedserve.sampling_params import SamplingParams
 
 
@@ -42,7 +49,13 @@ def parse_prompt(prompt: PromptType) -> tuple[str | None, list[int] | None]:
 
 
 class Processor:
-    def __init__(self, model_config: ModelConfig, tokenizer: Any, eos_token_ids: list[int]) -> None:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        tokenizer: Any,
+        eos_token_ids: list[int],
+        scheduler_config: SchedulerConfig | None = None,
+    ) -> None:
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.max_model_len = int(model_config.max_model_len)  # type: ignore[arg-type]
@@ -50,18 +63,31 @@ class Processor:
         # The first id is the tokenizer's EOS; the rest (generation config) act as stop ids.
         self.eos_token_id = eos_token_ids[0] if eos_token_ids else None
         self.extra_eos_token_ids = eos_token_ids[1:]
+        # Without chunked prefill a prompt is scheduled whole, so it must fit one step's budget.
+        self.max_num_batched_tokens: int | None = None
+        if scheduler_config is not None and not scheduler_config.enable_chunked_prefill:
+            self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
 
     def process_inputs(
         self,
         request_id: str,
         prompt: PromptType,
-        params: SamplingParams,
+        params: SamplingParams | PoolingParams,
         arrival_time: float | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
     ) -> tuple[EngineCoreRequest, str | None]:
+        """-> (the request for the engine core, the prompt's text when known)."""
+        if isinstance(params, PoolingParams):
+            return self._process_pooling_inputs(request_id, prompt, params, arrival_time, priority, cache_salt)
         if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+            raise ValueError(f"params must be SamplingParams or PoolingParams, got {type(params).__name__}")
+        if self.model_config.runner_type != "generate":
+            raise ValueError(
+                f"the model is loaded for task {self.model_config.task!r} and cannot generate text; "
+                "use LLM.embed/classify/score (or the /v1/embeddings, /classify, /score endpoints), "
+                "or load a generative model"
+            )
         text, token_ids = parse_prompt(prompt)
         if token_ids is None:
             assert text is not None
@@ -82,6 +108,139 @@ class Processor:
             cache_salt=cache_salt,
         )
         return request, text
+
+    # ------------------------------------------------------------------ pooling
+
+    @property
+    def default_pooling_task(self) -> PoolingTask:
+        """The task a pooling request gets when it names none: the model's task, except that
+        "score" on an embedding model means embedding both texts."""
+        task = self.model_config.task
+        if task in self.model_config.pooling_tasks:
+            return task  # type: ignore[return-value]
+        return "embed"
+
+    def _process_pooling_inputs(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: PoolingParams,
+        arrival_time: float | None,
+        priority: int,
+        cache_salt: str | None,
+    ) -> tuple[EngineCoreRequest, str | None]:
+        model_config = self.model_config
+        if model_config.runner_type != "pooling":
+            raise ValueError(
+                f"{model_config.architectures[0]} is loaded as a generative model and cannot embed, "
+                "classify or score; load it with task='embed' (LLM(model, task='embed') or --task embed) "
+                "to use it as an embedder"
+            )
+        params = params.clone()
+        task = params.task or self.default_pooling_task
+        if task not in model_config.pooling_tasks:
+            raise ValueError(
+                f"the model is loaded for task {model_config.task!r} and serves {list(model_config.pooling_tasks)}, "
+                f"not {task!r}"
+            )
+        assert model_config.pooler_config is not None
+        params.verify(task, model_config.embedding_size, default_normalize=model_config.pooler_config.normalize)
+        matryoshka_dimensions = getattr(model_config.hf_config, "matryoshka_dimensions", None)
+        if params.dimensions is not None and matryoshka_dimensions and params.dimensions not in matryoshka_dimensions:
+            raise ValueError(f"dimensions must be one of the model's Matryoshka sizes {matryoshka_dimensions}")
+        text, token_ids = parse_prompt(prompt)
+        max_length = self._truncation_length(params.truncate_prompt_tokens)
+        if token_ids is None:
+            assert text is not None
+            token_ids = self.tokenizer.encode(text, truncation=max_length is not None, max_length=max_length)
+        elif max_length is not None and len(token_ids) > max_length:
+            keep_end = getattr(self.tokenizer, "truncation_side", "right") == "left"
+            token_ids = token_ids[-max_length:] if keep_end else token_ids[:max_length]
+        self._validate_pooling_prompt(token_ids)
+        if params.compressed_token_type_ids is not None and params.compressed_token_type_ids >= len(token_ids):
+            raise ValueError("compressed_token_type_ids must index a token of the prompt")
+        if cache_salt is not None and not cache_salt:
+            raise ValueError("cache_salt must be a non-empty string")
+        request = EngineCoreRequest(
+            request_id=request_id,
+            prompt_token_ids=token_ids,
+            sampling_params=None,
+            eos_token_id=self.eos_token_id,
+            arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
+            priority=priority,
+            cache_salt=cache_salt,
+            pooling_params=params,
+        )
+        return request, text
+
+    def process_score_pair(
+        self,
+        request_id: str,
+        text_1: str,
+        text_2: str,
+        params: PoolingParams | None = None,
+        arrival_time: float | None = None,
+        priority: int = 0,
+    ) -> tuple[EngineCoreRequest, None]:
+        """A cross-encoder request: both texts tokenized as one pair (`[CLS] a [SEP] b [SEP]`
+        for BERT, token type 1 from the second text on where the model has token types)."""
+        if not self.model_config.is_cross_encoder:
+            raise ValueError(
+                "scoring a text pair in one sequence needs a cross-encoder (a classifier with one "
+                "label); embedding models score by the cosine similarity of two embeddings"
+            )
+        params = params.clone() if params is not None else PoolingParams()
+        max_length = self._truncation_length(params.truncate_prompt_tokens)
+        encoded = self.tokenizer(text_1, text_2, truncation=max_length is not None, max_length=max_length)
+        token_ids = list(encoded["input_ids"])
+        token_types = encoded.get("token_type_ids")
+        if token_types is not None and 1 in token_types and int(getattr(self.model_config.hf_config, "type_vocab_size", 1)) > 1:
+            start = token_types.index(1)
+            # NOTE: one start index stands for all token types; a tokenizer that interleaves
+            # segments (none does for pairs) could not be represented.
+            if any(t != 1 for t in token_types[start:]):
+                raise ValueError("the tokenizer's token types for a pair are not [0..0, 1..1]")
+            params.compressed_token_type_ids = start
+        params.truncate_prompt_tokens = None  # applied to the pair above
+        params.task = params.task or "score"
+        request, _ = self._process_pooling_inputs(
+            request_id, {"prompt_token_ids": token_ids}, params, arrival_time, priority, None
+        )
+        return request, None
+
+    def _truncation_length(self, truncate_prompt_tokens: int | None) -> int | None:
+        if truncate_prompt_tokens is None:
+            return None
+        if truncate_prompt_tokens == -1:
+            return self.max_model_len
+        if truncate_prompt_tokens > self.max_model_len:
+            raise ValueError(
+                f"truncate_prompt_tokens ({truncate_prompt_tokens}) must be at most max_model_len "
+                f"({self.max_model_len})"
+            )
+        return truncate_prompt_tokens
+
+    def _validate_pooling_prompt(self, token_ids: list[int]) -> None:
+        """A pooling prompt generates nothing: it may fill max_model_len, and with chunking off
+        it must fit one step."""
+        if not token_ids:
+            raise ValueError("the prompt is empty: it must contain at least one token")
+        if len(token_ids) > self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(token_ids)} tokens, more than max_model_len={self.max_model_len}; "
+                "shorten it or pass truncate_prompt_tokens"
+            )
+        budget = self.max_num_batched_tokens
+        if budget is not None and len(token_ids) > budget:
+            raise ValueError(
+                f"the prompt has {len(token_ids)} tokens, but this model computes each prompt whole in "
+                f"one step of at most max_num_batched_tokens={budget} tokens; raise "
+                "max_num_batched_tokens or pass truncate_prompt_tokens"
+            )
+        if min(token_ids) < 0 or max(token_ids) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}) (the vocabulary)")
+
+    # ------------------------------------------------------------------ generation
 
     def _validate_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:

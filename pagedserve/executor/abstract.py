@@ -28,3 +28,14 @@ class Executor(ABC):
 
     def shutdown(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Releases workers; idempotent."""
+
+
+def get_executor_class(config: EngineConfig) -> type[Executor]:
+    """uniproc for one worker, multiproc (one process per rank) for tensor parallelism."""
+    if config.parallel_config.world_size == 1:
+        from pagedserve.executor.uniproc_executor import UniProcExecutor
+
+        return UniProcExecutor
+    from pagedserve.executor.multiproc_executor import MultiprocExecutor
+
+    return MultiprocExecutor

@@ -32,6 +32,6 @@ class IterationStats:
     """What the frontend saw in one engine step's outputs."""
 
     num_generation_tokens: int = 0
-    # Prompt tokens of requests that received their first token this step.
+    # Prompt tokens of requests that finished this step (counted once per request).
     num_prompt_tokens: int = 0
     finished_requests: list[FinishedRequestStats] = field(default_factory=list)

@@ -33,6 +33,8 @@ class Worker:
     def determine_num_kv_blocks(self) -> int:
         """KV blocks that fit the configured (or default) budget, capped at what
         max_num_seqs sequences of max_model_len could ever use."""
+        if not self.model_runner.kv_cache_spec:
+            return 0  # issue 6: the model keeps no KV cache (encoder-only); allocate none
         cache_config = self.config.cache_config
         if cache_config.num_gpu_blocks is not None:
             return cache_config.num_gpu_blocks
@@ -58,3 +60,59 @@ class Worker:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(scheduler_output)
+
+
+def run_worker(
+    config: EngineConfig,
+    rank: int,
+    world_size: int,
+    dist_init_method: str,
+    cmd_address: str,
+    result_address: str,
+    parent_pid: int,
+) -> None:
+    """Entry point of a tensor-parallel worker process (see executor/multiproc_executor.py)."""
+    import os
+
+    import zmq
+
+    from pagedserve.core.sched.output import SchedulerOutput
+    from pagedserve.distributed.parallel_state import init_distributed
+    from pagedserve.engine.core import set_parent_death_signal, watch_parent
+    from pagedserve.engine.serial_utils import MsgpackDecoder, MsgpackEncoder
+
+    set_parent_death_signal()
+    watch_parent(parent_pid)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    ctx = zmq.Context()
+    commands = ctx.socket(zmq.PULL)
+    commands.connect(cmd_address)
+    results = ctx.socket(zmq.PUSH)
+    results.connect(result_address)
+    encoder, decoder = MsgpackEncoder(), MsgpackDecoder()
+    step_decoder = MsgpackDecoder(SchedulerOutput)
+    try:
+        init_distributed(rank, world_size, dist_init_method)
+        worker = Worker(config, rank)
+        worker.load_model()
+    except Exception as e:
+        logger.exception("worker %d failed to start", rank)
+        results.send_multipart([b"C", encoder.encode((rank, False, f"{type(e).__name__}: {e}"))])
+        return
+    results.send_multipart([b"C", encoder.encode((rank, True, None))])
+    while True:
+        kind, payload = commands.recv_multipart(copy=False)
+        kind = bytes(kind.buffer)
+        if kind == b"S":
+            output = worker.execute_model(step_decoder.decode(payload.buffer))
+            if rank == 0:
+                results.send_multipart([b"O", encoder.encode(output)], copy=False)
+        elif kind == b"C":
+            method, args = decoder.decode(payload.buffer)
+            try:
+                reply = (rank, True, getattr(worker, method)(*args))
+            except Exception as e:
+                reply = (rank, False, f"{type(e).__name__}: {e}")
+            results.send_multipart([b"C", encoder.encode(reply)])
+        else:
+            break

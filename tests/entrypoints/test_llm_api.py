@@ -110,7 +110,7 @@ def test_outputs_come_back_in_prompt_order_with_vllm_fields(llm):
 def test_bad_prompts_raise_before_reaching_the_scheduler(llm, prompt, params, match):
     with pytest.raises(ValueError, match=match):
         llm.generate(prompt, params, use_tqdm=False)
-    assert not llm.llm_engine.engine_core.engine_core.scheduler.has_unfinished_requests()
+    assert llm.llm_engine.get_num_unfinished_requests_in_engine() == 0
     # the engine still serves
     assert llm.generate("Hi", SamplingParams(max_tokens=2), use_tqdm=False)[0].finished
 

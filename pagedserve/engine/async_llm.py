@@ -1,0 +1,172 @@
+"""AsyncLLM: the asyncio frontend the HTTP server runs on.
+
+One output-handler task reads the engine core's outputs, turns them into RequestOutputs (the
+OutputProcessor puts each into its request's queue) and feeds the stat loggers. `generate`
+is an async generator over one request's queue. If the engine dies, the handler fails every
+queue with EngineDeadError and later calls raise it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from pagedserve.config import EngineConfig
+from pagedserve.engine.arg_utils import EngineArgs
+from pagedserve.engine.core_client import AsyncMPClient
+from pagedserve.engine.exceptions import EngineDeadError
+from pagedserve.engine.output_processor import OutputProcessor
+from pagedserve.engine.parallel_sampling import ParentRequest
+from pagedserve.engine.processor import Processor, PromptType
+from pagedserve.metrics.loggers import StatLoggerBase
+from pagedserve.metrics.stats import EngineTotals, IterationStats
+from pagedserve.outputs import RequestOutput
+from pagedserve.sampling_params import SamplingParams
+from pagedserve.tokenizer import get_eos_token_ids, get_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class AsyncLLM:
+    def __init__(
+        self, config: EngineConfig, log_stats: bool = True, stat_loggers: list[StatLoggerBase] | None = None
+    ) -> None:
+        self.config = config
+        self.model_config = config.model_config
+        self.tokenizer = get_tokenizer(self.model_config.model, self.model_config.tokenizer)
+        self.processor = Processor(
+            self.model_config, self.tokenizer, get_eos_token_ids(self.model_config.model, self.tokenizer)
+        )
+        self.output_processor = OutputProcessor(self.tokenizer, log_stats=log_stats)
+        self.stat_loggers = list(stat_loggers or [])
+        self.stats = EngineTotals()
+        self.engine_core = AsyncMPClient(config)
+        self.output_handler: asyncio.Task[None] | None = None
+        self.dead_error: EngineDeadError | None = None
+
+    @classmethod
+    def from_engine_args(
+        cls, engine_args: EngineArgs, stat_loggers: list[StatLoggerBase] | None = None
+    ) -> AsyncLLM:
+        return cls(engine_args.create_engine_config(), stat_loggers=stat_loggers)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def errored(self) -> bool:
+        return self.dead_error is not None or not self.engine_core.proc.is_alive()
+
+    @property
+    def is_running(self) -> bool:
+        return not self.errored
+
+    async def check_health(self) -> None:
+        if self.errored:
+            raise self.dead_error or EngineDeadError()
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    # ------------------------------------------------------------------ requests
+    async def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> asyncio.Queue[RequestOutput | Exception]:
+        """Validates and submits one request; returns the queue its outputs arrive in."""
+        if self.errored:
+            raise self.dead_error or EngineDeadError()
+        self._ensure_output_handler()
+        request, prompt_text = self.processor.process_inputs(
+            request_id, prompt, params, time.monotonic(), priority, cache_salt
+        )
+        assert request.sampling_params is not None
+        queue: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
+        if request.sampling_params.n == 1:
+            self.output_processor.add_request(request, prompt_text, queue=queue)
+            await self.engine_core.add_request_async(request)
+            return queue
+        parent = ParentRequest(request_id, request.sampling_params)
+        for index, child in enumerate(parent.make_child_requests(request)):
+            self.output_processor.add_request(child, prompt_text, parent, index, queue=queue)
+            await self.engine_core.add_request_async(child)
+        return queue
+
+    async def generate(
+        self,
+        prompt: PromptType,
+        sampling_params: SamplingParams,
+        request_id: str,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """Yields the request's outputs until it finishes. Closing or cancelling the consumer
+        aborts the request in the engine."""
+        queue = await self.add_request(request_id, prompt, sampling_params, priority, cache_salt)
+        finished = False
+        try:
+            while not finished:
+                # Take everything that is ready without a context switch per item.
+                item = queue.get_nowait() if not queue.empty() else await queue.get()
+                if isinstance(item, Exception):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                await self.abort(request_id)
+
+    async def abort(self, request_id: str | list[str]) -> None:
+        request_ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        engine_ids = self.output_processor.abort_requests(request_ids)
+        if engine_ids and not self.errored:
+            await self.engine_core.abort_requests_async(engine_ids)
+
+    async def reset_prefix_cache(self) -> bool:
+        self._ensure_output_handler()
+        return await self.engine_core.call_utility_async("reset_prefix_cache")
+
+    async def get_scheduler_stats(self) -> Any:
+        self._ensure_output_handler()
+        return await self.engine_core.call_utility_async("get_scheduler_stats")
+
+    # ------------------------------------------------------------------ output loop
+    def _ensure_output_handler(self) -> None:
+        if self.output_handler is None or self.output_handler.done():
+            self.output_handler = asyncio.get_running_loop().create_task(self._run_output_handler())
+
+    async def _run_output_handler(self) -> None:
+        try:
+            while True:
+                outputs = await self.engine_core.get_output_async()
+                processed = self.output_processor.process_outputs(outputs.outputs, outputs.timestamp)
+                if processed.reqs_to_abort:
+                    await self.engine_core.abort_requests_async(processed.reqs_to_abort)
+                if outputs.scheduler_stats is not None:
+                    self.stats.observe(outputs.scheduler_stats)
+                if self.stat_loggers:
+                    iteration = IterationStats(
+                        num_generation_tokens=sum(len(o.new_token_ids) for o in outputs.outputs),
+                        num_prompt_tokens=sum(f.num_prompt_tokens for f in processed.finished_requests),
+                        finished_requests=processed.finished_requests,
+                    )
+                    for stat_logger in self.stat_loggers:
+                        stat_logger.record(outputs.scheduler_stats, iteration)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            logger.error("the engine core is dead: %s", e)
+            self.dead_error = e if isinstance(e, EngineDeadError) else EngineDeadError(str(e))
+            self.output_processor.propagate_error(self.dead_error)
+            self.engine_core.fail_pending_utilities(self.dead_error)
+
+    def shutdown(self) -> None:
+        if self.output_handler is not None:
+            self.output_handler.cancel()
+        self.engine_core.shutdown()

@@ -1,0 +1,141 @@
+"""Tensor-parallel workers, one process per rank, driven by the engine core.
+
+Each step the engine sends the same msgspec-encoded SchedulerOutput to every rank (one PUSH
+socket per rank: no PUB/SUB slow-joiner losses); only rank 0 answers with its ModelRunnerOutput.
+Ranks stay in lockstep without exchanging sampled tokens: every rank computes the same gathered
+logits (all-gather copies shards bit for bit) and draws from identically seeded generators, so
+every rank samples the same tokens and keeps the same persistent batch.
+
+Worker protocol (multipart frames):
+    engine -> rank r:  [b"S", SchedulerOutput] | [b"C", (method, args)] | [b"Q", b""]
+    rank r -> engine:  [b"O", ModelRunnerOutput] (rank 0 only) | [b"C", (rank, ok, result)]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from typing import Any
+
+import zmq
+
+from pagedserve.config import EngineConfig
+from pagedserve.core.sched.output import SchedulerOutput
+from pagedserve.engine.serial_utils import MsgpackDecoder, MsgpackEncoder
+from pagedserve.executor.abstract import Executor
+from pagedserve.process_utils import ChildProcess
+from pagedserve.worker.outputs import ModelRunnerOutput
+
+logger = logging.getLogger(__name__)
+
+STEP, CALL, QUIT, OUTPUT = b"S", b"C", b"Q", b"O"
+_STARTUP_TIMEOUT_S = 600.0
+_POLL_MS = 200
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class WorkerDiedError(RuntimeError):
+    pass
+
+
+class MultiprocExecutor(Executor):
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        self.world_size = config.parallel_config.world_size
+        self._tmpdir = tempfile.mkdtemp(prefix="pagedserve-workers-")
+        self.ctx = zmq.Context()
+        result_address = f"ipc://{self._tmpdir}/results"
+        self.result_socket = self.ctx.socket(zmq.PULL)
+        self.result_socket.bind(result_address)
+        self.cmd_sockets = []
+        self.procs: list[ChildProcess] = []
+        self.encoder = MsgpackEncoder()
+        self.output_decoder = MsgpackDecoder(ModelRunnerOutput)
+        self.decoder = MsgpackDecoder()
+        self._closed = False
+        dist_init_method = f"tcp://127.0.0.1:{_free_port()}"
+        for rank in range(self.world_size):
+            cmd_address = f"ipc://{self._tmpdir}/cmd{rank}"
+            sock = self.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.bind(cmd_address)
+            self.cmd_sockets.append(sock)
+            proc = ChildProcess(
+                "pagedserve.worker.worker:run_worker",
+                (config, rank, self.world_size, dist_init_method, cmd_address, result_address, os.getpid()),
+                name=f"pagedserve-worker-{rank}",
+            )
+            self.procs.append(proc)
+        # Every rank reports once its model is loaded (or why it failed).
+        self._gather_call_results(_STARTUP_TIMEOUT_S)
+
+    def _check_alive(self) -> None:
+        for rank, proc in enumerate(self.procs):
+            if not proc.is_alive():
+                raise WorkerDiedError(f"tensor-parallel worker rank {rank} died (exit code {proc.exitcode})")
+
+    def _recv(self, timeout_s: float | None = None) -> tuple[bytes, Any]:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not self.result_socket.poll(_POLL_MS):
+            self._check_alive()
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("workers did not answer in time")
+        kind, payload = self.result_socket.recv_multipart(copy=False)
+        return bytes(kind.buffer), payload.buffer
+
+    def _gather_call_results(self, timeout_s: float | None = None) -> list[Any]:
+        results: list[Any] = [None] * self.world_size
+        for _ in range(self.world_size):
+            kind, payload = self._recv(timeout_s)
+            assert kind == CALL, kind
+            rank, ok, result = self.decoder.decode(payload)
+            if not ok:
+                raise RuntimeError(f"worker rank {rank}: {result}")
+            results[rank] = result
+        return results
+
+    def collective_rpc(self, method: str, args: tuple = ()) -> list[Any]:
+        payload = self.encoder.encode((method, list(args)))
+        for sock in self.cmd_sockets:
+            sock.send_multipart([CALL, payload])
+        return self._gather_call_results()
+
+    def determine_num_kv_blocks(self) -> int:
+        return min(self.collective_rpc("determine_num_kv_blocks"))
+
+    def initialize(self, num_blocks: int) -> None:
+        self.collective_rpc("initialize_cache", (num_blocks,))
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        payload = self.encoder.encode(scheduler_output)
+        for sock in self.cmd_sockets:
+            sock.send_multipart([STEP, payload], copy=False)
+        kind, data = self._recv()
+        assert kind == OUTPUT, kind
+        return self.output_decoder.decode(data)
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for sock in self.cmd_sockets:
+            try:
+                sock.send_multipart([QUIT, b""], flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        for proc in self.procs:
+            proc.join(timeout=2)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=2)
+        self.ctx.destroy(linger=0)
+        shutil.rmtree(self._tmpdir, ignore_errors=True)

@@ -1,0 +1,207 @@
+"""PrometheusStatLogger: the engine's stats as Prometheus metrics, with vLLM's metric names under
+the `pagedserve:` prefix (`vllm:num_requests_running` is `pagedserve:num_requests_running`).
+
+Every metric carries a `model_name` label. Counters are exposed with the `_total` suffix that
+Prometheus adds (`pagedserve:prompt_tokens_total`); `_created` samples are disabled, as in vLLM.
+Request-level histograms (TTFT, inter-token latency, end-to-end, queue time, token counts) are
+observed when a request finishes, from its RequestMetrics.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from pagedserve.engine import SchedulerStats
+from pagedserve.metrics.loggers import StatLoggerBase
+from pagedserve.metrics.stats import IterationStats
+
+if TYPE_CHECKING:
+    from pagedserve.config import EngineConfig
+
+prometheus_client.disable_created_metrics()
+
+METRIC_PREFIX = "pagedserve:"
+
+# Seconds. Fine steps where CPU serving of small models lives, coarse ones for long queues.
+_TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]  # fmt: skip
+_ITL_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0]  # fmt: skip
+_REQUEST_LATENCY_BUCKETS = [0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
+                            40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]  # fmt: skip
+
+
+def build_1_2_5_buckets(max_value: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to and including the first value >= max_value's decade."""
+    buckets: list[int] = []
+    exponent = 0
+    while True:
+        for mantissa in (1, 2, 5):
+            value = mantissa * 10**exponent
+            if value > max_value:
+                return buckets
+            buckets.append(value)
+        exponent += 1
+
+
+class PrometheusStatLogger(StatLoggerBase):
+    """Registers its metrics in `registry` (default: a fresh CollectorRegistry, so that several
+    engines or test servers in one process never collide); serve `registry` at /metrics."""
+
+    def __init__(
+        self,
+        model_name: str,
+        max_model_len: int | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.model_name = model_name
+        labels = ["model_name"]
+        registry = self.registry
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(METRIC_PREFIX + name, doc, labels, registry=registry, multiprocess_mode="mostrecent")
+
+        def counter(name: str, doc: str, extra_labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(METRIC_PREFIX + name, doc, labels + list(extra_labels), registry=registry)
+
+        def histogram(name: str, doc: str, buckets: list[float] | list[int]) -> Histogram:
+            return Histogram(METRIC_PREFIX + name, doc, labels, buckets=buckets, registry=registry)
+
+        self.gauge_scheduler_running = gauge("num_requests_running", "Requests in the model's batch.")
+        self.gauge_scheduler_waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
+        self.gauge_kv_cache_usage = gauge("kv_cache_usage_perc", "KV cache usage; 1 means 100 percent.")
+
+        self.counter_prefix_cache_queries = counter(
+            "prefix_cache_queries", "Prompt tokens looked up in the prefix cache."
+        )
+        self.counter_prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.counter_num_preemptions = counter("num_preemptions", "Requests preempted (their KV cache freed).")
+        self.counter_prompt_tokens = counter("prompt_tokens", "Prefill tokens processed.")
+        self.counter_generation_tokens = counter("generation_tokens", "Generation tokens processed.")
+        self.counter_request_success = counter(
+            "request_success", "Requests finished, by finish reason.", ("finished_reason",)
+        )
+
+        token_buckets = build_1_2_5_buckets(max_model_len or 1 << 20)
+        self.histogram_num_prompt_tokens_request = histogram(
+            "request_prompt_tokens", "Prompt tokens per finished request.", token_buckets
+        )
+        self.histogram_num_generation_tokens_request = histogram(
+            "request_generation_tokens", "Generated tokens per finished request.", token_buckets
+        )
+        self.histogram_iteration_tokens = histogram(
+            "iteration_tokens_total", "Tokens per engine step that produced outputs.",
+            [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384],
+        )  # fmt: skip
+        self.histogram_time_to_first_token = histogram(
+            "time_to_first_token_seconds", "Time from arrival to the first generated token.", _TTFT_BUCKETS
+        )
+        self.histogram_inter_token_latency = histogram(
+            "inter_token_latency_seconds", "Time between consecutive outputs of a request.", _ITL_BUCKETS
+        )
+        self.histogram_time_per_output_token_request = histogram(
+            "request_time_per_output_token_seconds",
+            "Mean time per output token after the first, per request.",
+            _ITL_BUCKETS,
+        )
+        self.histogram_e2e_time_request = histogram(
+            "e2e_request_latency_seconds", "Time from arrival to finish.", _REQUEST_LATENCY_BUCKETS
+        )
+        self.histogram_queue_time_request = histogram(
+            "request_queue_time_seconds", "Time from arrival to first scheduling.", _REQUEST_LATENCY_BUCKETS
+        )
+        self.histogram_inference_time_request = histogram(
+            "request_inference_time_seconds", "Time from first scheduling to finish.", _REQUEST_LATENCY_BUCKETS
+        )
+        self.histogram_prefill_time_request = histogram(
+            "request_prefill_time_seconds", "Time from first scheduling to the first token.", _REQUEST_LATENCY_BUCKETS
+        )
+        self.histogram_decode_time_request = histogram(
+            "request_decode_time_seconds", "Time from the first token to finish.", _REQUEST_LATENCY_BUCKETS
+        )
+        self.gauge_cache_config_info: Gauge | None = None
+
+        # Label children resolved once: `.labels()` is a dict lookup under a lock per call.
+        m = model_name
+        self._running = self.gauge_scheduler_running.labels(m)
+        self._waiting = self.gauge_scheduler_waiting.labels(m)
+        self._kv_usage = self.gauge_kv_cache_usage.labels(m)
+        self._prefix_queries = self.counter_prefix_cache_queries.labels(m)
+        self._prefix_hits = self.counter_prefix_cache_hits.labels(m)
+        self._preemptions = self.counter_num_preemptions.labels(m)
+        self._prompt_tokens = self.counter_prompt_tokens.labels(m)
+        self._generation_tokens = self.counter_generation_tokens.labels(m)
+        self._iteration_tokens = self.histogram_iteration_tokens.labels(m)
+        self._request_prompt_tokens = self.histogram_num_prompt_tokens_request.labels(m)
+        self._request_generation_tokens = self.histogram_num_generation_tokens_request.labels(m)
+        self._ttft = self.histogram_time_to_first_token.labels(m)
+        self._itl = self.histogram_inter_token_latency.labels(m)
+        self._tpot = self.histogram_time_per_output_token_request.labels(m)
+        self._e2e = self.histogram_e2e_time_request.labels(m)
+        self._queue = self.histogram_queue_time_request.labels(m)
+        self._inference = self.histogram_inference_time_request.labels(m)
+        self._prefill = self.histogram_prefill_time_request.labels(m)
+        self._decode = self.histogram_decode_time_request.labels(m)
+        # Zero series exist from the start, so dashboards and `rate()` see them before traffic.
+        for reason in ("stop", "length", "abort", "error"):
+            self.counter_request_success.labels(m, reason)
+
+    def log_engine_initialized(self, config: EngineConfig) -> None:
+        """Exports the cache configuration once the engine has sized the KV cache."""
+        cache_config = config.cache_config
+        info = {
+            "block_size": str(cache_config.block_size),
+            "num_gpu_blocks": str(cache_config.num_gpu_blocks),
+            "enable_prefix_caching": str(cache_config.enable_prefix_caching),
+        }
+        if self.gauge_cache_config_info is None:
+            self.gauge_cache_config_info = Gauge(
+                METRIC_PREFIX + "cache_config_info",
+                "Information of the KV cache configuration.",
+                list(info),
+                registry=self.registry,
+            )
+        self.gauge_cache_config_info.labels(**info).set(1)
+
+    def record(self, scheduler_stats: SchedulerStats | None, iteration_stats: IterationStats) -> None:
+        if scheduler_stats is not None:
+            self._running.set(scheduler_stats.num_running_reqs)
+            self._waiting.set(scheduler_stats.num_waiting_reqs)
+            self._kv_usage.set(scheduler_stats.kv_cache_usage)
+            self._prefix_queries.inc(scheduler_stats.prefix_cache_queries)
+            self._prefix_hits.inc(scheduler_stats.prefix_cache_hits)
+            self._preemptions.inc(scheduler_stats.num_preemptions)
+
+        self._prompt_tokens.inc(iteration_stats.num_prompt_tokens)
+        self._generation_tokens.inc(iteration_stats.num_generation_tokens)
+        num_step_tokens = iteration_stats.num_prompt_tokens + iteration_stats.num_generation_tokens
+        if num_step_tokens:
+            self._iteration_tokens.observe(num_step_tokens)
+
+        for finished in iteration_stats.finished_requests:
+            self.counter_request_success.labels(self.model_name, str(finished.finish_reason)).inc()
+            self._request_prompt_tokens.observe(finished.num_prompt_tokens)
+            self._request_generation_tokens.observe(finished.num_generation_tokens)
+            metrics = finished.metrics
+            for latency in metrics.inter_token_latencies:
+                self._itl.observe(latency)
+            if (ttft := metrics.time_to_first_token) is not None:
+                self._ttft.observe(ttft)
+            if (e2e := metrics.e2e_latency) is not None:
+                self._e2e.observe(e2e)
+            first_token, last_token = metrics.first_token_time, metrics.last_token_time
+            if first_token is not None and last_token is not None and finished.num_generation_tokens > 1:
+                self._tpot.observe((last_token - first_token) / (finished.num_generation_tokens - 1))
+            if first_token is not None and metrics.finished_time is not None:
+                self._decode.observe(metrics.finished_time - first_token)
+            scheduled = metrics.first_scheduled_time
+            if scheduled is not None:
+                self._queue.observe(scheduled - metrics.arrival_time)
+                if metrics.finished_time is not None:
+                    self._inference.observe(metrics.finished_time - scheduled)
+                if first_token is not None:
+                    self._prefill.observe(first_token - scheduled)

@@ -1,0 +1,65 @@
+"""Starting engine-core and worker processes.
+
+Children are fresh interpreters (`python -m pagedserve.process_utils`) that receive their
+entry point and arguments pickled on stdin — process start-up is the one place pickle is used.
+Unlike multiprocessing's spawn, this never re-imports the user's `__main__`, so a script
+without an `if __name__ == "__main__":` guard still works.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import subprocess
+import sys
+from typing import Any
+
+
+class ChildProcess:
+    """A child running `module:function(*args)`; the subset of multiprocessing.Process we use."""
+
+    def __init__(self, target: str, args: tuple[Any, ...], name: str) -> None:
+        self.name = name
+        env = dict(os.environ, PAGEDSERVE_PROCESS_NAME=name)
+        self._popen = subprocess.Popen(
+            [sys.executable, "-m", "pagedserve.process_utils"], stdin=subprocess.PIPE, env=env
+        )
+        assert self._popen.stdin is not None
+        self._popen.stdin.write(pickle.dumps((target, args)))
+        self._popen.stdin.close()
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    def is_alive(self) -> bool:
+        return self._popen.poll() is None
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._popen.poll()
+
+    def terminate(self) -> None:
+        if self.is_alive():
+            self._popen.terminate()
+
+    def kill(self) -> None:
+        if self.is_alive():
+            self._popen.kill()
+
+    def join(self, timeout: float | None = None) -> None:
+        try:
+            self._popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _main() -> None:
+    target, args = pickle.loads(sys.stdin.buffer.read())
+    module_name, function_name = target.split(":")
+    getattr(importlib.import_module(module_name), function_name)(*args)
+
+
+if __name__ == "__main__":
+    _main()
