@@ -13,6 +13,7 @@ import os
 import pickle
 import subprocess
 import sys
+import traceback
 from typing import Any
 
 
@@ -58,7 +59,17 @@ class ChildProcess:
 def _main() -> None:
     target, args = pickle.loads(sys.stdin.buffer.read())
     module_name, function_name = target.split(":")
-    getattr(importlib.import_module(module_name), function_name)(*args)
+    try:
+        getattr(importlib.import_module(module_name), function_name)(*args)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    # NOTE: os._exit, not a normal exit: interpreter shutdown would wait in zmq's context
+    # termination for sockets still held by daemon threads, and the process would never die.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

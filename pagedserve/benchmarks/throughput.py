@@ -58,9 +58,13 @@ def run_pagedserve(args: argparse.Namespace, workload: Workload) -> float:
         seed=args.seed,
     )
     params = [SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0) for n in workload.output_lens]
-    llm.generate([{"prompt_token_ids": p} for p in workload.prompts[:2]], params[:2], use_tqdm=False)  # warm-up
+    llm.generate(
+        [{"prompt_token_ids": p} for p in workload.prompts[:2]], params[:2], use_tqdm=False
+    )  # warm-up
     start = time.perf_counter()
-    outputs = llm.generate([{"prompt_token_ids": p} for p in workload.prompts], params, use_tqdm=not args.quiet)
+    outputs = llm.generate(
+        [{"prompt_token_ids": p} for p in workload.prompts], params, use_tqdm=not args.quiet
+    )
     elapsed = time.perf_counter() - start
     produced = sum(len(o.outputs[0].token_ids) for o in outputs)
     if produced != workload.num_output_tokens:
@@ -129,9 +133,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--hf-batch-size", type=int, default=None, help="default: --max-num-seqs")
     parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (both engines)")
-    parser.add_argument(
-        "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True
-    )
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true")
     parser.set_defaults(func=main)
@@ -146,7 +148,12 @@ def main(args: argparse.Namespace) -> int:
     args.model = args.model or default_model()
     model_config = ModelConfig(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
     workload = make_workload(
-        args.num_prompts, args.input_len, args.output_len, args.range_ratio, model_config.vocab_size, args.seed
+        args.num_prompts,
+        args.input_len,
+        args.output_len,
+        args.range_ratio,
+        model_config.vocab_size,
+        args.seed,
     )
     print(
         f"model={args.model} dtype={model_config.torch_dtype} prompts={args.num_prompts} "
@@ -156,7 +163,9 @@ def main(args: argparse.Namespace) -> int:
     if args.backend in ("pagedserve", "both"):
         results["pagedserve"] = _report("pagedserve", run_pagedserve(args, workload), workload)
     if args.backend in ("hf", "both"):
-        results["hf"] = _report("transformers", run_hf(args, workload, args.model, model_config.torch_dtype), workload)
+        results["hf"] = _report(
+            "transformers", run_hf(args, workload, args.model, model_config.torch_dtype), workload
+        )
     if len(results) == 2:
         print(f"output tok/s ratio pagedserve / transformers: {results['pagedserve'] / results['hf']:.2f}x")
     return 0

@@ -12,7 +12,9 @@ class SchedulerConfig:
 
     `max_num_batched_tokens` is the token budget of one step (prefill chunks and decodes
     together). With `enable_chunked_prefill=False` a prompt is scheduled whole or not at all,
-    so it must fit the budget: `max_num_batched_tokens >= max_model_len` is then enforced.
+    so it must fit the budget: for generation `max_num_batched_tokens >= max_model_len` is then
+    enforced. Pooling requests never grow past their prompt, so with `runner_type="pooling"`
+    the budget may be smaller: the frontend rejects (or truncates) prompts longer than it.
     """
 
     max_num_seqs: int = 256
@@ -21,6 +23,7 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     policy: Literal["fcfs", "priority"] = "fcfs"
     async_scheduling: bool = False
+    runner_type: Literal["generate", "pooling"] = "generate"
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -31,7 +34,13 @@ class SchedulerConfig:
             )
         if self.policy not in ("fcfs", "priority"):
             raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
-        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+        if self.runner_type not in ("generate", "pooling"):
+            raise ValueError(f"runner_type must be 'generate' or 'pooling', got {self.runner_type!r}")
+        if (
+            not self.enable_chunked_prefill
+            and self.runner_type == "generate"
+            and self.max_num_batched_tokens < self.max_model_len
+        ):
             raise ValueError(
                 "without chunked prefill max_num_batched_tokens "
                 f"({self.max_num_batched_tokens}) must be >= max_model_len ({self.max_model_len})"

@@ -120,6 +120,14 @@ class FreeKVCacheBlockQueue:
         return blocks
 
 
+def hash_with_group_id(block_hash: BlockHash, kv_cache_group_id: int) -> BlockHash:
+    """The prefix-cache key of a block of one KV-cache group. Group 0 keeps the bare 32-byte
+    hash; other groups append their id, so keys of different groups never collide."""
+    if kv_cache_group_id == 0:
+        return block_hash
+    return block_hash + kv_cache_group_id.to_bytes(4, "little")
+
+
 class BlockPool:
     """Owns every KVCacheBlock (created up front), the free queue and the prefix-cache index.
 
@@ -153,8 +161,8 @@ class BlockPool:
         """Fraction of usable blocks held by requests (free cached blocks count as free)."""
         return 1.0 - self.free_block_queue.num_free_blocks / (self.num_gpu_blocks - 1)
 
-    def get_cached_block(self, block_hash: BlockHash) -> KVCacheBlock | None:
-        return self.cached_block_hash_to_block.get(block_hash)
+    def get_cached_block(self, block_hash: BlockHash, kv_cache_group_id: int = 0) -> KVCacheBlock | None:
+        return self.cached_block_hash_to_block.get(hash_with_group_id(block_hash, kv_cache_group_id))
 
     def cache_full_blocks(
         self,
@@ -162,13 +170,16 @@ class BlockPool:
         block_hashes: Sequence[BlockHash],
         num_cached_blocks: int,
         num_full_blocks: int,
+        kv_cache_group_id: int = 0,
     ) -> None:
-        """Index blocks[num_cached_blocks:num_full_blocks] under block_hashes of the same index."""
+        """Index blocks[num_cached_blocks:num_full_blocks] under block_hashes of the same index
+        (keyed by group: equal tokens in two groups are two different blocks). Null blocks (a
+        sliding window's dropped positions) stay unindexed."""
         cached = self.cached_block_hash_to_block
         for i in range(num_cached_blocks, num_full_blocks):
             block = blocks[i]
-            block_hash = block_hashes[i]
-            if block.block_hash is not None or block_hash in cached:
+            block_hash = hash_with_group_id(block_hashes[i], kv_cache_group_id)
+            if block.is_null or block.block_hash is not None or block_hash in cached:
                 # Already indexed (a prefix hit), or a duplicate of an indexed block.
                 continue
             block.block_hash = block_hash

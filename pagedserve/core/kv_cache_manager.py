@@ -6,13 +6,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pagedserve.core.block_pool import BlockPool, KVCacheBlock
+from pagedserve.core.kv_cache_coordinator import KVCacheCoordinator
+from pagedserve.core.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec
 from pagedserve.core.kv_cache_utils import RequestBlockHasher, get_request_block_hasher
 from pagedserve.core.request import Request
 
 
 @dataclass(slots=True)
 class KVCacheBlocks:
-    """Blocks of one request, one list per KV cache group (a single full-attention group now)."""
+    """Blocks of one request, one list per KV cache group."""
 
     blocks: tuple[list[KVCacheBlock], ...]
 
@@ -44,11 +46,19 @@ def _cdiv(a: int, b: int) -> int:
 
 
 class KVCacheManager:
-    """Allocates, shares and frees the KV cache blocks of requests.
+    """Allocates, shares and frees the KV cache blocks of requests, for every KV-cache group.
 
-    A request owns `req_to_blocks[id]`: block i holds its tokens [i*B, (i+1)*B). Full blocks
-    are indexed by hash as soon as they are allocated for known tokens (their KV is written in
-    the same step), so identical prompts admitted in one step already share blocks.
+    The scheduler sees one manager; per kind of layer state a single-type manager
+    (core/single_type_kv_cache_manager.py) behind a KVCacheCoordinator does the work. Without
+    `kv_cache_groups` the model is one full-attention group.
+
+    A request owns, per group, a list in which block i holds its tokens [i*B, (i+1)*B) (a
+    sliding-window group puts the null block where its window has passed). Full blocks are
+    indexed by hash as soon as they are allocated for known tokens (their KV is written in the
+    same step), so identical prompts admitted in one step already share blocks.
+
+    With `num_blocks == 0` (a model without KV cache: encoder-only pooling models) no block
+    pool exists: every allocation succeeds with no blocks and requests need zero blocks.
     """
 
     def __init__(
@@ -59,40 +69,65 @@ class KVCacheManager:
         max_model_len: int | None = None,
         hash_seed: int | None = None,
         log_stats: bool = True,
+        kv_cache_groups: Sequence[KVCacheGroupSpec] | None = None,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
+        # --- no-KV-cache mode (issue 6): no block pool at all when the model keeps no KV.
+        enable_caching = enable_caching and num_blocks > 0
         self.block_size = block_size
         self.enable_caching = enable_caching
         self.max_model_len = max_model_len
         self.log_stats = log_stats
-        self.block_pool = BlockPool(num_blocks, enable_caching)
+        self.block_pool: BlockPool | None = BlockPool(num_blocks, enable_caching) if num_blocks > 0 else None
         # Attach to requests so they extend their block hashes as tokens arrive; None when
         # caching is off (hashing would be wasted work).
         self.request_block_hasher: RequestBlockHasher | None = (
             get_request_block_hasher(block_size, hash_seed) if enable_caching else None
         )
-        self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
-        # Number of leading blocks of each request already indexed in the prefix cache.
-        self.num_cached_block: dict[str, int] = {}
+        if kv_cache_groups is None:
+            # Sizes do not matter to the managers, only the kind and the block size.
+            kv_cache_groups = [KVCacheGroupSpec((), FullAttentionSpec(block_size, 1, 1, 1))]
+        mismatched = [
+            g.kv_cache_spec.block_size for g in kv_cache_groups if g.kv_cache_spec.block_size != block_size
+        ]
+        if mismatched:
+            raise ValueError(f"every KV-cache group must use block_size={block_size}, got {mismatched}")
+        self.coordinator: KVCacheCoordinator | None = (
+            KVCacheCoordinator(kv_cache_groups, self.block_pool, enable_caching)
+            if self.block_pool is not None
+            else None
+        )
+        self.num_groups = len(kv_cache_groups)
+        self._has_window_groups = self.coordinator is not None and bool(self.coordinator.window_managers)
+        # Group 0's books: every group's lists have the same length (see KVCacheCoordinator).
+        self.req_to_blocks: dict[str, list[KVCacheBlock]] = (
+            self.coordinator.managers[0].req_to_blocks if self.coordinator is not None else {}
+        )
+        self.num_cached_block: dict[str, int] = (
+            self.coordinator.managers[0].num_cached_block if self.coordinator is not None else {}
+        )
         self.prefix_cache_stats = PrefixCacheStats()
-        self.num_groups = 1
-        self.empty_kv_cache_blocks = KVCacheBlocks(([],))
+        self.empty_kv_cache_blocks = KVCacheBlocks(tuple([] for _ in range(self.num_groups)))
 
     @property
     def usage(self) -> float:
-        return self.block_pool.get_usage()
+        return self.block_pool.get_usage() if self.block_pool is not None else 0.0
 
     @property
     def num_free_blocks(self) -> int:
-        return self.block_pool.get_num_free_blocks()
+        return self.block_pool.get_num_free_blocks() if self.block_pool is not None else 0
 
     @property
     def num_usable_blocks(self) -> int:
-        return self.block_pool.num_usable_blocks
+        return self.block_pool.num_usable_blocks if self.block_pool is not None else 0
 
     def num_blocks_for_tokens(self, num_tokens: int) -> int:
-        return _cdiv(num_tokens, self.block_size)
+        """Blocks a request of `num_tokens` tokens may hold at once over all groups (a
+        sliding-window group holds them all while one chunk prefills the whole prompt)."""
+        if self.block_pool is None:
+            return 0
+        return _cdiv(num_tokens, self.block_size) * self.num_groups
 
     def make_prefix_cache_stats(self) -> PrefixCacheStats:
         """Return the counters accumulated since the last call and start new ones."""
@@ -101,7 +136,8 @@ class KVCacheManager:
         return stats
 
     def get_computed_blocks(self, request: Request) -> tuple[KVCacheBlocks, int]:
-        """The longest cached prefix of `request`'s full blocks and its length in tokens.
+        """The longest cached prefix of `request`'s full blocks that every group can reuse, and
+        its length in tokens.
 
         At least the last token is left to compute (its logits are needed), so a fully cached
         prompt of k blocks hits k-1 of them. Takes no references: pass the result to
@@ -109,18 +145,11 @@ class KVCacheManager:
         """
         if not self.enable_caching or request.skip_reading_prefix_cache:
             return self.empty_kv_cache_blocks, 0
-        max_hit_blocks = (request.num_tokens - 1) // self.block_size
+        assert self.coordinator is not None
         block_hashes = request.block_hashes
-        if len(block_hashes) < max_hit_blocks:
-            max_hit_blocks = len(block_hashes)
-        cached = self.block_pool.cached_block_hash_to_block
-        computed: list[KVCacheBlock] = []
-        for i in range(max_hit_blocks):
-            block = cached.get(block_hashes[i])
-            if block is None:
-                break
-            computed.append(block)
-        return KVCacheBlocks((computed,)), len(computed) * self.block_size
+        max_hit_blocks = min((request.num_tokens - 1) // self.block_size, len(block_hashes))
+        hits, num_hit_blocks = self.coordinator.find_longest_cache_hit(block_hashes, max_hit_blocks)
+        return KVCacheBlocks(hits), num_hit_blocks * self.block_size
 
     def allocate_slots(
         self,
@@ -132,57 +161,52 @@ class KVCacheManager:
     ) -> KVCacheBlocks | None:
         """Make room for `num_new_tokens` tokens after the computed ones.
 
-        Layout after a successful call (B = block_size):
+        Layout after a successful call (B = block_size), in every group:
 
             | computed (request.num_computed_tokens) | new computed (hits) | new tokens | lookahead |
             |<- blocks already owned ->|<- new_computed_blocks ->|<- newly allocated blocks ->|
 
         Returns the newly allocated blocks (not the hit blocks), or None, with nothing changed,
-        when the free blocks (free cached ones included) do not suffice.
+        when the free blocks (free cached ones included) do not suffice. Sliding-window groups
+        first give back the blocks the request's next query can no longer see.
         """
+        coordinator = self.coordinator
+        if coordinator is None:
+            return self.empty_kv_cache_blocks
         request_id = request.request_id
-        block_size = self.block_size
         num_computed_tokens = request.num_computed_tokens + num_new_computed_tokens
         num_tokens_need_slot = num_computed_tokens + num_new_tokens + num_lookahead_tokens
         if self.max_model_len is not None and num_tokens_need_slot > self.max_model_len:
             num_tokens_need_slot = self.max_model_len
+        if self._has_window_groups:
+            coordinator.remove_skipped_blocks(request_id, request.num_computed_tokens)
         req_blocks = self.req_to_blocks.get(request_id)
-        is_first_allocation = req_blocks is None
-        num_owned_blocks = 0 if req_blocks is None else len(req_blocks)
-        computed_blocks: Sequence[KVCacheBlock] = (
-            new_computed_blocks.blocks[0] if new_computed_blocks is not None else ()
-        )
-        num_new_blocks = (
-            (num_tokens_need_slot + block_size - 1) // block_size - num_owned_blocks - len(computed_blocks)
-        )
+        hit_blocks = new_computed_blocks.blocks if new_computed_blocks is not None else None
+        has_hits = hit_blocks is not None and bool(hit_blocks[0])
 
-        if num_new_blocks <= 0 and not computed_blocks:
-            # Fast path (most decode steps): the last block still has room.
+        if (
+            not has_hits
+            and req_blocks is not None
+            and (num_tokens_need_slot + self.block_size - 1) // self.block_size <= len(req_blocks)
+        ):
+            # Fast path (most decode steps): the last block still has room in every group.
             if (
                 self.enable_caching
-                and req_blocks is not None
-                and (num_computed_tokens + num_new_tokens) // block_size > self.num_cached_block[request_id]
+                and (num_computed_tokens + num_new_tokens) // self.block_size
+                > self.num_cached_block[request_id]
             ):
-                self._cache_full_blocks(request, req_blocks, num_computed_tokens + num_new_tokens)
+                coordinator.cache_blocks(request, num_computed_tokens + num_new_tokens)
             return self.empty_kv_cache_blocks
 
-        block_pool = self.block_pool
-        # Free cached blocks among the hits leave the free queue when touched.
-        num_revived_blocks = 0
-        for block in computed_blocks:
-            if block.ref_cnt == 0:
-                num_revived_blocks += 1
-        if num_new_blocks > block_pool.get_num_free_blocks() - num_revived_blocks:
+        assert self.block_pool is not None
+        num_blocks_to_allocate = coordinator.get_num_blocks_to_allocate(
+            request_id, num_tokens_need_slot, hit_blocks
+        )
+        if num_blocks_to_allocate > self.block_pool.get_num_free_blocks():
             return None
-
-        if req_blocks is None:
-            req_blocks = self.req_to_blocks[request_id] = []
-            self.num_cached_block[request_id] = len(computed_blocks)
-        if computed_blocks:
-            block_pool.touch(computed_blocks)
-            req_blocks.extend(computed_blocks)
-        new_blocks = block_pool.get_new_blocks(num_new_blocks) if num_new_blocks > 0 else []
-        req_blocks.extend(new_blocks)
+        is_first_allocation = req_blocks is None
+        coordinator.save_new_computed_blocks(request_id, hit_blocks)
+        new_blocks = coordinator.allocate_new_blocks(request_id, num_tokens_need_slot)
 
         if is_first_allocation and self.log_stats:
             stats = self.prefix_cache_stats
@@ -191,50 +215,25 @@ class KVCacheManager:
                 stats.num_query_tokens += request.num_tokens
                 stats.num_hit_tokens += num_new_computed_tokens
         if self.enable_caching:
-            self._cache_full_blocks(request, req_blocks, num_computed_tokens + num_new_tokens)
-        return KVCacheBlocks((new_blocks,))
-
-    def _cache_full_blocks(
-        self, request: Request, req_blocks: list[KVCacheBlock], num_tokens_after_step: int
-    ) -> None:
-        # Only blocks whose tokens are all known: lookahead slots hold no tokens yet.
-        num_full_blocks = min(num_tokens_after_step, request.num_tokens) // self.block_size
-        block_hashes = request.block_hashes
-        if num_full_blocks > len(block_hashes):
-            num_full_blocks = len(block_hashes)
-        request_id = request.request_id
-        num_cached_blocks = self.num_cached_block[request_id]
-        if num_full_blocks <= num_cached_blocks:
-            return
-        self.block_pool.cache_full_blocks(req_blocks, block_hashes, num_cached_blocks, num_full_blocks)
-        self.num_cached_block[request_id] = num_full_blocks
+            coordinator.cache_blocks(request, num_computed_tokens + num_new_tokens)
+        return KVCacheBlocks(new_blocks)
 
     def free(self, request: Request) -> None:
-        """Release every block of `request`.
-
-        Blocks past the request's computed tokens were indexed at allocation but their KV was
-        never written (the request is preempted in the step that allocated them), so their
-        hashes are dropped before they join the free queue.
-        """
-        request_id = request.request_id
-        req_blocks = self.req_to_blocks.pop(request_id, None)
-        self.num_cached_block.pop(request_id, None)
-        if not req_blocks:
-            return
-        if self.enable_caching:
-            num_computed_full_blocks = request.num_computed_tokens // self.block_size
-            for block in req_blocks[num_computed_full_blocks:]:
-                if block.ref_cnt == 1 and block.block_hash is not None:
-                    self.block_pool.uncache_block(block)
-        # NOTE: free tail blocks first — shared prefix blocks then sit at the LRU end of the
-        # free queue and are the last to be evicted.
-        self.block_pool.free_blocks(reversed(req_blocks))
+        """Release every block of `request` in every group (tail blocks first)."""
+        if self.coordinator is not None:
+            self.coordinator.free(request)
 
     def reset_prefix_cache(self) -> bool:
-        return self.block_pool.reset_prefix_cache()
+        return self.block_pool.reset_prefix_cache() if self.block_pool is not None else True
 
     def get_blocks(self, request_id: str) -> KVCacheBlocks:
-        return KVCacheBlocks((self.req_to_blocks.get(request_id, []),))
+        if self.coordinator is None:
+            return self.empty_kv_cache_blocks
+        return KVCacheBlocks(self.coordinator.get_blocks(request_id))
 
     def get_block_ids(self, request_id: str) -> tuple[list[int], ...]:
-        return ([block.block_id for block in self.req_to_blocks.get(request_id, ())],)
+        return self.get_blocks(request_id).get_block_ids()
+
+    def get_num_held_blocks(self, request_id: str) -> int:
+        """Real blocks `request_id` holds over all groups (null placeholders excluded)."""
+        return self.coordinator.get_num_held_blocks(request_id) if self.coordinator is not None else 0

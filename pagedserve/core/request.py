@@ -7,6 +7,7 @@ import time
 
 from pagedserve.core.kv_cache_utils import BlockHash, RequestBlockHasher
 from pagedserve.engine import EngineCoreRequest, FinishReason
+from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams
 
 
@@ -54,6 +55,7 @@ class Request:
         "request_id",
         "prompt_token_ids",
         "sampling_params",
+        "pooling_params",
         "eos_token_id",
         "arrival_time",
         "priority",
@@ -62,6 +64,8 @@ class Request:
         "num_computed_tokens",
         "num_cached_tokens",
         "num_preemptions",
+        "first_scheduled_time",
+        "num_output_placeholders",
         "stop_reason",
         "max_tokens",
         "min_tokens",
@@ -86,10 +90,12 @@ class Request:
         priority: int = 0,
         cache_salt: str | None = None,
         block_hasher: RequestBlockHasher | None = None,
+        pooling_params: PoolingParams | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
         self.sampling_params = sampling_params
+        self.pooling_params = pooling_params
         self.eos_token_id = eos_token_id
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.priority = priority
@@ -100,6 +106,9 @@ class Request:
         # Prompt tokens found in the prefix cache when first scheduled; -1 until then.
         self.num_cached_tokens = -1
         self.num_preemptions = 0
+        self.first_scheduled_time: float | None = None
+        # Async scheduling: tokens scheduled to be sampled whose values are not known yet.
+        self.num_output_placeholders = 0
         self.stop_reason: int | str | None = None
 
         # Stop conditions, resolved once so the per-step check is a few comparisons.
@@ -149,6 +158,7 @@ class Request:
             priority=request.priority,
             cache_salt=request.cache_salt,
             block_hasher=block_hasher,
+            pooling_params=request.pooling_params,
         )
 
     def set_block_hasher(self, block_hasher: RequestBlockHasher) -> None:

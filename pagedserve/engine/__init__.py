@@ -46,6 +46,9 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    # time.monotonic() (system-wide on Linux) when the engine first scheduled the request;
+    # sent with the request's first output only.
+    first_scheduled_time: float | None = None
     pooling_output: list[float] | None = None
 
     @property

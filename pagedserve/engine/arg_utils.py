@@ -57,6 +57,10 @@ class EngineArgs:
         default=True, metadata={"help": "split long prompts over several steps"}
     )
     scheduling_policy: str = dataclasses.field(default="fcfs", metadata={"help": "fcfs or priority"})
+    async_scheduling: bool = dataclasses.field(
+        default=True,
+        metadata={"help": "schedule step n+1 while step n runs (outputs are identical either way)"},
+    )
     tensor_parallel_size: int = dataclasses.field(default=1, metadata={"help": "number of tensor-parallel workers"})
     # --- pooling models (issue 6) ---
     task: str = dataclasses.field(
@@ -79,6 +83,7 @@ class EngineArgs:
             seed=self.seed,
             task=self.task,  # type: ignore[arg-type]
         )
+        model_config.verify_with_parallel_config(self.tensor_parallel_size)
         max_model_len = int(model_config.max_model_len)  # type: ignore[arg-type]
         enable_chunked_prefill = self.enable_chunked_prefill
         enable_prefix_caching = self.enable_prefix_caching
@@ -104,6 +109,7 @@ class EngineArgs:
                 max_model_len=max_model_len,
                 enable_chunked_prefill=enable_chunked_prefill,
                 policy=self.scheduling_policy,  # type: ignore[arg-type]
+                async_scheduling=self.async_scheduling,
                 runner_type=model_config.runner_type,
             ),
             parallel_config=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),

@@ -14,7 +14,10 @@ import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
+import msgspec
+
 from pagedserve.config import EngineConfig
+from pagedserve.engine import SchedulerStats
 from pagedserve.engine.arg_utils import EngineArgs
 from pagedserve.engine.core_client import AsyncMPClient
 from pagedserve.engine.exceptions import EngineDeadError
@@ -132,9 +135,10 @@ class AsyncLLM:
         self._ensure_output_handler()
         return await self.engine_core.call_utility_async("reset_prefix_cache")
 
-    async def get_scheduler_stats(self) -> Any:
+    async def get_scheduler_stats(self) -> SchedulerStats:
+        """The engine core's current stats (its per-step prefix-cache counters reset)."""
         self._ensure_output_handler()
-        return await self.engine_core.call_utility_async("get_scheduler_stats")
+        return msgspec.convert(await self.engine_core.call_utility_async("get_scheduler_stats"), SchedulerStats)
 
     # ------------------------------------------------------------------ output loop
     def _ensure_output_handler(self) -> None:

@@ -24,16 +24,20 @@ import queue
 import signal
 import threading
 import time
+from collections import deque
+from concurrent.futures import Future
 from typing import Any
 
 import zmq
 
 from pagedserve.config import EngineConfig
 from pagedserve.core.request import Request, RequestStatus
+from pagedserve.core.sched.output import SchedulerOutput
 from pagedserve.core.sched.scheduler import Scheduler
 from pagedserve.engine import EngineCoreOutputs, EngineCoreRequest
 from pagedserve.engine.serial_utils import MsgpackDecoder, MsgpackEncoder
 from pagedserve.executor.abstract import Executor, get_executor_class
+from pagedserve.worker.outputs import ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +65,8 @@ class EngineCore:
             time.perf_counter() - start,
         )
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config)
+        self.async_scheduling = config.scheduler_config.async_scheduling
+        self.batch_queue: deque[tuple[SchedulerOutput, Future[ModelRunnerOutput]]] = deque()
 
     def make_request(self, request: EngineCoreRequest) -> Request:
         """Builds the scheduler's Request, block hashes included (off the busy loop in a proc)."""
@@ -75,14 +81,33 @@ class EngineCore:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_requests()
+        return self.scheduler.has_requests() or bool(self.batch_queue)
 
     def step(self) -> EngineCoreOutputs:
+        if self.async_scheduling:
+            return self.step_with_batch_queue()
         if not self.scheduler.has_requests():
             return EngineCoreOutputs()
         scheduler_output = self.scheduler.schedule()
         model_output = self.executor.execute_model(scheduler_output)
         return self.scheduler.update_from_output(scheduler_output, model_output)
+
+    def step_with_batch_queue(self) -> EngineCoreOutputs:
+        """Async scheduling: schedule step n+1 while step n runs, then collect step n.
+
+        At most two steps are in flight; the scheduler counts tokens of in-flight steps as
+        placeholders, and the workers feed the tokens they sampled into the next step.
+        """
+        if len(self.batch_queue) < 2 and self.scheduler.has_requests():
+            scheduler_output = self.scheduler.schedule()
+            self.batch_queue.append((scheduler_output, self.executor.execute_model_async(scheduler_output)))
+            if len(self.batch_queue) < 2 and scheduler_output.total_num_scheduled_tokens:
+                # Nothing older to collect: go back and schedule the next step first.
+                return EngineCoreOutputs()
+        if not self.batch_queue:
+            return EngineCoreOutputs()
+        scheduler_output, future = self.batch_queue.popleft()
+        return self.scheduler.update_from_output(scheduler_output, future.result())
 
     # ---------------------------------------------------------------- utilities
     def reset_prefix_cache(self) -> bool:
@@ -133,6 +158,7 @@ class EngineCoreProc(EngineCore):
         self.input_address = input_address
         self.input_queue: queue.Queue[tuple[bytes, Any]] = queue.Queue()
         self.output_queue: queue.Queue[tuple[bytes, Any] | None] = queue.Queue()
+        self._stats_stale = False
         super().__init__(config)
 
     def run(self) -> None:
@@ -158,12 +184,23 @@ class EngineCoreProc(EngineCore):
         while True:
             self._process_input_queue()
             outputs = self.step()
-            if outputs.outputs or outputs.finished_requests:
+            stats = outputs.scheduler_stats
+            if (
+                outputs.outputs
+                or outputs.finished_requests
+                # per-step counters must reach the frontend even from a step without outputs
+                or (stats is not None and (stats.prefix_cache_queries or stats.num_preemptions))
+            ):
                 self.output_queue.put((OUTPUTS, outputs))
+            elif self._stats_stale and not self.has_unfinished_requests():
+                # An abort emptied the engine: no step will report it, so send the stats now
+                # (otherwise gauges such as KV usage keep their last busy value).
+                self.output_queue.put((OUTPUTS, EngineCoreOutputs(scheduler_stats=self.scheduler.make_stats())))
+            self._stats_stale = False
 
     def _process_input_queue(self) -> None:
         # Block only when there is nothing to run; otherwise drain what arrived and go on.
-        if not self.scheduler.has_requests():
+        if not self.has_unfinished_requests():
             self._handle(*self.input_queue.get())
         while not self.input_queue.empty():
             self._handle(*self.input_queue.get_nowait())
@@ -173,6 +210,7 @@ class EngineCoreProc(EngineCore):
             self.add_request(payload)
         elif kind == ABORT:
             self.abort_requests(payload)
+            self._stats_stale = True
         elif kind == UTILITY:
             call_id, method, args = payload
             try:

@@ -87,8 +87,7 @@ class MPClientBase:
         self.tmpdir = tempfile.mkdtemp(prefix="pagedserve-")
         input_address = f"ipc://{self.tmpdir}/input"
         output_address = f"ipc://{self.tmpdir}/output"
-        self.sync_ctx = zmq.Context()
-        self.ctx: zmq.Context = zmq.asyncio.Context.shadow(self.sync_ctx) if asyncio_mode else self.sync_ctx
+        self.ctx: zmq.Context = zmq.asyncio.Context() if asyncio_mode else zmq.Context()
         self.input_socket = self.ctx.socket(zmq.PUSH)
         self.input_socket.setsockopt(zmq.LINGER, 0)
         self.input_socket.bind(input_address)

@@ -296,6 +296,8 @@ class OutputProcessor:
             finished = finish_reason is not None
 
             if state.metrics is not None:
+                if engine_core_output.first_scheduled_time is not None:
+                    state.metrics.first_scheduled_time = engine_core_output.first_scheduled_time
                 _update_metrics(state.metrics, len(new_token_ids), finished, now)
 
             completion_output: CompletionOutput | None = None

@@ -39,11 +39,35 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
-    from pagedserve.benchmarks import throughput
+    from pagedserve.benchmarks import overhead, serve, throughput
 
     parser = subparsers.add_parser("bench", help="benchmarks")
     bench = parser.add_subparsers(dest="bench_command", required=True)
     throughput.add_cli_args(bench.add_parser("throughput", help="offline throughput vs transformers"))
+    overhead.add_cli_args(bench.add_parser("overhead", help="engine time vs the ideal forward+sample loop"))
+    serve.add_cli_args(bench.add_parser("serve", help="load generator for OpenAI-compatible servers"))
+
+
+def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
+    from pagedserve.entrypoints.openai.cli_args import make_arg_parser
+
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, "
+        "/v1/chat/completions, /v1/models, /tokenize, /detokenize, /health, /metrics).",
+    )
+    make_arg_parser(parser)
+    parser.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from pagedserve.entrypoints.openai.api_server import run_server
+
+    asyncio.run(run_server(args))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pagedserve", description="LLM inference and serving engine")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate_parser(subparsers)
+    _add_serve_parser(subparsers)
     _add_bench_parser(subparsers)
     args = parser.parse_args(argv)
     try:

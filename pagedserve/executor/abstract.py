@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from pagedserve.config import EngineConfig
 from pagedserve.core.sched.output import SchedulerOutput
@@ -16,6 +17,7 @@ class Executor(ABC):
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        self._step_thread: ThreadPoolExecutor | None = None
 
     @abstractmethod
     def determine_num_kv_blocks(self) -> int: ...
@@ -26,8 +28,18 @@ class Executor(ABC):
     @abstractmethod
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
 
-    def shutdown(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> Future[ModelRunnerOutput]:
+        """Starts a step and returns at once (async scheduling). Steps run in submission order,
+        so step n's sampled tokens are in the workers' state before step n+1 prepares inputs."""
+        if self._step_thread is None:
+            self._step_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="execute-model")
+        return self._step_thread.submit(self.execute_model, scheduler_output)
+
+    def shutdown(self) -> None:
         """Releases workers; idempotent."""
+        if self._step_thread is not None:
+            self._step_thread.shutdown(wait=False, cancel_futures=True)
+            self._step_thread = None
 
 
 def get_executor_class(config: EngineConfig) -> type[Executor]:

@@ -19,6 +19,8 @@ import shutil
 import socket
 import tempfile
 import time
+from collections import deque
+from concurrent.futures import Future
 from typing import Any
 
 import zmq
@@ -35,6 +37,19 @@ logger = logging.getLogger(__name__)
 STEP, CALL, QUIT, OUTPUT = b"S", b"C", b"Q", b"O"
 _STARTUP_TIMEOUT_S = 600.0
 _POLL_MS = 200
+
+
+class _LazyFuture:
+    """The oldest in-flight step's result, received from rank 0 when asked for."""
+
+    def __init__(self, executor: MultiprocExecutor) -> None:
+        self._executor = executor
+        self._future = executor._pending[-1]
+
+    def result(self) -> ModelRunnerOutput:
+        while not self._future.done():
+            self._executor._harvest_one()
+        return self._future.result()
 
 
 def _free_port() -> int:
@@ -62,6 +77,7 @@ class MultiprocExecutor(Executor):
         self.output_decoder = MsgpackDecoder(ModelRunnerOutput)
         self.decoder = MsgpackDecoder()
         self._closed = False
+        self._pending: deque[Future[ModelRunnerOutput]] = deque()
         dist_init_method = f"tcp://127.0.0.1:{_free_port()}"
         for rank in range(self.world_size):
             cmd_address = f"ipc://{self._tmpdir}/cmd{rank}"
@@ -82,6 +98,14 @@ class MultiprocExecutor(Executor):
         for rank, proc in enumerate(self.procs):
             if not proc.is_alive():
                 raise WorkerDiedError(f"tensor-parallel worker rank {rank} died (exit code {proc.exitcode})")
+
+    def _send_all(self, frames: list[bytes]) -> None:
+        # NOTE: a PUSH socket whose peer died has nowhere to queue and blocks forever in a
+        # plain send; poll for room and check that every worker still lives meanwhile.
+        for sock in self.cmd_sockets:
+            while not sock.poll(_POLL_MS, zmq.POLLOUT):
+                self._check_alive()
+            sock.send_multipart(frames, copy=False)
 
     def _recv(self, timeout_s: float | None = None) -> tuple[bytes, Any]:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -104,9 +128,7 @@ class MultiprocExecutor(Executor):
         return results
 
     def collective_rpc(self, method: str, args: tuple = ()) -> list[Any]:
-        payload = self.encoder.encode((method, list(args)))
-        for sock in self.cmd_sockets:
-            sock.send_multipart([CALL, payload])
+        self._send_all([CALL, self.encoder.encode((method, list(args)))])
         return self._gather_call_results()
 
     def determine_num_kv_blocks(self) -> int:
@@ -116,12 +138,19 @@ class MultiprocExecutor(Executor):
         self.collective_rpc("initialize_cache", (num_blocks,))
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        payload = self.encoder.encode(scheduler_output)
-        for sock in self.cmd_sockets:
-            sock.send_multipart([STEP, payload], copy=False)
+        return self.execute_model_async(scheduler_output).result()
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> Future[ModelRunnerOutput]:
+        """The workers run the step while the engine core goes on; rank 0 answers in order."""
+        self._send_all([STEP, self.encoder.encode(scheduler_output)])
+        future: Future[ModelRunnerOutput] = Future()
+        self._pending.append(future)
+        return _LazyFuture(self)  # type: ignore[return-value]
+
+    def _harvest_one(self) -> None:
         kind, data = self._recv()
         assert kind == OUTPUT, kind
-        return self.output_decoder.decode(data)
+        self._pending.popleft().set_result(self.output_decoder.decode(data))
 
     def shutdown(self) -> None:
         if self._closed:

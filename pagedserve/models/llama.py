@@ -17,7 +17,7 @@ from pagedserve.distributed.parallel_state import get_tp_size
 from pagedserve.models.layers.activation import SiluAndMul
 from pagedserve.models.layers.layernorm import RMSNorm
 from pagedserve.models.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from pagedserve.models.layers.rotary_embedding import RotaryEmbedding
+from pagedserve.models.layers.rotary_embedding import get_rope
 from pagedserve.models.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from pagedserve.models.utils import default_weight_loader
 
@@ -61,9 +61,7 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(
-            self.head_dim, max_position, float(config.rope_theta), config.rope_scaling
-        )
+        self.rotary_emb = get_rope(self.head_dim, max_position, float(config.rope_theta), config.rope_scaling)
         sliding_window = getattr(config, "sliding_window", None) if getattr(
             config, "use_sliding_window", True
         ) else None
@@ -84,7 +82,7 @@ class LlamaAttention(nn.Module):
             q = self.q_norm(q.reshape(num_tokens, -1, self.head_dim)).view(num_tokens, -1)
             k = self.k_norm(k.reshape(num_tokens, -1, self.head_dim)).view(num_tokens, -1)
         q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v.contiguous()))
+        return self.o_proj(self.attn(q, k, v))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -188,4 +186,7 @@ class LlamaForCausalLM(nn.Module):
         missing = set(params) - loaded
         if missing:
             raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:8]}")
+        for module in self.modules():
+            if hasattr(module, "process_weights_after_loading"):
+                module.process_weights_after_loading()
         return loaded

@@ -12,6 +12,14 @@ _MODELS: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("qwen2", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("qwen3", "Qwen3ForCausalLM"),
+    "Gemma3ForCausalLM": ("gemma3", "Gemma3ForCausalLM"),
+    # Pooling models (encoder-only): embeddings, classification, cross-encoder scoring.
+    "BertModel": ("bert", "BertEmbeddingModel"),
+    "BertForSequenceClassification": ("bert", "BertForSequenceClassification"),
+    "RobertaModel": ("roberta", "RobertaEmbeddingModel"),
+    "RobertaForSequenceClassification": ("roberta", "RobertaForSequenceClassification"),
+    "XLMRobertaModel": ("roberta", "RobertaEmbeddingModel"),
+    "XLMRobertaForSequenceClassification": ("roberta", "RobertaForSequenceClassification"),
 }
 
 

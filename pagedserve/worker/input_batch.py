@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from pagedserve.pooling_params import PoolingParams
 from pagedserve.sample.metadata import SamplingMetadata
 from pagedserve.sampling_params import SamplingParams
 
@@ -23,10 +24,12 @@ class CachedRequestState:
     prompt_token_ids: list[int]
     # Grows by the tokens this worker samples; the scheduler never resends them.
     output_token_ids: list[int]
-    sampling_params: SamplingParams
+    # Exactly one of sampling_params / pooling_params is set.
+    sampling_params: SamplingParams | None
     generator: torch.Generator | None
     block_ids: tuple[list[int], ...]
     num_computed_tokens: int
+    pooling_params: PoolingParams | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -60,6 +63,8 @@ class InputBatch:
         self.frequency_penalties = np.zeros(n, dtype=np.float32)
         self.repetition_penalties = np.ones(n, dtype=np.float32)
         self.num_logprobs = np.full(n, -1, dtype=np.int64)  # -1: not asked
+        # Pooling rows: position where token type 1 starts (a text pair); max_model_len: never.
+        self.token_type_starts = np.full(n, self.max_model_len, dtype=np.int64)
         # Row-keyed features that are rare enough to keep in dicts, rebuilt on condense.
         self.prompt_logprobs: dict[str, int] = {}
 
@@ -86,6 +91,13 @@ class InputBatch:
         self.num_blocks[i] = 0
         self.append_block_ids(i, state.block_ids[0])
         sp = state.sampling_params
+        if sp is None:
+            pp = state.pooling_params
+            assert pp is not None, f"request {state.req_id} has neither sampling nor pooling params"
+            start = pp.compressed_token_type_ids
+            self.token_type_starts[i] = self.max_model_len if start is None else start
+            return i
+        self.token_type_starts[i] = self.max_model_len
         self.temperature[i] = sp.temperature
         self.top_p[i] = sp.top_p
         self.top_k[i] = sp.top_k
@@ -153,6 +165,7 @@ class InputBatch:
             self.frequency_penalties,
             self.repetition_penalties,
             self.num_logprobs,
+            self.token_type_starts,
         ):
             arr[dst] = arr[src]
 
@@ -179,6 +192,7 @@ class InputBatch:
         for i, state in enumerate(states):
             assert state is not None
             sp = state.sampling_params
+            assert sp is not None, "pooling rows are never sampled"
             if state.generator is not None and sampling_rows[i]:
                 generators[i] = state.generator
             if sp.min_tokens and len(state.output_token_ids) < sp.min_tokens:

@@ -1,4 +1,10 @@
-"""ModelRunner: applies the scheduler's diff to the persistent batch, runs the model, samples."""
+"""ModelRunner: applies the scheduler's diff to the persistent batch, runs the model, samples.
+
+The runner follows the model's workflow (`model_config.runner_type`): a generation runner
+samples a token per request; a pooling runner pools the hidden states of every request whose
+prompt is complete in this step and never samples. Encoder-only models attend bidirectionally
+and have an empty KV cache spec: no cache is allocated for them.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from pagedserve.attention.layer import Attention
 from pagedserve.attention.metadata import CommonAttentionMetadata
 from pagedserve.config import EngineConfig
 from pagedserve.core.sched.output import SchedulerOutput
+from pagedserve.models.layers.pooler import PoolingMetadata, as_embedding_model
 from pagedserve.models.model_loader import get_model
 from pagedserve.sample.sampler import Sampler, gather_logprobs
 from pagedserve.worker.input_batch import CachedRequestState, InputBatch
@@ -31,6 +38,8 @@ class ModelRunner:
         self.max_model_len = int(model_config.max_model_len)  # type: ignore[arg-type]
         self.max_num_reqs = config.scheduler_config.max_num_seqs
         self.vocab_size = model_config.vocab_size
+        self.is_pooling_model = model_config.runner_type == "pooling"
+        self.is_encoder_only = model_config.is_encoder_only
         self.attn_backend = get_attn_backend()
         self.model: nn.Module | None = None
         self.sampler = Sampler()
@@ -48,24 +57,41 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
 
     def load_model(self) -> None:
-        self.model = get_model(self.config.model_config, self.device)
+        model_config = self.config.model_config
+        model = get_model(model_config, self.device)
+        if self.is_pooling_model:
+            if getattr(model, "pooler", None) is None:
+                assert model_config.pooler_config is not None
+                model = as_embedding_model(model, model_config.pooler_config)
+            served = set(model.pooler.get_supported_tasks())
+            if not set(model_config.pooling_tasks) <= served:
+                raise ValueError(
+                    f"the model's pooler serves {sorted(served)}, not {list(model_config.pooling_tasks)}"
+                )
+        self.model = model
 
     @property
     def attention_layers(self) -> list[Attention]:
         assert self.model is not None
         return [m for m in self.model.modules() if isinstance(m, Attention)]
 
+    @property
+    def kv_cache_spec(self) -> dict[str, Attention]:
+        """Layers that keep a paged KV cache, by layer name; empty for encoder-only models,
+        whose bidirectional layers see each prompt whole in one step and never reuse K/V."""
+        return {layer.layer_name: layer for layer in self.attention_layers if layer.causal}
+
     def kv_cache_bytes_per_block(self) -> int:
         dtype_size = torch.empty((), dtype=self.config.model_config.torch_dtype).element_size()
         return sum(
             2 * self.block_size * layer.num_kv_heads * layer.head_size * dtype_size
-            for layer in self.attention_layers
+            for layer in self.kv_cache_spec.values()
         )
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         dtype = self.config.model_config.torch_dtype
         self.kv_caches = []
-        for layer in self.attention_layers:
+        for layer in self.kv_cache_spec.values():
             shape = self.attn_backend.get_kv_cache_shape(num_blocks, self.block_size, layer.num_kv_heads, layer.head_size)
             # zeros, not empty: padded decode reads of unused slots are masked, but 0 * NaN is NaN.
             cache = torch.zeros(shape, dtype=dtype, device=self.device)
@@ -100,9 +126,11 @@ class ModelRunner:
 
         for new in so.scheduled_new_reqs:
             sp = new.sampling_params
-            assert sp is not None, "pooling requests are not supported by this runner"
+            if (sp is None) != self.is_pooling_model:
+                kind = "generation" if sp is not None else "pooling"
+                raise ValueError(f"request {new.req_id} is a {kind} request; this model runs the other workflow")
             generator = self._preempted_generators.pop(new.req_id, None)
-            if generator is None and sp.seed is not None:
+            if generator is None and sp is not None and sp.seed is not None:
                 generator = torch.Generator(device=self.device).manual_seed(sp.seed)
             state = CachedRequestState(
                 req_id=new.req_id,
@@ -112,16 +140,22 @@ class ModelRunner:
                 generator=generator,
                 block_ids=tuple(list(ids) for ids in new.block_ids),
                 num_computed_tokens=new.num_computed_tokens,
+                pooling_params=new.pooling_params,
             )
             self.requests[new.req_id] = state
             batch.add_request(state)
 
     # ------------------------------------------------------------------ inputs
-    def _prepare_inputs(self, so: SchedulerOutput) -> tuple[CommonAttentionMetadata, torch.Tensor, torch.Tensor]:
+    def _prepare_inputs(
+        self, so: SchedulerOutput
+    ) -> tuple[CommonAttentionMetadata, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """-> (attention metadata, input ids, positions, token type ids or None)."""
         batch = self.input_batch
         n = batch.num_reqs
         num_scheduled = np.fromiter(
-            (so.num_scheduled_tokens[r] for r in batch.req_ids[:n]), dtype=np.int64, count=n
+            # A running request may sit out a step (token budget, or async scheduling holding
+            # back a request whose last token is in flight): it has 0 tokens this step.
+            (so.num_scheduled_tokens.get(r, 0) for r in batch.req_ids[:n]), dtype=np.int64, count=n
         )
         cu_num_tokens = np.cumsum(num_scheduled)
         total = int(cu_num_tokens[-1])
@@ -149,11 +183,19 @@ class ModelRunner:
             max_query_len=int(num_scheduled.max()),
             max_seq_len=int(seq_lens.max()),
             block_size=self.block_size,
+            causal=not self.is_encoder_only,
         )
+        token_type_ids = None
+        if self.is_pooling_model:
+            token_type_starts = batch.token_type_starts[:n]
+            if (token_type_starts < self.max_model_len).any():
+                # A text pair (cross-encoder): tokens from the second text on have type 1.
+                token_type_ids = torch.from_numpy(positions >= token_type_starts[req_indices]).long().to(self.device)
         return (
             common,
             torch.from_numpy(input_ids).to(self.device),
             torch.from_numpy(positions).to(self.device),
+            token_type_ids,
         )
 
     # ------------------------------------------------------------------ step
@@ -167,17 +209,22 @@ class ModelRunner:
         if so.total_num_scheduled_tokens == 0 or n == 0:
             return ModelRunnerOutput([], {}, [], None, {})
 
-        common, input_ids, positions = self._prepare_inputs(so)
+        common, input_ids, positions, token_type_ids = self._prepare_inputs(so)
         attn_metadata = self.attn_backend.build_metadata(common)
         with set_forward_context(attn_metadata):
-            hidden_states = self.model(input_ids, positions)
+            if token_type_ids is None:
+                hidden_states = self.model(input_ids, positions)
+            else:
+                hidden_states = self.model(input_ids, positions, token_type_ids=token_type_ids)
+        if self.is_pooling_model:
+            return self._pool(hidden_states, common, req_ids)
 
         logits_indices = common.query_start_loc[1:] - 1
         logits = self.model.compute_logits(hidden_states[logits_indices.to(self.device)])
         seq_lens = common.seq_lens.numpy()
         # A row samples a real token only once every known token is computed; a partial
         # prefill's sample is discarded (and must not advance the request's generator).
-        sampling_rows = seq_lens >= batch.num_tokens[:n]
+        sampling_rows = (seq_lens >= batch.num_tokens[:n]) & (common.query_lens.numpy() > 0)
         sampling_metadata = batch.make_sampling_metadata(sampling_rows)
         sampler_output = self.sampler(logits, sampling_metadata)
 
@@ -200,6 +247,38 @@ class ModelRunner:
             sampled_token_ids=sampled_token_ids,
             logprobs=logprobs,
             prompt_logprobs_dict=prompt_logprobs,
+        )
+
+    def _pool(
+        self, hidden_states: torch.Tensor, common: CommonAttentionMetadata, req_ids: list[str]
+    ) -> ModelRunnerOutput:
+        """Pooled outputs of the requests whose prompt is complete after this step; a request
+        whose prompt is still being chunked reports nothing yet."""
+        assert self.model is not None
+        batch = self.input_batch
+        n = batch.num_reqs
+        rows = np.nonzero(common.seq_lens.numpy() >= batch.num_prompt_tokens[:n])[0]
+        pooler_output: dict[str, np.ndarray] = {}
+        if rows.size:
+            row_index = torch.from_numpy(rows)
+            states = batch.states
+            metadata = PoolingMetadata(
+                token_starts=common.query_start_loc[row_index],
+                token_ends=common.query_start_loc[row_index + 1],
+                num_computed_tokens=common.num_computed_tokens[row_index],
+                prompt_lens=torch.from_numpy(batch.num_prompt_tokens[rows]),
+                pooling_params=[states[row].pooling_params for row in rows.tolist()],  # type: ignore[union-attr,misc]
+            )
+            outputs = self.model.pooler(hidden_states, metadata)
+            for row, output in zip(rows.tolist(), outputs):
+                pooler_output[req_ids[row]] = output.float().cpu().numpy()
+        return ModelRunnerOutput(
+            req_ids=list(req_ids),
+            req_id_to_index=dict(batch.req_id_to_index),
+            sampled_token_ids=[[] for _ in range(n)],
+            logprobs=None,
+            prompt_logprobs_dict={},
+            pooler_output=pooler_output,
         )
 
     def _prompt_logprobs(

@@ -1,4 +1,4 @@
-"""The CPU paged-attention backend against dense attention computed from scratch."""
+"""The CPU paged-attention backends against dense attention computed from scratch."""
 
 from __future__ import annotations
 
@@ -6,9 +6,17 @@ import pytest
 import torch
 
 from pagedserve.attention.backends.abstract import get_attn_backend
+from pagedserve.attention.backends.cpu_paged import load_decode_kernel
 from pagedserve.attention.metadata import CommonAttentionMetadata
 
 BLOCK_SIZE = 4
+BACKENDS = [
+    "CPU_SDPA",
+    pytest.param(
+        "CPU_PAGED",
+        marks=pytest.mark.skipif(load_decode_kernel() is None, reason="the C++ decode kernel cannot be built here"),
+    ),
+]
 
 
 def _reference(q, k, v, num_computed, sliding_window, scale):
@@ -28,14 +36,17 @@ def _reference(q, k, v, num_computed, sliding_window, scale):
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("head_size", [8, 64])  # 64: the kernel's vectorised path; 8: its generic one
 @pytest.mark.parametrize("sliding_window", [None, 5])
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (4, 2), (6, 1)])
-def test_mixed_batch_of_decodes_prefills_and_prefix_hits_matches_dense(num_heads, num_kv_heads, sliding_window):
+def test_mixed_batch_of_decodes_prefills_and_prefix_hits_matches_dense(
+    backend_name, head_size, num_heads, num_kv_heads, sliding_window
+):
     torch.manual_seed(0)
-    head_size = 8
     # (num_computed, query_len): decode, fresh prefill, prefix hit + chunk, decode, long decode
     shapes = [(6, 1), (0, 9), (8, 5), (2, 1), (30, 1)]
-    backend = get_attn_backend()
+    backend = get_attn_backend(backend_name)
     num_blocks = 64
     kv_cache = torch.zeros(backend.get_kv_cache_shape(num_blocks, BLOCK_SIZE, num_kv_heads, head_size))
     perm = torch.randperm(num_blocks - 1) + 1  # block 0 is the null block
@@ -91,9 +102,10 @@ def test_mixed_batch_of_decodes_prefills_and_prefix_hits_matches_dense(num_heads
     torch.testing.assert_close(flat_k[common.slot_mapping], new_k)
 
 
-def test_non_causal_prefill_attends_to_whole_sequence():
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_non_causal_prefill_attends_to_whole_sequence(backend_name):
     torch.manual_seed(0)
-    backend = get_attn_backend()
+    backend = get_attn_backend(backend_name)
     q, k, v = torch.randn(7, 2, 8), torch.randn(7, 2, 8), torch.randn(7, 2, 8)
     common = CommonAttentionMetadata(
         query_start_loc=torch.tensor([0, 3, 7]), query_lens=torch.tensor([3, 4]), seq_lens=torch.tensor([3, 4]),

@@ -33,6 +33,7 @@ class CpuSdpaMetadata:
     decode_token_indices: torch.Tensor  # [num_decodes] positions in the flattened batch
     decode_block_table: torch.Tensor  # [num_decodes, max_decode_blocks]
     decode_positions: torch.Tensor  # [num_decodes] position of each decode query
+    decode_seq_lens: torch.Tensor  # [num_decodes] int64, = decode_positions + 1
     prefills: list[PrefillChunk]
     # sliding window (None = full) -> [num_decodes, 1, 1, max_decode_len] bool mask, built lazily.
     decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
@@ -70,7 +71,8 @@ class CpuSdpaBackend(AttentionBackend):
         starts = common.query_start_loc.tolist()
         seq_lens = common.seq_lens.tolist()
         computed = common.num_computed_tokens.tolist()
-        for r in torch.nonzero(~is_decode).squeeze(1).tolist():
+        # Rows with no query this step (running but not scheduled) need no attention.
+        for r in torch.nonzero(~is_decode & (query_lens > 0)).squeeze(1).tolist():
             num_blocks = -(-seq_lens[r] // common.block_size)
             prefills.append(
                 PrefillChunk(starts[r], starts[r + 1], computed[r], seq_lens[r], common.block_table[r, :num_blocks])
@@ -80,6 +82,7 @@ class CpuSdpaBackend(AttentionBackend):
             decode_token_indices=common.query_start_loc[decode_reqs].to(common.slot_mapping.device),
             decode_block_table=common.block_table[decode_reqs, :max_blocks],
             decode_positions=(seq_lens_dec - 1).to(common.slot_mapping.device),
+            decode_seq_lens=seq_lens_dec.to(common.slot_mapping.device),
             prefills=prefills,
         )
 
@@ -95,6 +98,36 @@ class CpuSdpaBackend(AttentionBackend):
             mask = mask[:, None, None, :]
             md.decode_masks[sliding_window] = mask
         return mask
+
+    def _decode(
+        self,
+        q: torch.Tensor,
+        out: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        metadata: CpuSdpaMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> None:
+        """Attention of every decode query (rows `decode_token_indices` of q) into `out`."""
+        num_heads, head_size = q.shape[1], q.shape[2]
+        num_kv_heads = key_cache.shape[2]
+        group = num_heads // num_kv_heads
+        idx = metadata.decode_token_indices
+        num_decodes = metadata.num_decodes
+        # [Bd, blocks, block_size, Hkv, D] -> [Bd, Hkv, L, D]
+        k_dec = key_cache[metadata.decode_block_table].view(num_decodes, -1, num_kv_heads, head_size)
+        v_dec = value_cache[metadata.decode_block_table].view(num_decodes, -1, num_kv_heads, head_size)
+        # Query heads h*group .. h*group+group-1 share KV head h: fold them into the query axis.
+        q_dec = q[idx].view(num_decodes, num_kv_heads, group, head_size)
+        o = F.scaled_dot_product_attention(
+            q_dec,
+            k_dec.transpose(1, 2),
+            v_dec.transpose(1, 2),
+            attn_mask=self._decode_mask(metadata, sliding_window),
+            scale=scale,
+        )
+        out[idx] = o.reshape(num_decodes, num_heads, head_size)
 
     def forward(
         self,
@@ -128,21 +161,7 @@ class CpuSdpaBackend(AttentionBackend):
 
         if metadata.num_decodes:
             assert kv_cache is not None
-            idx = metadata.decode_token_indices
-            num_decodes, max_blocks = metadata.decode_block_table.shape
-            # [Bd, blocks, block_size, Hkv, D] -> [Bd, Hkv, L, D]
-            k_dec = key_cache[metadata.decode_block_table].view(num_decodes, -1, num_kv_heads, head_size)
-            v_dec = value_cache[metadata.decode_block_table].view(num_decodes, -1, num_kv_heads, head_size)
-            # Query heads h*group .. h*group+group-1 share KV head h: fold them into the query axis.
-            q_dec = q[idx].view(num_decodes, num_kv_heads, group, head_size)
-            o = F.scaled_dot_product_attention(
-                q_dec,
-                k_dec.transpose(1, 2),
-                v_dec.transpose(1, 2),
-                attn_mask=self._decode_mask(metadata, sliding_window),
-                scale=scale,
-            )
-            out[idx] = o.reshape(num_decodes, num_heads, head_size)
+            self._decode(q, out, key_cache, value_cache, metadata, scale, sliding_window)
 
         for chunk in metadata.prefills:
             s, e = chunk.token_start, chunk.token_end

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams
 
 
@@ -27,6 +28,8 @@ class NewRequestData:
     block_ids: tuple[list[int], ...]
     # Tokens already in the KV cache (prefix-cache hits); computation starts here.
     num_computed_tokens: int
+    # Set (and sampling_params None) for pooling requests.
+    pooling_params: PoolingParams | None = None
 
 
 @dataclass(slots=True)

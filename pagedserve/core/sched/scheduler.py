@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 
 from pagedserve.config.cache import CacheConfig
@@ -31,6 +32,19 @@ def _logprobs_rows(logprobs: LogprobsLists, start: int, end: int, num_logprobs: 
     )
 
 
+def _chunk_start(scheduler_output: SchedulerOutput, request_id: str) -> int:
+    """Where the request's chunk of that step began. Not `num_computed_tokens - scheduled`:
+    under async scheduling the request may already have been scheduled again since."""
+    cached = scheduler_output.scheduled_cached_reqs
+    for i, cached_id in enumerate(cached.req_ids):
+        if cached_id == request_id:
+            return cached.num_computed_tokens[i]
+    for new in scheduler_output.scheduled_new_reqs:
+        if new.req_id == request_id:
+            return new.num_computed_tokens
+    raise KeyError(f"request {request_id} was not scheduled in this step")
+
+
 class Scheduler:
     """Decides, each step, which requests compute how many tokens, and applies the results.
 
@@ -56,6 +70,7 @@ class Scheduler:
         self.max_num_scheduled_tokens = scheduler_config.max_num_batched_tokens
         self.max_model_len = scheduler_config.max_model_len
         self.enable_chunked_prefill = scheduler_config.enable_chunked_prefill
+        self.async_scheduling = scheduler_config.async_scheduling
         self.policy = scheduler_config.policy
         self.block_size = cache_config.block_size
 
@@ -190,7 +205,11 @@ class Scheduler:
         while req_index < len(running) and token_budget > 0:
             request = running[req_index]
             num_computed_tokens = request.num_computed_tokens
-            num_new_tokens = request.num_tokens - num_computed_tokens
+            num_placeholders = request.num_output_placeholders
+            num_new_tokens = request.num_tokens + num_placeholders - num_computed_tokens
+            if num_placeholders and request.num_output_tokens + num_placeholders >= request.max_tokens:
+                # Its last token is already in flight: one more step would only be wasted.
+                num_new_tokens = 0
             if num_new_tokens > token_budget:
                 num_new_tokens = token_budget
             # Positions stop at max_model_len (reaching it finishes the request).
@@ -248,6 +267,8 @@ class Scheduler:
             num_scheduled_tokens[request_id] = num_new_tokens
             # Advanced now (vLLM-style): the step's tokens count as computed from here on.
             request.num_computed_tokens = num_computed_tokens + num_new_tokens
+            if self.async_scheduling:
+                self._add_placeholder_if_sampling(request)
             token_budget -= num_new_tokens
             req_index += 1
 
@@ -310,6 +331,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_computed_tokens
+                request.first_scheduled_time = time.monotonic()
             request_id = request.request_id
             new_reqs_data.append(
                 NewRequestData(
@@ -320,10 +342,13 @@ class Scheduler:
                     sampling_params=request.sampling_params,
                     block_ids=kv_cache_manager.get_block_ids(request_id),
                     num_computed_tokens=num_computed_tokens,
+                    pooling_params=request.pooling_params,  # issue 6: pooling requests
                 )
             )
             num_scheduled_tokens[request_id] = num_new_tokens
             request.num_computed_tokens = num_computed_tokens + num_new_tokens
+            if self.async_scheduling:
+                self._add_placeholder_if_sampling(request)
             token_budget -= num_new_tokens
         return token_budget
 
@@ -333,11 +358,27 @@ class Scheduler:
             return max(self.running, key=lambda r: (r.priority, r.arrival_time))
         return self.running[-1]
 
+    @staticmethod
+    def _add_placeholder_if_sampling(request: Request) -> None:
+        """Async scheduling: a step that computes every known (and pending) token samples one
+        more, whose value arrives only after the next schedule(); count it as a placeholder.
+        The worker writes the sampled token into the next step's input ids itself."""
+        if (
+            request.sampling_params is not None
+            and request.num_computed_tokens == request.num_tokens + request.num_output_placeholders
+        ):
+            request.num_output_placeholders += 1
+
     def _preempt(self, request: Request) -> None:
-        """Free every block and send the request back to the front of the waiting queue."""
+        """Free every block and send the request back to the front of the waiting queue.
+
+        Under async scheduling a token may still be in flight for it: it is dropped on
+        arrival (the request is no longer running) and recomputed on resumption.
+        """
         self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.num_output_placeholders = 0
         request.num_preemptions += 1
         self._num_preemptions_since_stats += 1
         self.waiting.prepend_request(request)
@@ -366,8 +407,9 @@ class Scheduler:
 
         for request_id in scheduler_output.num_scheduled_tokens:
             request = requests.get(request_id)
-            if request is None:
-                # Aborted between schedule() and now.
+            if request is None or request.status is not RequestStatus.RUNNING:
+                # Aborted or finished between schedule() and now, or (async scheduling)
+                # preempted while this step was in flight: its result is stale.
                 continue
             req_index = req_id_to_index[request_id]
             new_token_ids = sampled_token_ids[req_index]
@@ -377,6 +419,8 @@ class Scheduler:
             pooling_output = None
 
             if new_token_ids:
+                if request.num_output_placeholders:
+                    request.num_output_placeholders -= 1
                 if len(new_token_ids) == 1:
                     request.append_output_token_ids(new_token_ids[0])
                     stopped = request.check_stop(max_model_len)
@@ -404,7 +448,7 @@ class Scheduler:
                 prompt_rows = prompt_logprobs_dict.get(request_id)
                 if prompt_rows is not None:
                     new_prompt_logprobs = self._new_prompt_logprobs(
-                        request, prompt_rows, scheduler_output.num_scheduled_tokens[request_id]
+                        request, prompt_rows, _chunk_start(scheduler_output, request_id)
                     )
 
             if stopped:
@@ -424,6 +468,9 @@ class Scheduler:
                     finish_reason=finish_reason,
                     stop_reason=request.stop_reason,
                     num_cached_tokens=request.num_cached_tokens,
+                    first_scheduled_time=(
+                        request.first_scheduled_time if request.num_output_tokens <= len(new_token_ids) else None
+                    ),
                     pooling_output=pooling_output,
                 )
             )
@@ -439,9 +486,7 @@ class Scheduler:
         )
 
     @staticmethod
-    def _new_prompt_logprobs(
-        request: Request, prompt_rows: LogprobsLists, num_scheduled_tokens: int
-    ) -> _LogprobsRows | None:
+    def _new_prompt_logprobs(request: Request, prompt_rows: LogprobsLists, chunk_start: int) -> _LogprobsRows | None:
         """Rows of prompt positions not reported before.
 
         A chunk of tokens [start, end) yields rows for positions start+1 .. (rows of a
@@ -449,7 +494,6 @@ class Scheduler:
         from 0, so rows already reported before the preemption are skipped.
         """
         num_rows = len(prompt_rows.selected_token_ranks)
-        chunk_start = request.num_computed_tokens - num_scheduled_tokens
         first_new_row = max(0, request.num_prompt_logprobs_reported - chunk_start)
         if first_new_row >= num_rows:
             return None

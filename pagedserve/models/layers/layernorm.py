@@ -22,10 +22,12 @@ class RMSNorm(nn.Module):
         set_weight_attrs(self.weight, {"weight_loader": default_weight_loader})
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        orig_dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(orig_dtype)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # One fused kernel; bit-identical to the unfused float32 formula below.
+            return torch.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # transformers rounds the normalised activations to the input dtype before the weight
+        # multiply; fusing the multiply into float32 would round once instead of twice.
+        return self.weight * torch.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None

@@ -12,6 +12,8 @@ a plain loop that never needs to know the tensor-parallel layout.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,6 +33,34 @@ def _divide(numerator: int, denominator: int, what: str) -> int:
     return numerator // denominator
 
 
+@functools.cache
+def _onednn_bf16_prepack_available() -> bool:
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
+def prepack_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's blocked layout of a CPU bf16 weight [out, in], or None where it would not help.
+
+    F.linear in bf16 runs oneDNN's AMX / avx512_bf16 GEMM, which reorders the plain weight into
+    that layout on every call: about a third of the GEMM time at decode batch sizes. The product
+    with the packed weight is bit-identical. float32 stays on F.linear (MKL): oneDNN's float32
+    GEMM sums in another order, which would change greedy outputs against transformers.
+    """
+    if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or not _onednn_bf16_prepack_available():
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None, bias: torch.Tensor | None = None):
+    if packed is not None:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
 class LinearBase(nn.Module):
     def __init__(self, input_size: int, output_size: int, bias: bool, dtype: torch.dtype | None) -> None:
         super().__init__()
@@ -40,9 +70,14 @@ class LinearBase(nn.Module):
         self.bias = (
             nn.Parameter(torch.empty(output_size, dtype=dtype), requires_grad=False) if bias else None
         )
+        self.packed_weight: torch.Tensor | None = None
+
+    def process_weights_after_loading(self) -> None:
+        # NOTE: a copy of the weight, not a view: call again after any change to the weight.
+        self.packed_weight = prepack_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.packed_weight, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -74,7 +109,7 @@ class ColumnParallelLinear(LinearBase):
         param.data.copy_(loaded_weight.narrow(0, self.tp_rank * rows, rows))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = linear(x, self.weight, self.packed_weight, self.bias)
         return tensor_model_parallel_all_gather(out) if self.gather_output else out
 
 
@@ -168,7 +203,7 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(loaded_weight.narrow(1, self.tp_rank * cols, cols))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)
+        out = linear(x, self.weight, self.packed_weight)
         if self.reduce_results and self.tp_size > 1:
             out = tensor_model_parallel_all_reduce(out)
         # NOTE: the bias is added after the reduction, so it is counted once, not tp times.

@@ -29,7 +29,9 @@ class RotaryEmbedding(nn.Module):
     """Applies RoPE to flattened q [T, H*D] and k [T, Hkv*D] at explicit positions [T].
 
     The cos/sin table is a plain attribute, not a buffer: it is computed on the CPU at
-    construction (even when the model is built on the meta device) and moved lazily.
+    construction (even when the model is built on the meta device) and moved lazily. Use
+    `get_rope` to build one: layers with the same rotary parameters then share one module, and
+    the per-step cos/sin rows are looked up once per forward instead of once per layer.
     """
 
     def __init__(
@@ -57,21 +59,62 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"rope_scaling type {rope_type!r} is not supported (default, linear, llama3)")
         freqs = torch.outer(positions, inv_freq)
         self.cos_sin_cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+        # (positions, dtype, cos, sin) of the last lookup.
+        self._step: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
+
+    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin rows [T, 1, rotary_dim / 2] of `positions`, in `dtype` (as transformers
+        casts them to the activations' dtype)."""
+        step = self._step
+        # NOTE: keyed by the positions tensor's identity: every layer of one forward gets the same
+        # tensor, and the model runner builds a new one per step. Holding the reference keeps the
+        # id from being reused; a caller that rewrote one positions tensor in place between
+        # forwards would get stale rows.
+        if step is not None and step[0] is positions and step[1] == dtype:
+            return step[2], step[3]
+        if self.cos_sin_cache.device != positions.device:
+            self.cos_sin_cache = self.cos_sin_cache.to(positions.device)
+        cos, sin = self.cos_sin_cache[positions].to(dtype).unsqueeze(1).chunk(2, dim=-1)
+        self._step = (positions, dtype, cos, sin)
+        return cos, sin
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         num_tokens = x.shape[0]
         x = x.view(num_tokens, -1, self.head_size)
-        rot, passthrough = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
-        x1, x2 = rot.float().chunk(2, dim=-1)
-        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-        if passthrough.shape[-1]:
-            out = torch.cat([out, passthrough], dim=-1)
-        return out.reshape(num_tokens, -1)
+        half = self.rotary_dim // 2
+        x1, x2 = x[..., :half], x[..., half : self.rotary_dim]
+        out = torch.empty((num_tokens, x.shape[1], self.head_size), dtype=x.dtype, device=x.device)
+        out1, out2 = out[..., :half], out[..., half : self.rotary_dim]
+        # [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin], written into the halves of `out`.
+        torch.mul(x1, cos, out=out1)
+        out1.addcmul_(x2, sin, value=-1)
+        torch.mul(x2, cos, out=out2)
+        out2.addcmul_(x1, sin)
+        if self.rotary_dim < self.head_size:
+            out[..., self.rotary_dim :] = x[..., self.rotary_dim :]
+        return out.view(num_tokens, -1)
 
     def forward(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cos_sin_cache.device != positions.device:
-            self.cos_sin_cache = self.cos_sin_cache.to(positions.device)
-        cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
+        cos, sin = self._cos_sin(positions, query.dtype)
         return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
+
+
+_ROPE_MODULES: dict[tuple, RotaryEmbedding] = {}
+
+
+def get_rope(
+    head_size: int,
+    max_position: int,
+    base: float,
+    rope_scaling: dict[str, Any] | None = None,
+    rotary_dim: int | None = None,
+) -> RotaryEmbedding:
+    """A RotaryEmbedding shared by every caller with the same parameters."""
+    scaling_key = tuple(sorted((k, repr(v)) for k, v in (rope_scaling or {}).items()))
+    key = (head_size, max_position, float(base), scaling_key, rotary_dim)
+    rope = _ROPE_MODULES.get(key)
+    if rope is None:
+        rope = _ROPE_MODULES[key] = RotaryEmbedding(head_size, max_position, base, rope_scaling, rotary_dim)
+    return rope

@@ -12,6 +12,7 @@ from pagedserve.distributed.parallel_state import (
     tensor_model_parallel_all_gather,
     tensor_model_parallel_all_reduce,
 )
+from pagedserve.models.layers.linear import linear, prepack_weight
 from pagedserve.models.utils import set_weight_attrs
 
 
@@ -60,12 +61,19 @@ class ParallelLMHead(VocabParallelEmbedding):
         super().__init__(num_embeddings, embedding_dim, dtype)
         if bias:
             raise NotImplementedError("LM head bias is not supported")
+        self.packed_weight: torch.Tensor | None = None
+
+    def process_weights_after_loading(self) -> None:
+        # NOTE: a copy (also of a tied embedding): call again after any change to the weight.
+        self.packed_weight = prepack_weight(self.weight)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden_states, self.weight)
+        """float32 logits [T, vocab]: the sampler computes in float32 anyway, and on the CPU
+        torch's argmax over bf16 takes longer than a conversion plus a float32 argmax."""
+        logits = linear(hidden_states, self.weight, self.packed_weight)
         if self.tp_size > 1:
             logits = tensor_model_parallel_all_gather(logits)
-        return logits[..., : self.num_embeddings]
+        return logits[..., : self.num_embeddings].float()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # pragma: no cover - not an embedding
         raise RuntimeError("ParallelLMHead is applied with compute_logits()")

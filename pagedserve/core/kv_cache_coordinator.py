@@ -1,0 +1,105 @@
+"""One single-type manager per KV-cache group behind one interface, over one block pool.
+
+Invariant: every group's block list of a request has the same length (all groups share one block
+size, allocate at the same token boundaries, and prefix hits are cut to one common length), so
+block i covers the same tokens in every group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pagedserve.core.block_pool import BlockPool, KVCacheBlock
+from pagedserve.core.kv_cache_interface import KVCacheGroupSpec, SlidingWindowSpec
+from pagedserve.core.kv_cache_utils import BlockHash
+from pagedserve.core.request import Request
+from pagedserve.core.single_type_kv_cache_manager import SingleTypeKVCacheManager, make_single_type_manager
+
+
+class KVCacheCoordinator:
+    def __init__(
+        self, kv_cache_groups: Sequence[KVCacheGroupSpec], block_pool: BlockPool, enable_caching: bool
+    ) -> None:
+        if not kv_cache_groups:
+            raise ValueError("a KV-cache coordinator needs at least one group")
+        block_sizes = {group.kv_cache_spec.block_size for group in kv_cache_groups}
+        if len(block_sizes) != 1:
+            raise ValueError(f"KV-cache groups must share one block size, got {sorted(block_sizes)}")
+        self.block_size = block_sizes.pop()
+        self.block_pool = block_pool
+        self.kv_cache_groups = tuple(kv_cache_groups)
+        self.managers: tuple[SingleTypeKVCacheManager, ...] = tuple(
+            make_single_type_manager(group.kv_cache_spec, block_pool, group_id, enable_caching)
+            for group_id, group in enumerate(kv_cache_groups)
+        )
+        # Only these drop blocks as requests advance; others skip that call on the hot path.
+        self.window_managers = tuple(
+            m for m in self.managers if isinstance(m.kv_cache_spec, SlidingWindowSpec)
+        )
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.managers)
+
+    def get_num_blocks_to_allocate(
+        self, request_id: str, num_tokens: int, new_computed_blocks: Sequence[Sequence[KVCacheBlock]] | None
+    ) -> int:
+        total = 0
+        for group_id, manager in enumerate(self.managers):
+            hits = new_computed_blocks[group_id] if new_computed_blocks is not None else ()
+            total += manager.get_num_blocks_to_allocate(request_id, num_tokens, hits)
+        return total
+
+    def save_new_computed_blocks(
+        self, request_id: str, new_computed_blocks: Sequence[Sequence[KVCacheBlock]] | None
+    ) -> None:
+        for group_id, manager in enumerate(self.managers):
+            manager.save_new_computed_blocks(
+                request_id, new_computed_blocks[group_id] if new_computed_blocks is not None else ()
+            )
+
+    def allocate_new_blocks(self, request_id: str, num_tokens: int) -> tuple[list[KVCacheBlock], ...]:
+        return tuple(manager.allocate_new_blocks(request_id, num_tokens) for manager in self.managers)
+
+    def cache_blocks(self, request: Request, num_tokens: int) -> None:
+        for manager in self.managers:
+            manager.cache_blocks(request, num_tokens)
+
+    def free(self, request: Request) -> None:
+        for manager in self.managers:
+            manager.free(request)
+
+    def remove_skipped_blocks(self, request_id: str, num_computed_tokens: int) -> None:
+        for manager in self.window_managers:
+            manager.remove_skipped_blocks(request_id, num_computed_tokens)
+
+    def find_longest_cache_hit(
+        self, block_hashes: Sequence[BlockHash], max_num_blocks: int
+    ) -> tuple[tuple[list[KVCacheBlock], ...], int]:
+        """The longest prefix (in blocks) that every group can reuse, and each group's blocks.
+
+        A full-attention hit stays valid when cut shorter; a sliding-window hit may not (the
+        window before a shorter cut may be uncached), so the length shrinks to a fixed point
+        and each group is asked again at the final length.
+        """
+        hit_length = max_num_blocks
+        hits: list[list[KVCacheBlock]] = [[] for _ in self.managers]
+        changed = True
+        while changed:
+            changed = False
+            for group_id, manager in enumerate(self.managers):
+                hit = manager.find_longest_cache_hit(block_hashes, hit_length)
+                hits[group_id] = hit
+                if len(hit) < hit_length:
+                    hit_length = len(hit)
+                    changed = True
+            if hit_length == 0:
+                break
+        return tuple(hit[:hit_length] for hit in hits), hit_length
+
+    def get_blocks(self, request_id: str) -> tuple[list[KVCacheBlock], ...]:
+        return tuple(manager.req_to_blocks.get(request_id, []) for manager in self.managers)
+
+    def get_num_held_blocks(self, request_id: str) -> int:
+        """Real blocks the request holds over all groups (null placeholders excluded)."""
+        return sum(manager.get_num_held_blocks(request_id) for manager in self.managers)

@@ -1,0 +1,488 @@
+"""The OpenAI-compatible HTTP server: a FastAPI app over one AsyncLLM.
+
+`build_app(args)` makes the app (routes, auth, error shapes); `init_app_state` attaches the engine
+and the endpoint handlers; `run_server(args)` starts the engine, binds the port and serves until
+SIGINT/SIGTERM. Handlers live in `serving_*.py`; this module only routes.
+
+Adding endpoints (e.g. pooling: /v1/embeddings, /classify, /score, /rerank): write an
+`OpenAIServing` subclass in its own `serving_*.py`, create it in `init_app_state` next to the
+others, and add its routes to `router`. Raise `OpenAIRequestError` for client errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import logging
+import signal
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from contextlib import asynccontextmanager
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pagedserve import __version__
+from pagedserve.engine.exceptions import EngineDeadError
+from pagedserve.entrypoints.openai.cli_args import load_chat_template, validate_parsed_serve_args
+from pagedserve.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ErrorResponse,
+    OpenAIRequestError,
+    TokenizeRequest,
+    VersionResponse,
+)
+from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
+from pagedserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from pagedserve.entrypoints.openai.serving_models import BaseModelPath, OpenAIServingModels
+from pagedserve.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
+
+if TYPE_CHECKING:
+    from pagedserve.config import EngineConfig
+    from pagedserve.engine.async_llm import AsyncLLM
+    from pagedserve.metrics.loggers import StatLoggerBase
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Status for a request whose client left before the response (nginx's convention; never sent).
+_CLIENT_CLOSED_REQUEST = 499
+
+router = APIRouter()
+
+
+def engine_client(raw_request: Request) -> AsyncLLM:
+    return raw_request.app.state.engine_client
+
+
+def _error_json(error: OpenAIRequestError) -> JSONResponse:
+    return JSONResponse(error.to_response().model_dump(), status_code=error.status_code)
+
+
+async def _listen_for_disconnect(raw_request: Request) -> None:
+    while True:
+        message = await raw_request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def run_until_disconnect(raw_request: Request, handler: Awaitable[T]) -> T | None:
+    """Awaits `handler`, cancelling it (which aborts its engine requests) if the client
+    disconnects first; None then. Streaming responses are cancelled by Starlette itself."""
+    handler_task = asyncio.ensure_future(handler)
+    disconnect_task = asyncio.ensure_future(_listen_for_disconnect(raw_request))
+    try:
+        done, _ = await asyncio.wait([handler_task, disconnect_task], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        disconnect_task.cancel()
+    if handler_task in done:
+        return handler_task.result()
+    handler_task.cancel()
+    return None
+
+
+async def _respond(raw_request: Request, handler: Awaitable[Any]) -> Response:
+    result = await run_until_disconnect(raw_request, handler)
+    if result is None:
+        return Response(status_code=_CLIENT_CLOSED_REQUEST)
+    if isinstance(result, AsyncIterator):
+        return StreamingResponse(result, media_type="text/event-stream")
+    return JSONResponse(result.model_dump())
+
+
+# ---------------------------------------------------------------------------------- routes
+
+
+@router.get("/health")
+async def health(raw_request: Request) -> Response:
+    try:
+        await engine_client(raw_request).check_health()
+    except EngineDeadError as e:
+        return _error_json(OpenAIRequestError(str(e), status_code=503, err_type="server_error", code="engine_dead"))
+    return Response(status_code=200)
+
+
+@router.get("/version")
+async def show_version() -> VersionResponse:
+    return VersionResponse(version=__version__)
+
+
+@router.get("/metrics")
+async def metrics(raw_request: Request) -> Response:
+    registry: CollectorRegistry = raw_request.app.state.metrics_registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/models")
+async def show_available_models(raw_request: Request) -> Response:
+    models: OpenAIServingModels = raw_request.app.state.openai_serving_models
+    return JSONResponse(models.show_available_models().model_dump())
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, raw_request: Request) -> Response:
+    models: OpenAIServingModels = raw_request.app.state.openai_serving_models
+    models.check_model(model_id)
+    card = next(card for card in models.show_available_models().data if card.id == model_id)
+    return JSONResponse(card.model_dump())
+
+
+@router.post("/tokenize")
+async def tokenize(request: TokenizeRequest, raw_request: Request) -> Response:
+    handler: OpenAIServingTokenization = raw_request.app.state.openai_serving_tokenization
+    return JSONResponse(handler.create_tokenize(request).model_dump())
+
+
+@router.post("/detokenize")
+async def detokenize(request: DetokenizeRequest, raw_request: Request) -> Response:
+    handler: OpenAIServingTokenization = raw_request.app.state.openai_serving_tokenization
+    return JSONResponse(handler.create_detokenize(request).model_dump())
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(raw_request: Request) -> Response:
+    handler: OpenAIServingTokenization = raw_request.app.state.openai_serving_tokenization
+    return JSONResponse(handler.get_tokenizer_info().model_dump())
+
+
+@router.post("/v1/completions")
+async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
+    handler: OpenAIServingCompletion = raw_request.app.state.openai_serving_completion
+    return await _respond(raw_request, handler.create_completion(request, raw_request))
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
+    handler: OpenAIServingChat = raw_request.app.state.openai_serving_chat
+    return await _respond(raw_request, handler.create_chat_completion(request, raw_request))
+
+
+# ------------------------------------------------------------------------------ middleware
+
+
+class AuthenticationMiddleware:
+    """Requires `Authorization: Bearer <api key>` on /v1 paths (health, metrics, version and the
+    tokenizer endpoints stay open, as in vLLM). Pure ASGI: it must not buffer streams."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"][len(scope.get("root_path", "")) :] if scope.get("root_path") else scope["path"]
+        if path.startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            # Constant-time comparison: the key must not leak through response timing.
+            if not hmac.compare_digest(given, self._expected):
+                error = OpenAIRequestError(
+                    "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
+                    status_code=401,
+                    code="invalid_api_key",
+                )
+                await _error_json(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class RequestIdHeaderMiddleware:
+    """Echoes a request's `x-request-id` header on its response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = dict(scope["headers"]).get(b"x-request-id")
+        if request_id is None:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+# ------------------------------------------------------------------------------ exceptions
+
+
+def _validation_error_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """One message per offending top-level field, and the first such field as `param`.
+
+    A union field (`prompt`) fails once per member; their messages are joined with "or".
+    """
+    messages_by_field: dict[str, list[str]] = {}
+    for error in exc.errors():
+        if error.get("type") == "json_invalid":
+            return f"the body is not valid JSON: {error.get('ctx', {}).get('error', 'decode error')}", None
+        loc = [part for part in error.get("loc", ()) if part != "body"]
+        field = str(loc[0]) if loc else ""
+        message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+        messages = messages_by_field.setdefault(field, [])
+        if message not in messages:
+            messages.append(message)
+    parts = [f"{field}: {' or '.join(msgs)}" if field else " or ".join(msgs) for field, msgs in messages_by_field.items()]
+    param = next((field for field in messages_by_field if field), None)
+    return "; ".join(parts) or "invalid request", param
+
+
+def _install_exception_handlers(app: FastAPI) -> None:
+    @app.exception_handler(OpenAIRequestError)
+    async def _openai_error(_: Request, exc: OpenAIRequestError) -> JSONResponse:
+        return _error_json(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # OpenAI answers malformed bodies with 400, not FastAPI's 422.
+        message, param = _validation_error_message(exc)
+        return _error_json(OpenAIRequestError(message, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        status = HTTPStatus(exc.status_code)
+        error = OpenAIRequestError(str(exc.detail or status.phrase), status_code=exc.status_code)
+        response = _error_json(error)
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
+
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(_: Request, exc: EngineDeadError) -> JSONResponse:
+        return _error_json(OpenAIRequestError(str(exc), status_code=503, err_type="server_error", code="engine_dead"))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error in a request", exc_info=exc)
+        return _error_json(OpenAIRequestError(f"internal error: {exc}", status_code=500, err_type="server_error"))
+
+
+# ------------------------------------------------------------------------------------- app
+
+
+def build_app(args: argparse.Namespace) -> FastAPI:
+    """The app without an engine; `init_app_state` must run before it serves."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = None
+        if not getattr(args, "disable_log_stats", False):
+            task = asyncio.create_task(_log_stats_periodically(app, getattr(args, "log_stats_interval", 10.0)))
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+
+    app = FastAPI(
+        title="pagedserve OpenAI-compatible API",
+        version=__version__,
+        lifespan=lifespan,
+        responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
+    )
+    app.include_router(router)
+    _install_exception_handlers(app)
+    if getattr(args, "api_key", None):
+        app.add_middleware(AuthenticationMiddleware, api_key=args.api_key)
+    app.add_middleware(RequestIdHeaderMiddleware)
+    return app
+
+
+def served_model_names(args: argparse.Namespace, config: EngineConfig) -> list[str]:
+    names = getattr(args, "served_model_name", None)
+    if names:
+        return list(names)
+    return [getattr(args, "model", None) or config.model_config.model]
+
+
+def init_app_state(
+    engine: AsyncLLM,
+    config: EngineConfig,
+    state: Any,
+    args: argparse.Namespace,
+    metrics_registry: CollectorRegistry,
+    stat_loggers: list[StatLoggerBase] | None = None,
+) -> None:
+    names = served_model_names(args, config)
+    model_path = config.model_config.model
+    max_model_len = int(config.model_config.max_model_len)  # type: ignore[arg-type]
+    log_requests = not getattr(args, "disable_log_requests", False)
+    chat_template = load_chat_template(getattr(args, "chat_template", None))
+
+    state.engine_client = engine
+    state.engine_config = config
+    state.metrics_registry = metrics_registry
+    state.stat_loggers = stat_loggers or []
+    state.openai_serving_models = models = OpenAIServingModels(
+        [BaseModelPath(name, model_path) for name in names], max_model_len
+    )
+    state.openai_serving_completion = OpenAIServingCompletion(
+        engine, models, log_requests=log_requests, chat_template=chat_template
+    )
+    state.openai_serving_chat = OpenAIServingChat(
+        engine,
+        models,
+        response_role=getattr(args, "response_role", "assistant"),
+        log_requests=log_requests,
+        chat_template=chat_template,
+    )
+    state.openai_serving_tokenization = OpenAIServingTokenization(
+        engine, models, log_requests=log_requests, chat_template=chat_template
+    )
+    # Pooling handlers (embeddings, classify, score, rerank) are created here.
+
+
+async def _log_stats_periodically(app: FastAPI, interval_s: float) -> None:
+    """Calls each stat logger's `log()` every `interval_s` while the engine has done work."""
+    last_num_steps = 0
+    while True:
+        await asyncio.sleep(interval_s)
+        engine = getattr(app.state, "engine_client", None)
+        if engine is None:
+            continue
+        num_steps = engine.stats.num_steps
+        if num_steps == last_num_steps:
+            continue  # idle: no line
+        last_num_steps = num_steps
+        for stat_logger in getattr(app.state, "stat_loggers", []):
+            stat_logger.log()
+
+
+def create_metrics_registry() -> CollectorRegistry:
+    """A registry with the process's own metrics (CPU, memory, GC), like prometheus_client's
+    default one, but private to this server."""
+    from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
+
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+def _bind_socket(host: str, port: int) -> socket.socket:
+    """Binds the port before the engine loads, so that a port in use fails in seconds."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from e
+    sock.set_inheritable(True)
+    return sock
+
+
+async def run_server(args: argparse.Namespace) -> None:
+    """Serves until SIGINT/SIGTERM; in-flight requests get `--shutdown-timeout` seconds to finish,
+    are then aborted, and the engine shuts down before this returns."""
+    import uvicorn
+
+    from pagedserve.engine.arg_utils import EngineArgs
+    from pagedserve.engine.async_llm import AsyncLLM
+    from pagedserve.metrics.loggers import LoggingStatLogger
+    from pagedserve.metrics.prometheus import PrometheusStatLogger
+
+    validate_parsed_serve_args(args)
+    load_chat_template(args.chat_template)  # a bad --chat-template fails before the model loads
+    sock = _bind_socket(args.host, args.port)
+    engine_args = EngineArgs.from_cli_args(args)
+    config = engine_args.create_engine_config()
+    names = served_model_names(args, config)
+    registry = create_metrics_registry()
+    prometheus_logger = PrometheusStatLogger(names[0], config.model_config.max_model_len, registry)
+    stat_loggers: list[StatLoggerBase] = [prometheus_logger]
+    if not args.disable_log_stats:
+        stat_loggers.append(LoggingStatLogger())
+
+    start = time.perf_counter()
+    engine = AsyncLLM(config, log_stats=True, stat_loggers=stat_loggers)
+    try:
+        prometheus_logger.log_engine_initialized(config)
+        app = build_app(args)
+        init_app_state(engine, config, app.state, args, registry, stat_loggers)
+        _log_startup(args, config, names, time.perf_counter() - start)
+        uvicorn_config = uvicorn.Config(
+            app,
+            log_level=args.uvicorn_log_level,
+            access_log=not args.disable_uvicorn_access_log,
+            timeout_keep_alive=args.timeout_keep_alive,
+            timeout_graceful_shutdown=args.shutdown_timeout,
+        )
+        server = _make_uvicorn_server_class()(uvicorn_config)
+        await server.serve(sockets=[sock])
+    finally:
+        logger.info("shutting down the engine")
+        engine.shutdown()
+        sock.close()
+
+
+def _make_uvicorn_server_class() -> type:
+    import uvicorn
+
+    class UvicornServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # NOTE: uvicorn's own version re-raises SIGTERM/SIGINT once serving stops, which kills
+            # the process before run_server's `finally` shuts the engine and its workers down.
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            loop = asyncio.get_running_loop()
+            signals = (signal.SIGINT, signal.SIGTERM)
+            for sig in signals:
+                loop.add_signal_handler(sig, self.handle_exit, sig, None)
+            try:
+                yield
+            finally:
+                for sig in signals:
+                    loop.remove_signal_handler(sig)
+
+    return UvicornServer
+
+
+def _log_startup(args: argparse.Namespace, config: EngineConfig, names: list[str], startup_s: float) -> None:
+    cache_config = config.cache_config
+    num_blocks = cache_config.num_gpu_blocks
+    num_tokens = num_blocks * cache_config.block_size if num_blocks is not None else None
+    logger.info(
+        "model %s (served as %s), max_model_len %s, dtype %s",
+        config.model_config.model,
+        ", ".join(names),
+        config.model_config.max_model_len,
+        config.model_config.torch_dtype,
+    )
+    logger.info(
+        "KV cache: %s blocks of %d tokens = %s tokens; prefix caching %s",
+        num_blocks,
+        cache_config.block_size,
+        num_tokens,
+        "on" if cache_config.enable_prefix_caching else "off",
+    )
+    host = args.host if ":" not in args.host else f"[{args.host}]"
+    logger.info(
+        "engine ready in %.1f s; serving the OpenAI-compatible API at http://%s:%d (docs at /docs)",
+        startup_s,
+        host,
+        args.port,
+    )

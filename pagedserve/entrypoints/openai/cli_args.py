@@ -1,0 +1,96 @@
+"""Flags of `pagedserve serve`: the server's own, then every EngineArgs flag (vLLM's names)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from pagedserve.engine.arg_utils import EngineArgs
+
+API_KEY_ENV = "PAGEDSERVE_API_KEY"
+
+
+def make_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument(
+        "model_tag",
+        nargs="?",
+        default=None,
+        metavar="MODEL",
+        help="HF checkpoint directory or .gguf file to serve (default: SmolLM2-135M-Instruct); same as --model",
+    )
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    server.add_argument("--port", type=int, default=8000, help="port to listen on")
+    server.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        help="names clients use in the `model` field; the first is reported in responses "
+        "(default: the MODEL argument)",
+    )
+    server.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"require `Authorization: Bearer <key>` on /v1 endpoints (default: ${API_KEY_ENV})",
+    )
+    server.add_argument(
+        "--chat-template",
+        default=None,
+        help="chat template (a Jinja file, or the template itself) replacing the tokenizer's",
+    )
+    server.add_argument(
+        "--response-role", default="assistant", help="role of the generated message in chat responses"
+    )
+    server.add_argument(
+        "--uvicorn-log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="log level of uvicorn",
+    )
+    server.add_argument(
+        "--disable-uvicorn-access-log", action="store_true", help="do not log one line per HTTP request"
+    )
+    server.add_argument(
+        "--disable-log-requests", action="store_true", help="do not log each request's prompt size and params"
+    )
+    server.add_argument(
+        "--disable-log-stats", action="store_true", help="do not log throughput and KV cache usage periodically"
+    )
+    server.add_argument(
+        "--log-stats-interval", type=float, default=10.0, help="seconds between throughput log lines"
+    )
+    server.add_argument(
+        "--timeout-keep-alive", type=int, default=5, help="seconds an idle HTTP keep-alive connection stays open"
+    )
+    server.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        help="seconds that in-flight requests get to finish on SIGINT/SIGTERM before they are aborted",
+    )
+    EngineArgs.add_cli_args(parser)
+    return parser
+
+
+def validate_parsed_serve_args(args: argparse.Namespace) -> None:
+    """Resolves `MODEL` vs `--model`; raises ValueError naming the conflicting flags."""
+    if args.model_tag is not None:
+        if args.model is not None and args.model != args.model_tag:
+            raise ValueError(f"MODEL {args.model_tag!r} and --model {args.model!r} disagree; give one")
+        args.model = args.model_tag
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in [1, 65535], got {args.port}")
+    if args.served_model_name is not None and not all(args.served_model_name):
+        raise ValueError("--served-model-name values must be non-empty")
+
+
+def load_chat_template(chat_template: str | None) -> str | None:
+    """`--chat-template`: a file's contents, or the argument itself when it is a Jinja template."""
+    if chat_template is None:
+        return None
+    if os.path.isfile(chat_template):
+        with open(chat_template, encoding="utf-8") as f:
+            return f.read()
+    if any(marker in chat_template for marker in ("{{", "{%")):
+        return chat_template
+    raise ValueError(f"--chat-template {chat_template!r} is neither a file nor a Jinja template")

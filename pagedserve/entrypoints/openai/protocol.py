@@ -1,0 +1,543 @@
+"""Request and response bodies of the OpenAI-compatible API, as pydantic models.
+
+Field names, defaults and response shapes follow OpenAI's API reference; vLLM's extra sampling
+fields (`top_k`, `min_p`, `ignore_eos`, ...) are accepted on completions and chat as vLLM does.
+Requests tolerate unknown fields (clients such as load generators send their own) and the server
+logs them; a known field with a value of the wrong type is a 400.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
+
+from pagedserve.sampling_params import RequestOutputKind, SamplingParams
+
+# Torch generators take 64-bit seeds.
+_SEED_MIN = -(1 << 63)
+_SEED_MAX = (1 << 63) - 1
+# Largest `logprobs` / `top_logprobs` a request may ask for (vLLM's default max_logprobs).
+MAX_LOGPROBS = 20
+
+
+def random_uuid() -> str:
+    return uuid.uuid4().hex
+
+
+class OpenAIBaseModel(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    def unknown_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+
+class OpenAIRequestError(Exception):
+    """A request the server refuses; becomes an `ErrorResponse` with `status_code`."""
+
+    def __init__(
+        self,
+        message: str,
+        status_code: int = 400,
+        err_type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.err_type = err_type
+        self.param = param
+        self.code = code
+
+    def to_response(self) -> ErrorResponse:
+        return ErrorResponse(
+            error=ErrorInfo(message=self.message, type=self.err_type, param=self.param, code=self.code)
+        )
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+# --------------------------------------------------------------------------------------- shared
+
+
+class PromptTokenUsageInfo(BaseModel):
+    cached_tokens: int | None = None
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+    completion_tokens: int | None = 0
+    prompt_tokens_details: PromptTokenUsageInfo | None = None
+
+
+class StreamOptions(OpenAIBaseModel):
+    include_usage: bool | None = True
+    continuous_usage_stats: bool | None = False
+
+
+class _SamplingRequestFields(OpenAIBaseModel):
+    """Sampling fields that completions and chat share (OpenAI's and vLLM's extras)."""
+
+    model: str | None = None
+    frequency_penalty: float | None = 0.0
+    presence_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = None
+    n: int = 1
+    seed: int | None = Field(default=None, ge=_SEED_MIN, le=_SEED_MAX)
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    user: str | None = None
+
+    # vLLM's extras
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    stop_token_ids: list[int] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = Field(default=None, ge=1)
+    prompt_logprobs: int | None = None
+    cache_salt: str | None = None
+    priority: int = 0
+    request_id: str | None = None
+    return_tokens_as_token_ids: bool | None = None
+
+    def check_request(self) -> None:
+        """Checks across fields, with the offending field named; raises OpenAIRequestError."""
+        if self.stream_options is not None and not self.stream:
+            raise OpenAIRequestError("stream_options can only be set when stream is true", param="stream_options")
+
+    def _logit_bias_by_token_id(self) -> dict[int, float] | None:
+        if not self.logit_bias:
+            return None
+        bias: dict[int, float] = {}
+        for key, value in self.logit_bias.items():
+            try:
+                token_id = int(key)
+            except ValueError:
+                raise OpenAIRequestError(
+                    f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
+                ) from None
+            if not -100.0 <= value <= 100.0:
+                raise OpenAIRequestError(
+                    f"logit_bias values must be in [-100, 100], got {value} for token {token_id}",
+                    param="logit_bias",
+                )
+            bias[token_id] = value
+        return bias
+
+    def _build_sampling_params(
+        self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None
+    ) -> SamplingParams:
+        """`max_tokens` is already resolved against the context; raises OpenAIRequestError."""
+        for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise OpenAIRequestError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}", param=name)
+        try:
+            return SamplingParams(
+                n=self.n,
+                presence_penalty=self.presence_penalty if self.presence_penalty is not None else 0.0,
+                frequency_penalty=self.frequency_penalty if self.frequency_penalty is not None else 0.0,
+                repetition_penalty=self.repetition_penalty if self.repetition_penalty is not None else 1.0,
+                temperature=self.temperature if self.temperature is not None else 1.0,
+                top_p=self.top_p if self.top_p is not None else 1.0,
+                top_k=self.top_k if self.top_k is not None else 0,
+                min_p=self.min_p if self.min_p is not None else 0.0,
+                seed=self.seed,
+                stop=self.stop,
+                stop_token_ids=self.stop_token_ids,
+                ignore_eos=self.ignore_eos,
+                max_tokens=max_tokens,
+                min_tokens=self.min_tokens,
+                logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
+                skip_special_tokens=self.skip_special_tokens,
+                spaces_between_special_tokens=self.spaces_between_special_tokens,
+                include_stop_str_in_output=self.include_stop_str_in_output,
+                logit_bias=self._logit_bias_by_token_id(),
+                allowed_token_ids=self.allowed_token_ids,
+                bad_words=self.bad_words,
+                output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
+            )
+        except ValueError as e:
+            raise OpenAIRequestError(str(e), param=_param_of_sampling_error(str(e))) from e
+
+
+def _param_of_sampling_error(message: str) -> str | None:
+    # SamplingParams errors read "SamplingParams.<field> must be ...".
+    prefix = "SamplingParams."
+    if not message.startswith(prefix):
+        return None
+    return message[len(prefix) :].split(" ", 1)[0]
+
+
+# ---------------------------------------------------------------------------------- completions
+
+
+class CompletionRequest(_SamplingRequestFields):
+    # Smart-mode union: a list of ints is one token prompt, a list of lists many.
+    prompt: list[int] | list[list[int]] | str | list[str]
+    best_of: int | None = None
+    echo: bool | None = False
+    logprobs: int | None = None
+    max_tokens: int | None = 16
+    suffix: str | None = None
+    add_special_tokens: bool = True
+
+    def check_request(self) -> None:
+        super().check_request()
+        if self.suffix is not None:
+            raise OpenAIRequestError("suffix is not supported", param="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise OpenAIRequestError("best_of is not supported (it must be unset or equal n)", param="best_of")
+        if self.max_tokens is not None and self.max_tokens < 0:
+            raise OpenAIRequestError(f"max_tokens must be non-negative, got {self.max_tokens}", param="max_tokens")
+        if self.max_tokens == 0 and not self.echo:
+            raise OpenAIRequestError("max_tokens must be at least 1 (0 is allowed only with echo)", param="max_tokens")
+
+    @property
+    def echo_without_generation(self) -> bool:
+        return bool(self.echo) and self.max_tokens == 0
+
+    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+        # echo + logprobs: the prompt's logprobs come back too, as lm-evaluation-harness needs.
+        prompt_logprobs = self.prompt_logprobs
+        if self.echo and self.logprobs is not None:
+            prompt_logprobs = max(self.logprobs, prompt_logprobs or 0)
+        return self._build_sampling_params(max_tokens, self.logprobs, prompt_logprobs)
+
+
+class LogprobEntry(BaseModel):
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+class CompletionLogProbs(BaseModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionResponseChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogProbs | None = None
+    finish_reason: str | None = None
+    # vLLM's extra: the stop string or stop token id that ended the choice.
+    stop_reason: int | str | None = None
+    prompt_logprobs: list[dict[int, LogprobEntry] | None] | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: f"cmpl-{random_uuid()}")
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionResponseChoice]
+    usage: UsageInfo
+    system_fingerprint: str | None = None
+
+
+class CompletionResponseStreamChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogProbs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionStreamResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionResponseStreamChoice]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+
+
+# ---------------------------------------------------------------------------------------- chat
+
+
+class ChatCompletionContentPartText(OpenAIBaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatCompletionContentPartOther(OpenAIBaseModel):
+    """Any non-text part (image_url, input_audio, ...): accepted by the schema, refused later."""
+
+    type: str
+
+
+class ChatCompletionMessageParam(OpenAIBaseModel):
+    role: str
+    content: str | list[ChatCompletionContentPartText | ChatCompletionContentPartOther] | None = None
+    name: str | None = None
+
+    def to_template_dict(self) -> dict[str, Any]:
+        """The message as the chat template sees it: text parts joined into one string."""
+        message = self.model_dump(exclude_none=True)
+        if isinstance(self.content, list):
+            texts: list[str] = []
+            for part in self.content:
+                if not isinstance(part, ChatCompletionContentPartText):
+                    raise OpenAIRequestError(
+                        f"message content parts of type {part.type!r} are not supported (text only)",
+                        param="messages",
+                    )
+                texts.append(part.text)
+            message["content"] = "\n".join(texts)
+        elif self.content is None:
+            message["content"] = ""
+        return message
+
+
+class ResponseFormat(OpenAIBaseModel):
+    type: str
+
+
+class ChatCompletionRequest(_SamplingRequestFields):
+    messages: list[ChatCompletionMessageParam]
+    logprobs: bool | None = False
+    top_logprobs: int | None = 0
+    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
+    max_completion_tokens: int | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+    # vLLM's extras
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def check_request(self) -> None:
+        super().check_request()
+        if not self.messages:
+            raise OpenAIRequestError("messages must contain at least one message", param="messages")
+        if self.top_logprobs and not self.logprobs:
+            raise OpenAIRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+            raise OpenAIRequestError(
+                f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}", param="top_logprobs"
+            )
+        if self.continue_final_message and self.add_generation_prompt:
+            raise OpenAIRequestError(
+                "continue_final_message and add_generation_prompt cannot both be true", param="continue_final_message"
+            )
+        requested = self.requested_max_tokens
+        if requested is not None and requested < 1:
+            param = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+            raise OpenAIRequestError(f"{param} must be at least 1, got {requested}", param=param)
+        if self.response_format is not None and self.response_format.type != "text":
+            raise OpenAIRequestError(
+                f"response_format {self.response_format.type!r} is not supported (only 'text')", param="response_format"
+            )
+        if self.tool_choice not in (None, "none", "auto"):
+            raise OpenAIRequestError(
+                "tool_choice other than 'none' or 'auto' is not supported", param="tool_choice"
+            )
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
+
+    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._build_sampling_params(max_tokens, logprobs, self.prompt_logprobs)
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str | None = None
+    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ChatCompletionLogProb(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatCompletionLogProbsContent(ChatCompletionLogProb):
+    top_logprobs: list[ChatCompletionLogProb] = Field(default_factory=list)
+
+
+class ChatCompletionLogProbs(BaseModel):
+    content: list[ChatCompletionLogProbsContent] | None = None
+
+
+class ChatCompletionResponseChoice(BaseModel):
+    index: int
+    message: ChatMessage
+    logprobs: ChatCompletionLogProbs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: f"chatcmpl-{random_uuid()}")
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatCompletionResponseChoice]
+    usage: UsageInfo
+    system_fingerprint: str | None = None
+    prompt_logprobs: list[dict[int, LogprobEntry] | None] | None = None
+
+
+class DeltaMessage(BaseModel):
+    """Only the fields a chunk carries: `{"role": ..., "content": ""}` first, then `{"content": ...}`."""
+
+    role: str | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class ChatCompletionResponseStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatCompletionLogProbs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionStreamResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionResponseStreamChoice]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+
+
+# -------------------------------------------------------------------------------------- models
+
+
+class ModelPermission(BaseModel):
+    id: str = Field(default_factory=lambda: f"modelperm-{random_uuid()}")
+    object: Literal["model_permission"] = "model_permission"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    allow_create_engine: bool = False
+    allow_sampling: bool = True
+    allow_logprobs: bool = True
+    allow_search_indices: bool = False
+    allow_view: bool = True
+    allow_fine_tuning: bool = False
+    organization: str = "*"
+    group: str | None = None
+    is_blocking: bool = False
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "pagedserve"
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+    permission: list[ModelPermission] = Field(default_factory=list)
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard] = Field(default_factory=list)
+
+
+# -------------------------------------------------------------------------------- tokenization
+
+
+class TokenizeCompletionRequest(OpenAIBaseModel):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool | None = False
+
+
+class TokenizeChatRequest(OpenAIBaseModel):
+    model: str | None = None
+    messages: list[ChatCompletionMessageParam]
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    return_token_strs: bool | None = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _check_generation_prompt(self) -> TokenizeChatRequest:
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+        return self
+
+
+# A body with "messages" is a chat request; pydantic picks the member that validates.
+TokenizeRequest = TokenizeChatRequest | TokenizeCompletionRequest
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(OpenAIBaseModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfoResponse(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    tokenizer_class: str
+
+
+class VersionResponse(BaseModel):
+    version: str

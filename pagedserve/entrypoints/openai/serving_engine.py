@@ -1,0 +1,271 @@
+"""OpenAIServing: what every endpoint handler shares — model check, request ids, prompt
+tokenization and validation, chat templates, and the engine client.
+
+Endpoint classes (completions, chat, tokenization, and the pooling endpoints) subclass it. They
+raise `OpenAIRequestError` for anything the client got wrong; the app turns it into OpenAI's error
+shape with its status code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from starlette.requests import Request
+
+from pagedserve.engine.exceptions import EngineDeadError
+from pagedserve.entrypoints.openai.protocol import (
+    ChatCompletionMessageParam,
+    OpenAIBaseModel,
+    OpenAIRequestError,
+    random_uuid,
+)
+from pagedserve.entrypoints.openai.serving_models import OpenAIServingModels
+from pagedserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagedserve.engine.async_llm import AsyncLLM
+    from pagedserve.engine.processor import TokensPrompt
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Keys of `chat_template_kwargs` that would change what apply_chat_template returns.
+_RESERVED_TEMPLATE_KWARGS = frozenset(
+    {"conversation", "tokenize", "return_dict", "add_generation_prompt", "continue_final_message", "chat_template"}
+)
+
+
+@dataclass(slots=True)
+class PromptInput:
+    """One prompt after tokenization; `text` is None for prompts given as token ids."""
+
+    token_ids: list[int]
+    text: str | None
+
+    def to_engine_prompt(self) -> TokensPrompt:
+        prompt: TokensPrompt = {"prompt_token_ids": self.token_ids}
+        if self.text is not None:
+            prompt["prompt"] = self.text
+        return prompt
+
+
+class OpenAIServing:
+    def __init__(
+        self,
+        engine_client: AsyncLLM,
+        models: OpenAIServingModels,
+        *,
+        log_requests: bool = True,
+        chat_template: str | None = None,
+    ) -> None:
+        self.engine_client = engine_client
+        self.models = models
+        self.log_requests = log_requests
+        self.chat_template = chat_template
+        self.tokenizer = engine_client.tokenizer
+        self.max_model_len = int(engine_client.model_config.max_model_len)  # type: ignore[arg-type]
+
+    def _check_engine_alive(self) -> None:
+        """A dead engine is a 503 up front, so that a stream never starts only to fail."""
+        if self.engine_client.errored:
+            raise OpenAIRequestError(
+                "the engine is dead; the server cannot generate until it is restarted",
+                status_code=503,
+                err_type="server_error",
+                code="engine_dead",
+            )
+
+    # ------------------------------------------------------------------------- request ids
+
+    @staticmethod
+    def _base_request_id(raw_request: Request | None, default: str | None = None) -> str:
+        """The client's `x-request-id` header, else the body's `request_id`, else a fresh uuid."""
+        if raw_request is not None:
+            header = raw_request.headers.get("x-request-id")
+            if header:
+                return header
+        return default or random_uuid()
+
+    @staticmethod
+    def _engine_request_id(response_id: str, prompt_index: int) -> str:
+        # NOTE: clients reuse x-request-id values; the engine needs ids unique among running requests.
+        return f"{response_id}-{prompt_index}-{random_uuid()[:8]}"
+
+    # ------------------------------------------------------------------------------ prompts
+
+    def _tokenize_text(self, text: str, add_special_tokens: bool, truncate_prompt_tokens: int | None) -> list[int]:
+        token_ids: list[int] = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        if truncate_prompt_tokens is not None:
+            token_ids = token_ids[-truncate_prompt_tokens:]
+        return token_ids
+
+    def _resolve_max_tokens(
+        self, num_prompt_tokens: int, requested: int | None, param: str, prompt_param: str = "prompt"
+    ) -> int:
+        """The number of tokens to generate; a prompt or request that does not fit is a 400.
+        `param` / `prompt_param` name the request fields that set the two lengths."""
+        if num_prompt_tokens >= self.max_model_len:
+            raise OpenAIRequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                f"prompt has {num_prompt_tokens} tokens; it must be shorter to leave room for at "
+                "least one generated token.",
+                param=prompt_param,
+                code="context_length_exceeded",
+            )
+        room = self.max_model_len - num_prompt_tokens
+        if requested is None:
+            return room
+        if requested > room:
+            raise OpenAIRequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                f"requested {num_prompt_tokens + requested} tokens ({num_prompt_tokens} in the prompt, "
+                f"{requested} in the completion). Reduce the prompt or {param}.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        return requested
+
+    def _validate_engine_inputs(
+        self,
+        request_id: str,
+        prompt: PromptInput,
+        params: SamplingParams,
+        priority: int,
+        cache_salt: str | None,
+    ) -> None:
+        """Runs the engine's own validation (vocabulary range, stop ids, ...) before anything is
+        submitted, so that a bad prompt among several never leaves a half-started request behind
+        and a stream never starts with an error the client should have had as a 400."""
+        try:
+            self.engine_client.processor.process_inputs(
+                request_id, prompt.to_engine_prompt(), params, priority=priority, cache_salt=cache_salt
+            )
+        except ValueError as e:
+            raise OpenAIRequestError(str(e)) from e
+
+    @staticmethod
+    def _warn_unknown_fields(request: OpenAIBaseModel) -> None:
+        unknown = request.unknown_fields()
+        if unknown:
+            logger.warning("ignoring unknown request fields: %s", ", ".join(unknown))
+
+    def _log_request(self, request_id: str, prompts: list[PromptInput], params: SamplingParams) -> None:
+        if self.log_requests:
+            logger.info(
+                "Received request %s: %s prompt tokens, params: %s",
+                request_id,
+                "+".join(str(len(p.token_ids)) for p in prompts),
+                params,
+            )
+
+    # ------------------------------------------------------------------------ chat template
+
+    def _apply_chat_template(
+        self,
+        messages: list[ChatCompletionMessageParam],
+        *,
+        chat_template: str | None,
+        add_generation_prompt: bool,
+        continue_final_message: bool,
+        tools: list[dict[str, Any]] | None,
+        chat_template_kwargs: dict[str, Any] | None,
+    ) -> str:
+        template = chat_template or self.chat_template or getattr(self.tokenizer, "chat_template", None)
+        if not template:
+            raise OpenAIRequestError(
+                "the model's tokenizer has no chat template; start the server with --chat-template "
+                "or send chat_template in the request",
+                param="messages",
+            )
+        conversation = [m.to_template_dict() for m in messages]
+        extra = {k: v for k, v in (chat_template_kwargs or {}).items() if k not in _RESERVED_TEMPLATE_KWARGS}
+        try:
+            text = self.tokenizer.apply_chat_template(
+                conversation,
+                chat_template=template,
+                tools=tools,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                tokenize=False,
+                **extra,
+            )
+        except Exception as e:  # jinja2 errors (raise_exception in templates) and bad roles
+            raise OpenAIRequestError(f"cannot apply the chat template: {e}", param="messages") from e
+        assert isinstance(text, str)
+        return text
+
+    # -------------------------------------------------------------------------------- errors
+
+    @staticmethod
+    def error_from_exception(e: Exception) -> OpenAIRequestError:
+        """The error a client sees for an exception raised while its request ran."""
+        if isinstance(e, OpenAIRequestError):
+            return e
+        if isinstance(e, EngineDeadError):
+            return OpenAIRequestError(str(e), status_code=503, err_type="server_error", code="engine_dead")
+        if isinstance(e, ValueError):
+            return OpenAIRequestError(str(e))
+        logger.exception("request failed")
+        return OpenAIRequestError(f"internal error: {e}", status_code=500, err_type="server_error")
+
+    @classmethod
+    def sse_error(cls, e: Exception) -> str:
+        error = cls.error_from_exception(e)
+        return f"data: {error.to_response().model_dump_json()}\n\n"
+
+
+def sse_event(payload_json: str) -> str:
+    return f"data: {payload_json}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class _Failure:
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+_DONE = object()
+
+
+async def merge_async_iterators(*iterators: AsyncIterator[T]) -> AsyncGenerator[tuple[int, T], None]:
+    """Yields (index of the iterator, item) as items arrive from any of the iterators.
+
+    Each iterator is drained by its own task. Closing or cancelling the merged generator cancels
+    those tasks synchronously, which cancels each engine generator in its own plain asyncio task.
+    NOTE: no cleanup here may await: Starlette cancels a disconnected stream through an anyio
+    cancel scope, which re-cancels every await made inside it.
+    """
+    queue: asyncio.Queue[tuple[int, T] | _Failure | object] = asyncio.Queue()
+
+    async def drain(index: int, iterator: AsyncIterator[T]) -> None:
+        try:
+            async for item in iterator:
+                queue.put_nowait((index, item))
+        except Exception as e:
+            queue.put_nowait(_Failure(e))
+            return
+        queue.put_nowait(_DONE)
+
+    tasks = [asyncio.create_task(drain(i, it)) for i, it in enumerate(iterators)]
+    try:
+        num_running = len(tasks)
+        while num_running:
+            entry = await queue.get()
+            if entry is _DONE:
+                num_running -= 1
+            elif isinstance(entry, _Failure):
+                raise entry.error
+            else:
+                yield entry  # type: ignore[misc]
+    finally:
+        for task in tasks:
+            task.cancel()

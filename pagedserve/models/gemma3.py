@@ -1,0 +1,231 @@
+"""Gemma 3 (text) for a flattened batch over paged attention.
+
+Differs from Llama in: interleaved sliding-window and global layers (`layer_types`), a separate
+RoPE base for the sliding layers, RMSNorm computing x * (1 + w), per-head q/k norms, norms after
+the attention and MLP blocks as well as before them, embeddings scaled by sqrt(hidden_size),
+queries scaled by query_pre_attn_scalar**-0.5, and a gelu(tanh) gated MLP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagedserve.attention.layer import Attention
+from pagedserve.distributed.parallel_state import get_tp_size
+from pagedserve.models.layers.activation import GeluAndMul
+from pagedserve.models.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from pagedserve.models.layers.rotary_embedding import RotaryEmbedding, get_rope
+from pagedserve.models.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from pagedserve.models.utils import default_weight_loader, set_weight_attrs
+
+_SLIDING = "sliding_attention"
+_FULL = "full_attention"
+
+
+class GemmaRMSNorm(nn.Module):
+    """y = x / rms(x) * (1 + w), in float32 and cast back once (HF's Gemma3RMSNorm).
+
+    `w` is stored raw (zero = identity), as in HF checkpoints; the GGUF loader subtracts the 1
+    that llama.cpp folds in.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(hidden_size), requires_grad=False)
+        set_weight_attrs(self.weight, {"weight_loader": default_weight_loader})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # NOTE: unlike Llama's norm, the weight multiply stays in float32 before the cast.
+        normed = torch.rms_norm(x.float(), self.weight.shape, None, self.eps)
+        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def gemma3_layer_types(config: SimpleNamespace) -> list[str]:
+    """`layer_types` of the config, or the old `sliding_window_pattern` form (every n-th global)."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        period = int(getattr(config, "sliding_window_pattern", 6) or 6)
+        layer_types = [_SLIDING if (i + 1) % period else _FULL for i in range(config.num_hidden_layers)]
+    if len(layer_types) != config.num_hidden_layers:
+        raise ValueError(f"layer_types has {len(layer_types)} entries for {config.num_hidden_layers} layers")
+    unknown = set(layer_types) - {_SLIDING, _FULL}
+    if unknown:
+        raise ValueError(f"unsupported Gemma 3 layer types {sorted(unknown)}; supported: {_SLIDING}, {_FULL}")
+    return list(layer_types)
+
+
+def _rope_for(config: SimpleNamespace, layer_type: str, head_dim: int, max_position: int) -> RotaryEmbedding:
+    """RoPE of one layer type: transformers v5 keeps per-type `rope_parameters`; v4 configs and our
+    GGUF loader give `rope_theta` (+ `rope_scaling`) for global layers and `rope_local_base_freq`."""
+    params: Any = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict) and isinstance(params.get(layer_type), dict):
+        layer_params = dict(params[layer_type])
+        base = float(layer_params.get("rope_theta", 10000.0 if layer_type == _SLIDING else 1_000_000.0))
+        rope_type = layer_params.get("rope_type", layer_params.get("type", "default"))
+        scaling = None if rope_type == "default" else {**layer_params, "rope_type": rope_type}
+    elif layer_type == _SLIDING:
+        base, scaling = float(getattr(config, "rope_local_base_freq", 10000.0)), None
+    else:
+        base, scaling = float(config.rope_theta), getattr(config, "rope_scaling", None)
+    return get_rope(head_dim, max_position, base, scaling)
+
+
+class Gemma3MLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str) -> None:
+        super().__init__()
+        if hidden_act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise ValueError(f"Gemma 3 MLP supports gelu_pytorch_tanh only, got {hidden_act!r}")
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=False)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=False)
+        self.act_fn = GeluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class Gemma3Attention(nn.Module):
+    def __init__(self, config: SimpleNamespace, layer_idx: int, layer_type: str, max_position: int) -> None:
+        super().__init__()
+        if getattr(config, "attn_logit_softcapping", None) is not None:
+            raise ValueError("Gemma 3 with attn_logit_softcapping is not supported")
+        tp_size = get_tp_size()
+        hidden_size = config.hidden_size
+        self.head_dim = config.head_dim
+        self.total_num_heads = config.num_attention_heads
+        bias = bool(getattr(config, "attention_bias", False))
+        self.qkv_proj = QKVParallelLinear(
+            hidden_size, self.head_dim, self.total_num_heads, config.num_key_value_heads, bias=bias
+        )
+        self.num_heads = self.total_num_heads // tp_size
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        self.o_proj = RowParallelLinear(self.total_num_heads * self.head_dim, hidden_size, bias=bias)
+        self.q_norm = GemmaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = GemmaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.rotary_emb = _rope_for(config, layer_type, self.head_dim, max_position)
+        self.attn = Attention(
+            self.num_heads,
+            self.head_dim,
+            float(config.query_pre_attn_scalar) ** -0.5,
+            self.num_kv_heads,
+            layer_name=f"model.layers.{layer_idx}.self_attn.attn",
+            sliding_window=int(config.sliding_window) if layer_type == _SLIDING else None,
+        )
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        num_tokens = q.shape[0]
+        q = self.q_norm(q.reshape(num_tokens, -1, self.head_dim)).view(num_tokens, -1)
+        k = self.k_norm(k.reshape(num_tokens, -1, self.head_dim)).view(num_tokens, -1)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v))
+
+
+class Gemma3DecoderLayer(nn.Module):
+    def __init__(self, config: SimpleNamespace, layer_idx: int, layer_type: str, max_position: int) -> None:
+        super().__init__()
+        hidden_size, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = Gemma3Attention(config, layer_idx, layer_type, max_position)
+        hidden_act = getattr(config, "hidden_activation", None) or getattr(
+            config, "hidden_act", "gelu_pytorch_tanh"
+        )
+        self.mlp = Gemma3MLP(hidden_size, config.intermediate_size, hidden_act)
+        self.input_layernorm = GemmaRMSNorm(hidden_size, eps)
+        self.post_attention_layernorm = GemmaRMSNorm(hidden_size, eps)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(hidden_size, eps)
+        self.post_feedforward_layernorm = GemmaRMSNorm(hidden_size, eps)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        attn_out = self.self_attn(positions, self.input_layernorm(hidden_states))
+        hidden_states = hidden_states + self.post_attention_layernorm(attn_out)
+        mlp_out = self.mlp(self.pre_feedforward_layernorm(hidden_states))
+        return hidden_states + self.post_feedforward_layernorm(mlp_out)
+
+
+class Gemma3Model(nn.Module):
+    def __init__(self, config: SimpleNamespace, max_position: int) -> None:
+        super().__init__()
+        self.layer_types = gemma3_layer_types(config)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        # HF multiplies by sqrt(hidden) rounded to the weights' dtype (55.5, not 55.43, in bf16).
+        self.embed_scale = float(config.hidden_size) ** 0.5
+        self.layers = nn.ModuleList(
+            Gemma3DecoderLayer(config, i, layer_type, max_position)
+            for i, layer_type in enumerate(self.layer_types)
+        )
+        self.norm = GemmaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.embed_tokens(input_ids)
+        scale = torch.tensor(self.embed_scale, dtype=hidden_states.dtype, device=hidden_states.device)
+        hidden_states = hidden_states * scale
+        for layer in self.layers:
+            hidden_states = layer(positions, hidden_states)
+        return self.norm(hidden_states)
+
+
+class Gemma3ForCausalLM(nn.Module):
+    # (our fused parameter, checkpoint name, shard id)
+    stacked_params_mapping = [
+        ("qkv_proj", "q_proj", "q"),
+        ("qkv_proj", "k_proj", "k"),
+        ("qkv_proj", "v_proj", "v"),
+        ("gate_up_proj", "gate_proj", 0),
+        ("gate_up_proj", "up_proj", 1),
+    ]
+
+    def __init__(self, config: SimpleNamespace, max_position: int) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Gemma3Model(config, max_position)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        softcap = getattr(config, "final_logit_softcapping", None)
+        self.final_logit_softcapping = float(softcap) if softcap is not None else None
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head.compute_logits(hidden_states)
+        cap = self.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Loads checkpoint tensors; returns the names of the parameters that were loaded."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if self.tie_word_embeddings and name == "lm_head.weight":
+                continue  # the tied head is the embedding, loaded under its own name
+            for param_part, ckpt_part, shard_id in self.stacked_params_mapping:
+                target = name.replace(f".{ckpt_part}.", f".{param_part}.")
+                if target != name and target in params:
+                    params[target].weight_loader(params[target], tensor, shard_id)
+                    loaded.add(target)
+                    break
+            else:
+                if name not in params:
+                    raise ValueError(
+                        f"checkpoint tensor {name!r} matches no parameter of {type(self).__name__}"
+                    )
+                param = params[name]
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+                loaded.add(name)
+        if self.tie_word_embeddings:
+            loaded.add("lm_head.weight")
+        missing = set(params) - loaded
+        if missing:
+            raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:8]}")
+        return loaded

@@ -1,0 +1,167 @@
+"""Smoke tests of `pagedserve bench overhead` and `pagedserve bench serve` on tiny checkpoints:
+the figures they report must be sane (positive times, token and request counts that match the
+workload), and their timing helpers must attribute time correctly."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+from pagedserve.benchmarks import overhead, serve
+from pagedserve.benchmarks._workload import ModelFlops, percentile
+from pagedserve.benchmarks.throughput import make_workload
+
+
+def test_exclusive_timers_count_nested_calls_once_in_the_innermost_category() -> None:
+    timers = overhead.ExclusiveTimers()
+
+    def inner() -> None:
+        time.sleep(0.02)
+
+    timed_inner = timers.wrap(inner, "inner")
+
+    def outer() -> None:
+        time.sleep(0.01)
+        timed_inner()
+
+    timers.wrap(outer, "outer")()
+    assert timers.calls == {"outer": 1, "inner": 1}
+    assert 0.02 <= timers.seconds["inner"] < 0.1
+    assert 0.01 <= timers.seconds["outer"] < 0.02 + 0.05  # its own sleep only, not inner's
+    assert timers.threads["outer"] == {"main"}
+
+
+def test_snapshot_is_independent_of_later_in_place_updates() -> None:
+    from pagedserve.attention.metadata import CommonAttentionMetadata
+
+    block_table = torch.zeros(2, 4, dtype=torch.int32)
+    common = CommonAttentionMetadata(
+        query_start_loc=torch.tensor([0, 3, 4]),
+        query_lens=torch.tensor([3, 1]),
+        seq_lens=torch.tensor([3, 6]),
+        num_computed_tokens=torch.tensor([0, 5]),
+        block_table=block_table[:, :2],
+        slot_mapping=torch.arange(4),
+        num_reqs=2,
+        num_actual_tokens=4,
+        max_query_len=3,
+        max_seq_len=6,
+        block_size=16,
+    )
+    tokens = [[1, 2], [3]]
+    copied = overhead.snapshot((common, tokens))
+    block_table.fill_(7)
+    tokens[0].append(9)
+    assert copied[0].block_table.eq(0).all()
+    assert copied[1] == [[1, 2], [3]]
+
+
+def test_step_flops_counts_linear_attention_and_logits() -> None:
+    flops = ModelFlops(linear_params=1000, num_layers=2, q_width=8, vocab_size=50, hidden_size=4)
+    # one decode at position 10 (11 keys) and a 3-token prefill from 0 (1 + 2 + 3 keys)
+    expected = 2 * 1000 * 4 + 4 * 2 * 8 * (11 + 6) + 2 * 50 * 4 * 2
+    assert flops.step_flops([1, 3], [10, 0]) == expected
+
+
+def test_percentile_interpolates() -> None:
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 50) == 3.0
+    assert percentile([0.0, 10.0], 99) == pytest.approx(9.9)
+
+
+# ---------------------------------------------------------------- end to end (tiny checkpoints)
+
+
+@pytest.mark.slow
+def test_overhead_benchmark_replays_the_engine_steps_and_reports_sane_figures(
+    make_tiny_checkpoint: Callable[..., str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = make_tiny_checkpoint("llama")
+    parser = overhead.add_cli_args(argparse.ArgumentParser())
+    args = parser.parse_args(
+        ["--model", model, "--num-prompts", "6", "--max-num-seqs", "4", "--input-len", "24",
+         "--output-len", "8", "--max-model-len", "128", "--gemm-size", "1024"]
+    )  # fmt: skip
+    result = overhead.run(args)
+    workload = make_workload(6, 24, 8, 0.5, result_vocab(model), 0)
+    assert result.num_requests == 6
+    assert result.num_output_tokens == workload.num_output_tokens
+    assert result.num_prompt_tokens == workload.num_prompt_tokens
+    # max_num_seqs=4 < 6 requests and 8-ish outputs: several steps, each replayed once
+    assert result.num_steps >= max(workload.output_lens)
+    assert result.engine_seconds > 0 and result.inproc_seconds > 0 and result.ideal_seconds > 0
+    assert result.overhead_fraction < 1.0
+    assert result.total_flops > 0 and result.gemm_flops_per_s > 0
+    assert 0 < result.compute_fraction(result.ideal_seconds) < 1.5
+    assert all(seconds >= 0 for seconds in result.breakdown.values())
+    assert result.breakdown["forward"] > 0 and result.breakdown["schedule"] > 0
+    assert result.breakdown["sampling"] > 0 and result.breakdown["update_from_output"] > 0
+    assert not result.missing_hooks
+
+    overhead.print_report(result)
+    printed = capsys.readouterr().out
+    assert "overhead 1 - b/a" in printed and "update_from_output" in printed
+
+
+def result_vocab(model: str) -> int:
+    from pagedserve.config.model import ModelConfig
+
+    return ModelConfig(model).vocab_size
+
+
+@pytest.fixture(scope="module")
+def tiny_server(
+    make_tiny_checkpoint: Callable[..., str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str]]:
+    model = make_tiny_checkpoint("llama")
+    port = serve._free_port()
+    log = str(tmp_path_factory.mktemp("serve") / "server.log")
+    flags = ["--max-num-seqs", "4", "--max-model-len", "256", "--dtype", "float32"]
+    proc = serve.start_pagedserve_server(model, port, flags, log, timeout_s=300)
+    try:
+        yield model, f"http://127.0.0.1:{port}"
+    finally:
+        serve.stop_server(proc)
+
+
+@pytest.mark.slow
+def test_serve_benchmark_streams_every_request_with_the_requested_lengths(
+    tiny_server: tuple[str, str],
+) -> None:
+    model, base_url = tiny_server
+    workload = make_workload(8, 20, 6, 0.5, result_vocab(model), seed=3)
+    name = serve.served_model_name(base_url)
+    result = asyncio.run(
+        serve.run_benchmark(base_url, name, workload, request_rate=float("inf"), label="ours")
+    )
+    assert (result.completed, result.failed, result.wrong_length) == (8, 0, 0)
+    assert result.total_output_tokens == workload.num_output_tokens
+    assert result.total_input_tokens == workload.num_prompt_tokens
+    assert result.output_throughput > 0 and result.request_throughput > 0
+    assert 0 < result.ttft_ms["p50"] <= result.ttft_ms["p99"] <= result.e2el_ms["p99"]
+    assert result.tpot_ms["p50"] > 0 and result.itl_ms["p50"] > 0
+
+
+@pytest.mark.slow
+def test_serve_cli_poisson_run_saves_a_result_that_compare_prints(
+    tiny_server: tuple[str, str], tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, base_url = tiny_server
+    saved = f"{tmp_path}/ours.json"
+    parser = serve.add_cli_args(argparse.ArgumentParser())
+    args = parser.parse_args(
+        ["--backend", "openai", "--base-url", base_url, "--model", model, "--num-prompts", "6",
+         "--input-len", "16", "--output-len", "4", "--request-rate", "20", "--max-concurrency", "3",
+         "--save-result", saved, "--label", "ours"]
+    )  # fmt: skip
+    assert serve.main(args) == 0
+    result = serve.load_result(saved)
+    assert (result.completed, result.failed, result.request_rate, result.max_concurrency) == (6, 0, 20.0, 3)
+    capsys.readouterr()
+    assert serve.main(parser.parse_args(["--compare", saved, saved])) == 0
+    printed = capsys.readouterr().out
+    assert "output throughput (tok/s)" in printed and "1.00x" in printed
