@@ -13,7 +13,13 @@
 #
 # Environment: CONCURRENCY ("16 64"), RATES ("inf 4"), NUM_PROMPTS (128), INPUT_LEN (128),
 # OUTPUT_LEN (128), MAX_MODEL_LEN (1024), OUT (./serving-results), PORT (8000), LLAMA_PORT (8081),
-# SKIP_LLAMA=1 to run ours only, SERVER_ARGS (extra `pagedserve serve` flags).
+# THREADS (2: llama-server -t/-tb, and OMP_NUM_THREADS for pagedserve's engine), SKIP_LLAMA=1 to
+# run ours only, SERVER_ARGS (extra `pagedserve serve` flags).
+#
+# NOTE: on a machine shared with other work, use THREADS=1. llama.cpp's threads meet at a spin
+# barrier after every op; when another process holds one of the two cores, each barrier waits
+# out a scheduler time slice (measured here under load: 1.1 decode tok/s with -t 2 against 16.6
+# with -t 1 for one request). Both engines then get the same single thread.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -27,6 +33,7 @@ OUT=${OUT:-$PWD/serving-results}
 PORT=${PORT:-8000}
 LLAMA_PORT=${LLAMA_PORT:-8081}
 PYTHON=${PYTHON:-python}
+THREADS=${THREADS:-2}
 mkdir -p "$OUT"
 
 SERVER_PID=""
@@ -63,7 +70,7 @@ bench() {  # label, base url, concurrency
 
 for c in $CONCURRENCY; do
     # shellcheck disable=SC2086
-    "$PYTHON" -m pagedserve.entrypoints.cli serve --host 127.0.0.1 --port "$PORT" \
+    OMP_NUM_THREADS=$THREADS "$PYTHON" -m pagedserve.entrypoints.cli serve --host 127.0.0.1 --port "$PORT" \
         --max-num-seqs "$c" --max-model-len "$MAX_MODEL_LEN" --dtype float32 \
         --disable-log-requests --disable-uvicorn-access-log ${SERVER_ARGS:-} \
         >"$OUT/pagedserve-c$c.log" 2>&1 &
@@ -73,7 +80,7 @@ for c in $CONCURRENCY; do
     stop_server
 
     if [[ ${SKIP_LLAMA:-0} != 1 ]]; then
-        CTX_PER_SEQ=$MAX_MODEL_LEN "$HERE/peers/llama_cpp.sh" serve "$c" "$LLAMA_PORT" \
+        THREADS=$THREADS CTX_PER_SEQ=$MAX_MODEL_LEN "$HERE/peers/llama_cpp.sh" serve "$c" "$LLAMA_PORT" \
             >"$OUT/llama.cpp-c$c.log" 2>&1 &
         SERVER_PID=$!
         wait_healthy "http://127.0.0.1:$LLAMA_PORT" 600
@@ -85,7 +92,7 @@ done
 for c in $CONCURRENCY; do
     for rate in $RATES; do
         echo
-        echo "######## concurrency $c (--max-num-seqs / -np), request rate $rate"
+        echo "######## concurrency $c (--max-num-seqs / -np), request rate $rate, $THREADS thread(s)"
         files=("$OUT/pagedserve-c$c-r$rate.json")
         [[ ${SKIP_LLAMA:-0} == 1 ]] || files+=("$OUT/llama.cpp-c$c-r$rate.json")
         "$PYTHON" -m pagedserve.entrypoints.cli bench serve --compare "${files[@]}"

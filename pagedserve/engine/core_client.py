@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 import weakref
 from collections import deque
@@ -71,7 +72,11 @@ def _shutdown_engine(proc: ChildProcess, ctx: zmq.Context, tmpdir: str) -> None:
         if proc.is_alive():
             proc.kill()
             proc.join(timeout=5)
-    ctx.destroy(linger=0)
+    # NOTE: zmq's context termination can block on a socket it does not track (seen after a
+    # worker died mid-step); never let shutdown hang on it — give it two seconds, then move on.
+    closer = threading.Thread(target=ctx.destroy, kwargs={"linger": 0}, daemon=True, name="zmq-close")
+    closer.start()
+    closer.join(timeout=2.0)
     shutil.rmtree(tmpdir, ignore_errors=True)
 
 

@@ -310,8 +310,10 @@ void decode_kernel(at::Tensor& out, const at::Tensor& query, const at::Tensor& t
         if (num_keys <= 0) continue;
         const int32_t* blocks = bt_ptr + seq * bt_stride;
         row_offsets.resize(num_keys);
-        for (int64_t j = 0, pos = first; j < num_keys; ++j, ++pos)
-          row_offsets[j] = blocks[pos / block_size] * block_stride + (pos % block_size) * row_stride;
+        for (int64_t j = 0, block = first / block_size, offset = first % block_size; j < num_keys; ++j) {
+          row_offsets[j] = blocks[block] * block_stride + offset * row_stride;
+          if (++offset == block_size) offset = 0, ++block;
+        }
         scores.resize(group * num_keys);
         const int64_t head_offset = kv_head * group * head_size;
         const Work<T> work{q_ptr + idx_ptr[seq] * query.stride(0) + head_offset,

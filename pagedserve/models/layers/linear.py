@@ -49,13 +49,16 @@ def prepack_weight(weight: torch.Tensor) -> torch.Tensor | None:
     that layout on every call: about a third of the GEMM time at decode batch sizes. The product
     with the packed weight is bit-identical. float32 stays on F.linear (MKL): oneDNN's float32
     GEMM sums in another order, which would change greedy outputs against transformers.
+    The packed copy comes on top of the plain weight (kept for loading and tied embeddings).
     """
     if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or not _onednn_bf16_prepack_available():
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None, bias: torch.Tensor | None = None):
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     if packed is not None:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return F.linear(x, weight, bias)
