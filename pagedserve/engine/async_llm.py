@@ -41,7 +41,10 @@ class AsyncLLM:
         self.model_config = config.model_config
         self.tokenizer = get_tokenizer(self.model_config.model, self.model_config.tokenizer)
         self.processor = Processor(
-            self.model_config, self.tokenizer, get_eos_token_ids(self.model_config.model, self.tokenizer)
+            self.model_config,
+            self.tokenizer,
+            get_eos_token_ids(self.model_config.model, self.tokenizer),
+            config.scheduler_config,
         )
         self.output_processor = OutputProcessor(self.tokenizer, log_stats=log_stats)
         self.stat_loggers = list(stat_loggers or [])
