@@ -29,7 +29,7 @@ import time
 import torch
 
 from pagedserve.benchmarks._workload import ModelFlops, measure_gemm_flops, resolve_model
-from pagedserve.benchmarks.throughput import Workload, make_workload
+from pagedserve.benchmarks.throughput import Workload, make_workload, run_pagedserve
 
 
 def load_hf_model(model: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -122,6 +122,12 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--generate-batch", action="store_true", help="call generate_batch (uniform lengths)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--pagedserve",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run pagedserve's LLM.generate on the same workload first, for the ratio",
+    )
     args = parser.parse_args()
 
     logging.getLogger("transformers").setLevel(logging.WARNING)
@@ -137,6 +143,12 @@ def main() -> int:
             f"prompts={args.num_prompts} input≈{args.input_len} output≈{args.output_len} "
             f"batch={args.max_num_seqs} threads={torch.get_num_threads()}"
         )
+        ours = None
+        if args.pagedserve:
+            # run_pagedserve reads throughput's flags: the same engine settings, prefix caching on.
+            ours_args = argparse.Namespace(**{**vars(args), "model": model_path})
+            ours_args.enable_prefix_caching, ours_args.quiet = True, True
+            ours = run_pagedserve(ours_args, workload)
         runner = run_generate_batch if args.generate_batch else run_manager
         elapsed = runner(model, workload, args)
 
@@ -146,13 +158,18 @@ def main() -> int:
         workload.num_prompt_tokens + workload.num_output_tokens, mean_context, workload.num_output_tokens
     )
     gemm = measure_gemm_flops(dtype)
-    out_tps = workload.num_output_tokens / elapsed
-    print(
-        f"{'generate_batch' if args.generate_batch else 'cb manager':<14} {elapsed:8.2f} s  "
-        f"{len(workload.prompts) / elapsed:6.2f} req/s  {out_tps:8.1f} output tok/s  "
-        f"{(workload.num_prompt_tokens + workload.num_output_tokens) / elapsed:8.1f} total tok/s  "
-        f"{100 * total_flops / elapsed / gemm:5.1f}% of GEMM ({gemm / 1e9:.0f} GFLOP/s)"
-    )
+    rows = [("generate_batch" if args.generate_batch else "transformers CB", elapsed)]
+    if ours is not None:
+        rows.insert(0, ("pagedserve", ours))
+    for name, seconds in rows:
+        print(
+            f"{name:<16} {seconds:8.2f} s  {len(workload.prompts) / seconds:6.2f} req/s  "
+            f"{workload.num_output_tokens / seconds:8.1f} output tok/s  "
+            f"{(workload.num_prompt_tokens + workload.num_output_tokens) / seconds:8.1f} total tok/s  "
+            f"{100 * total_flops / seconds / gemm:5.1f}% of GEMM ({gemm / 1e9:.0f} GFLOP/s)"
+        )
+    if ours is not None:
+        print(f"output tok/s ratio pagedserve / transformers CB: {elapsed / ours:.2f}x")
     return 0
 
 

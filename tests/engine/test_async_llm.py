@@ -86,12 +86,16 @@ def test_abort_and_cancel_free_the_kv_cache_and_spare_other_requests(tiny_llama)
                     assert not out.finished or out.outputs[0].finish_reason == "abort"
 
             # cancelling the consumer task aborts the request in the engine
+            # Cancel right after the first output: a fixed sleep raced the whole
+            # 200-token generation on a fast machine.
+            started = asyncio.Event()
+
             async def consume() -> None:
                 async for _ in llm.generate({"prompt_token_ids": prompts[2]}, params, "cancelled"):
-                    pass
+                    started.set()
 
             task = asyncio.create_task(consume())
-            await asyncio.sleep(0.5)
+            await asyncio.wait_for(started.wait(), timeout=30)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
@@ -119,12 +123,14 @@ def test_killed_engine_fails_pending_and_future_requests_quickly(tiny_llama):
             params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
             prompts = _prompts(4, seed=2)
 
+            started = [asyncio.Event() for _ in range(4)]
+
             async def consume(i: int) -> None:
                 async for _ in llm.generate({"prompt_token_ids": prompts[i]}, params, f"p{i}"):
-                    pass
+                    started[i].set()
 
             tasks = [asyncio.create_task(consume(i)) for i in range(4)]
-            await asyncio.sleep(0.5)
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), timeout=30)
             os.kill(llm.engine_core.proc.pid, signal.SIGKILL)
             start = time.monotonic()
             results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=10)
