@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from typing import Literal
 
 import msgspec
 
@@ -113,3 +114,38 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
 
     def clone(self) -> SamplingParams:
         return msgspec.structs.replace(self)
+
+
+class BeamSearchParams(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Parameters of `LLM.beam_search` (vLLM's), plus transformers' `early_stopping`.
+
+    Beam search runs outside the engine: each step is one batch of `max_tokens=1` requests with
+    top logprobs. Scores follow transformers: `cum_logprob / num_generated_tokens ** length_penalty`,
+    a final EOS counted as generated.
+
+    `early_stopping` (not in vLLM) has transformers' meaning: False stops once no live beam can
+    beat the worst completed one at the current length, True as soon as `beam_width` beams
+    completed, "never" only when no live beam can beat them at `max_tokens` (for
+    `length_penalty > 0`).
+    """
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+    early_stopping: bool | Literal["never"] = False
+
+    def __post_init__(self) -> None:
+        def bad(field: str, value: object, allowed: str) -> ValueError:
+            return ValueError(f"BeamSearchParams.{field} must be {allowed}, got {value!r}")
+
+        if self.beam_width < 1:
+            raise bad("beam_width", self.beam_width, "at least 1")
+        if self.max_tokens < 1:
+            raise bad("max_tokens", self.max_tokens, "at least 1")
+        if self.temperature < 0.0:
+            raise bad("temperature", self.temperature, "non-negative")
+        if self.early_stopping not in (True, False, "never"):
+            raise bad("early_stopping", self.early_stopping, 'True, False or "never"')

@@ -12,8 +12,9 @@ from pagedserve.attention.forward_context import get_forward_context
 class Attention(nn.Module):
     """Attention of one layer over the paged KV cache.
 
-    `kv_cache` is bound by the model runner after the cache is allocated (None for layers that
-    keep no cache, e.g. encoder-only models). `layer_name` identifies the layer's cache.
+    `kv_cache` and `kv_cache_group_id` are bound by the model runner after the cache is
+    allocated (None for layers that keep no cache, e.g. encoder-only models). `layer_name`
+    identifies the layer's cache. The forward context holds one metadata per KV-cache group.
     """
 
     def __init__(
@@ -35,9 +36,10 @@ class Attention(nn.Module):
         self.causal = causal
         self.backend = backend or get_attn_backend()
         self.kv_cache: torch.Tensor | None = None
+        self.kv_cache_group_id = 0
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        metadata = get_forward_context().attn_metadata
+        metadata = get_forward_context().attn_metadata[self.kv_cache_group_id]
         return self.backend.forward(
             query,
             key,

@@ -49,7 +49,7 @@ from pagedserve.benchmarks.throughput import Workload, make_workload
 # Breakdown rows, in the order of a step. Each maps to the methods whose exclusive time it sums.
 ROWS: list[tuple[str, str]] = [
     ("schedule", "Scheduler.schedule"),
-    ("prepare_inputs", "ModelRunner._update_states/_prepare_inputs + backend.build_metadata"),
+    ("prepare_inputs", "ModelRunner._update_states/_prepare_inputs/_build_attn_metadata"),
     ("forward", "model.forward + model.compute_logits"),
     ("sampling", "Sampler.forward"),
     ("runner_other", "rest of ModelRunner.execute_model (sampled tokens -> batch, output)"),
@@ -166,10 +166,15 @@ class Patches:
 class ReplayStep:
     """Everything the ideal loop needs for one forward, recorded from the engine's step."""
 
-    common: Any = None  # CommonAttentionMetadata (a snapshot)
+    # Snapshots of the CommonAttentionMetadata of every KV-cache group; `common` is group 0's.
+    commons: list[Any] = field(default_factory=list)
     model_args: tuple[Any, ...] = ()
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     sampling_metadata: Any = None
+
+    @property
+    def common(self) -> Any:
+        return self.commons[0]
 
     @property
     def query_lens(self) -> list[int]:
@@ -196,8 +201,8 @@ class Recorder:
             )
 
     # NOTE: snapshots, not references: the persistent batch reuses its buffers next step.
-    def on_build_metadata(self, _result: Any, common: Any) -> None:
-        self.replay_steps.append(ReplayStep(common=snapshot(common)))
+    def on_build_metadata(self, _result: Any, commons: list[Any]) -> None:
+        self.replay_steps.append(ReplayStep(commons=snapshot(commons)))
 
     def on_forward(self, _result: Any, *args: Any, **kwargs: Any) -> None:
         step = self.replay_steps[-1]
@@ -263,8 +268,8 @@ def _instrument(llm: Any, timers: ExclusiveTimers, recorder: Recorder | None) ->
     for name in ("_update_states", "_prepare_inputs"):
         patches.wrap(runner, name, timers, "prepare_inputs")
     patches.wrap(
-        runner.attn_backend,
-        "build_metadata",
+        runner,
+        "_build_attn_metadata",
         timers,
         "prepare_inputs",
         recorder.on_build_metadata if recorder else None,
@@ -365,11 +370,10 @@ class IdealLoop:
     attention metadata and logits indices are built here, before any clock starts."""
 
     def __init__(self, runner: Any, steps: list[ReplayStep]) -> None:
-        backend = runner.attn_backend
         self.model, self.sampler, self.device = runner.model, runner.sampler, runner.device
         self.prepared = [
             (
-                backend.build_metadata(step.common),
+                runner._build_attn_metadata(step.commons),
                 step.model_args,
                 step.model_kwargs,
                 (step.common.query_start_loc[1:] - 1).to(self.device),
@@ -484,7 +488,7 @@ def _check_recording(recorder: Recorder) -> None:
     """The replay must run exactly the engine's steps: same count, same tokens per step."""
     steps = recorder.replay_steps
     if not steps:
-        raise RuntimeError("no step was recorded: did the model runner stop calling build_metadata?")
+        raise RuntimeError("no step was recorded: did the model runner stop calling _build_attn_metadata?")
     if any(not s.model_args or s.sampling_metadata is None for s in steps):
         raise RuntimeError("a recorded step lacks its forward inputs or sampling metadata")
     sched = [sum(n for n, _ in s) for s in recorder.scheduler_steps]

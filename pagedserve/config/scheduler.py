@@ -24,6 +24,9 @@ class SchedulerConfig:
     policy: Literal["fcfs", "priority"] = "fcfs"
     async_scheduling: bool = False
     runner_type: Literal["generate", "pooling"] = "generate"
+    # Treat sliding-window layers as full attention in the KV cache (one group, no block
+    # recycling): vLLM's --disable-hybrid-kv-cache-manager, for comparison and debugging.
+    disable_hybrid_kv_cache_manager: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

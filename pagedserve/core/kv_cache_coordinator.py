@@ -97,6 +97,20 @@ class KVCacheCoordinator:
                 break
         return tuple(hit[:hit_length] for hit in hits), hit_length
 
+    def get_max_num_blocks(self, num_tokens: int, max_chunk_tokens: int) -> int:
+        """Most blocks a request of `num_tokens` tokens holds at once over all groups: a
+        sliding-window group holds its window, the block being filled and one chunk's blocks."""
+        num_full = -(-num_tokens // self.block_size)
+        total = 0
+        for group in self.kv_cache_groups:
+            spec = group.kv_cache_spec
+            if isinstance(spec, SlidingWindowSpec):
+                window_blocks = spec.max_num_blocks_per_request(num_tokens) + -(-max_chunk_tokens // self.block_size)
+                total += min(num_full, window_blocks)
+            else:
+                total += num_full
+        return total
+
     def get_blocks(self, request_id: str) -> tuple[list[KVCacheBlock], ...]:
         return tuple(manager.req_to_blocks.get(request_id, []) for manager in self.managers)
 

@@ -1,20 +1,24 @@
 """What each layer keeps between steps (its KV-cache spec), and how layers group by spec.
 
-Layers with equal specs form one KV-cache group: one block table per request, one
-single-type manager (core/single_type_kv_cache_manager.py). Every group draws from one block
-pool, which needs one page size (bytes per block per layer) across groups.
+Layers with equal specs form KV-cache groups of (at most) equal size: one block table per
+request and one single-type manager (core/single_type_kv_cache_manager.py) per group. Every
+group draws from one block pool, and layer j of every group shares the j-th cache tensor: a block
+id belongs to one group at a time, so the groups never write the same slot. One block of the
+pool therefore costs `group_size` layers' pages, not all layers' pages — which is what makes a
+sliding-window group's dropped blocks real memory for other requests.
+
+Specs are msgspec structs (tagged by class) so they cross the executor's process boundary.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
 
+import msgspec
 from torch import nn
 
 
-@dataclass(frozen=True)
-class KVCacheSpec:
+class KVCacheSpec(msgspec.Struct, frozen=True, tag=True):
     """Per-layer cache of one kind. `block_size` tokens share one block (one page)."""
 
     block_size: int
@@ -37,13 +41,11 @@ class KVCacheSpec:
         return -(-max_model_len // self.block_size)
 
 
-@dataclass(frozen=True)
-class FullAttentionSpec(KVCacheSpec):
+class FullAttentionSpec(KVCacheSpec, frozen=True, tag=True):
     """Causal attention over every earlier token: a request keeps all its blocks."""
 
 
-@dataclass(frozen=True)
-class SlidingWindowSpec(KVCacheSpec):
+class SlidingWindowSpec(KVCacheSpec, frozen=True, tag=True):
     """A query at position p attends to keys at positions (p - sliding_window, p]."""
 
     sliding_window: int = 0
@@ -62,12 +64,11 @@ class SlidingWindowSpec(KVCacheSpec):
         )
 
 
-@dataclass(frozen=True)
-class KVCacheGroupSpec:
+class KVCacheGroupSpec(msgspec.Struct, frozen=True):
     """Layers that share one spec, hence one block table per request."""
 
     layer_names: tuple[str, ...]
-    kv_cache_spec: KVCacheSpec
+    kv_cache_spec: FullAttentionSpec | SlidingWindowSpec
 
 
 def get_kv_cache_specs(model: nn.Module, block_size: int, dtype_size: int) -> dict[str, KVCacheSpec]:
@@ -92,22 +93,59 @@ def get_kv_cache_specs(model: nn.Module, block_size: int, dtype_size: int) -> di
     return specs
 
 
-def group_kv_cache_specs(specs: Mapping[str, KVCacheSpec]) -> list[KVCacheGroupSpec]:
-    """Layers with equal specs form one group, in order of each spec's first layer.
+def group_kv_cache_specs(
+    specs: Mapping[str, KVCacheSpec], disable_hybrid: bool = False
+) -> list[KVCacheGroupSpec]:
+    """Layers with equal specs, cut into groups of one size, in order of each spec's first layer.
 
-    Raises if the groups' page sizes differ (one block pool needs one page size).
+    With one spec, all layers form one group. With several, the group size is the smallest
+    spec's layer count (or the largest one when they are within 25%, to avoid a group of a few
+    leftover layers): Gemma-3-270M's 15 sliding + 3 full layers make 5 sliding groups and 1 full
+    group of 3 layers, so a block costs 3 layers' pages. `disable_hybrid` (vLLM's
+    --disable-hybrid-kv-cache-manager) treats every attention layer as full attention: one
+    group; sliding layers still mask by their window but keep every block.
+
+    Raises if the specs' page sizes differ (one block pool needs one page size).
     """
+    if disable_hybrid:
+        specs = {
+            name: FullAttentionSpec(spec.block_size, spec.num_kv_heads, spec.head_size, spec.dtype_size)
+            for name, spec in specs.items()
+        }
     layers_by_spec: dict[KVCacheSpec, list[str]] = {}
     for layer_name, spec in specs.items():
         layers_by_spec.setdefault(spec, []).append(layer_name)
-    groups = [KVCacheGroupSpec(tuple(names), spec) for spec, names in layers_by_spec.items()]
-    _check_one_page_size(group.kv_cache_spec for group in groups)
-    return groups
+    _check_one_page_size(layers_by_spec)
+    if len(layers_by_spec) <= 1:
+        return [KVCacheGroupSpec(tuple(names), spec) for spec, names in layers_by_spec.items()]  # type: ignore[arg-type]
+    counts = [len(names) for names in layers_by_spec.values()]
+    group_size = max(counts) if max(counts) * 4 < min(counts) * 5 else min(counts)
+    return [
+        KVCacheGroupSpec(tuple(names[i : i + group_size]), spec)  # type: ignore[arg-type]
+        for spec, names in layers_by_spec.items()
+        for i in range(0, len(names), group_size)
+    ]
+
+
+def describe_kv_cache_groups(groups: Sequence[KVCacheGroupSpec]) -> str:
+    """For the startup log: e.g. '6 groups of 3 layers: 5 sliding-window (512), 1 full'."""
+    if not groups:
+        return "no KV-cache groups (the model keeps no KV cache)"
+    kinds: dict[str, int] = {}
+    for group in groups:
+        spec = group.kv_cache_spec
+        kind = f"sliding-window ({spec.sliding_window})" if isinstance(spec, SlidingWindowSpec) else "full"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    size = max(len(group.layer_names) for group in groups)
+    noun = "group" if len(groups) == 1 else "groups"
+    return f"{len(groups)} {noun} of {size} layers: " + ", ".join(f"{n} {kind}" for kind, n in kinds.items())
 
 
 def _check_one_page_size(specs: Iterable[KVCacheSpec]) -> None:
-    sizes = {(spec.block_size, spec.page_size_bytes) for spec in specs}
+    # Layer j of every group shares one tensor: the shapes, not just the byte counts, must agree.
+    sizes = {(spec.block_size, spec.num_kv_heads, spec.head_size, spec.dtype_size) for spec in specs}
     if len(sizes) > 1:
         raise ValueError(
-            f"KV-cache groups need one block size and page size to share a block pool, got {sorted(sizes)}"
+            "KV-cache groups need one page shape (block_size, num_kv_heads, head_size, dtype_size) "
+            f"to share a block pool, got {sorted(sizes)}"
         )

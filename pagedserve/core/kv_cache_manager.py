@@ -122,12 +122,12 @@ class KVCacheManager:
     def num_usable_blocks(self) -> int:
         return self.block_pool.num_usable_blocks if self.block_pool is not None else 0
 
-    def num_blocks_for_tokens(self, num_tokens: int) -> int:
-        """Blocks a request of `num_tokens` tokens may hold at once over all groups (a
-        sliding-window group holds them all while one chunk prefills the whole prompt)."""
-        if self.block_pool is None:
+    def num_blocks_for_tokens(self, num_tokens: int, max_chunk_tokens: int | None = None) -> int:
+        """Most blocks a request of `num_tokens` tokens holds at once over all groups, when no
+        step computes more than `max_chunk_tokens` of its tokens (default: all at once)."""
+        if self.coordinator is None:
             return 0
-        return _cdiv(num_tokens, self.block_size) * self.num_groups
+        return self.coordinator.get_max_num_blocks(num_tokens, max_chunk_tokens or num_tokens)
 
     def make_prefix_cache_stats(self) -> PrefixCacheStats:
         """Return the counters accumulated since the last call and start new ones."""

@@ -61,6 +61,13 @@ class EngineArgs:
         default=True,
         metadata={"help": "schedule step n+1 while step n runs (outputs are identical either way)"},
     )
+    disable_hybrid_kv_cache_manager: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "keep every block of sliding-window layers as if they were full attention "
+            "(one KV-cache group; the window still applies to attention)"
+        },
+    )
     tensor_parallel_size: int = dataclasses.field(default=1, metadata={"help": "number of tensor-parallel workers"})
     # --- pooling models (issue 6) ---
     task: str = dataclasses.field(
@@ -111,6 +118,7 @@ class EngineArgs:
                 policy=self.scheduling_policy,  # type: ignore[arg-type]
                 async_scheduling=self.async_scheduling,
                 runner_type=model_config.runner_type,
+                disable_hybrid_kv_cache_manager=self.disable_hybrid_kv_cache_manager,
             ),
             parallel_config=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
         )

@@ -31,6 +31,7 @@ from typing import Any
 import zmq
 
 from pagedserve.config import EngineConfig
+from pagedserve.core.kv_cache_interface import describe_kv_cache_groups
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.sched.output import SchedulerOutput
 from pagedserve.core.sched.scheduler import Scheduler
@@ -53,18 +54,20 @@ class EngineCore:
         self.config = config
         start = time.perf_counter()
         self.executor = (executor_class or get_executor_class(config))(config)
+        kv_cache_groups = self.executor.get_kv_cache_groups()
         num_blocks = self.executor.determine_num_kv_blocks()
         config.cache_config.num_gpu_blocks = num_blocks
         self.executor.initialize(num_blocks)
         block_size = config.cache_config.block_size
         logger.info(
-            "KV cache: %d blocks of %d tokens (%d tokens); engine ready in %.1f s",
+            "KV cache: %d blocks of %d tokens (%d tokens) in %s; engine ready in %.1f s",
             num_blocks,
             block_size,
             num_blocks * block_size,
+            describe_kv_cache_groups(kv_cache_groups),
             time.perf_counter() - start,
         )
-        self.scheduler = Scheduler(config.scheduler_config, config.cache_config)
+        self.scheduler = Scheduler(config.scheduler_config, config.cache_config, kv_cache_groups=kv_cache_groups)
         self.async_scheduling = config.scheduler_config.async_scheduling
         self.batch_queue: deque[tuple[SchedulerOutput, Future[ModelRunnerOutput]]] = deque()
 

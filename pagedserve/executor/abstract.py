@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from pagedserve.config import EngineConfig
+from pagedserve.core.kv_cache_interface import KVCacheGroupSpec
 from pagedserve.core.sched.output import SchedulerOutput
 from pagedserve.worker.outputs import ModelRunnerOutput
 
@@ -21,6 +22,10 @@ class Executor(ABC):
 
     @abstractmethod
     def determine_num_kv_blocks(self) -> int: ...
+
+    @abstractmethod
+    def get_kv_cache_groups(self) -> list[KVCacheGroupSpec]:
+        """The model's KV-cache groups (empty: the model keeps no KV cache)."""
 
     @abstractmethod
     def initialize(self, num_blocks: int) -> None: ...

@@ -23,9 +23,11 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Any
 
+import msgspec
 import zmq
 
 from pagedserve.config import EngineConfig
+from pagedserve.core.kv_cache_interface import KVCacheGroupSpec
 from pagedserve.core.sched.output import SchedulerOutput
 from pagedserve.engine.serial_utils import MsgpackDecoder, MsgpackEncoder
 from pagedserve.executor.abstract import Executor
@@ -133,6 +135,10 @@ class MultiprocExecutor(Executor):
 
     def determine_num_kv_blocks(self) -> int:
         return min(self.collective_rpc("determine_num_kv_blocks"))
+
+    def get_kv_cache_groups(self) -> list[KVCacheGroupSpec]:
+        # Every rank holds the same layers (heads are sharded, not layers): rank 0 speaks for all.
+        return msgspec.convert(self.collective_rpc("get_kv_cache_groups")[0], list[KVCacheGroupSpec])
 
     def initialize(self, num_blocks: int) -> None:
         self.collective_rpc("initialize_cache", (num_blocks,))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pagedserve.config import EngineConfig
+from pagedserve.core.kv_cache_interface import KVCacheGroupSpec
 from pagedserve.core.sched.output import SchedulerOutput
 from pagedserve.executor.abstract import Executor
 from pagedserve.worker.outputs import ModelRunnerOutput
@@ -19,6 +20,9 @@ class UniProcExecutor(Executor):
 
     def determine_num_kv_blocks(self) -> int:
         return self.worker.determine_num_kv_blocks()
+
+    def get_kv_cache_groups(self) -> list[KVCacheGroupSpec]:
+        return self.worker.get_kv_cache_groups()
 
     def initialize(self, num_blocks: int) -> None:
         self.worker.initialize_cache(num_blocks)

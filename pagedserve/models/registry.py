@@ -13,6 +13,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen2ForCausalLM": ("qwen2", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("qwen3", "Qwen3ForCausalLM"),
     "Gemma3ForCausalLM": ("gemma3", "Gemma3ForCausalLM"),
+    "BambaForCausalLM": ("bamba", "BambaForCausalLM"),
     # Pooling models (encoder-only): embeddings, classification, cross-encoder scoring.
     "BertModel": ("bert", "BertEmbeddingModel"),
     "BertForSequenceClassification": ("bert", "BertForSequenceClassification"),

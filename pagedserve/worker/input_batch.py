@@ -43,6 +43,9 @@ class InputBatch:
     max_num_blocks_per_req: int
     vocab_size: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # One block table per KV-cache group; every group's row has the same length (positional
+    # lists, see core/kv_cache_coordinator.py), so one `num_blocks` serves all groups.
+    num_kv_cache_groups: int = 1
 
     def __post_init__(self) -> None:
         n = self.max_num_reqs
@@ -53,7 +56,7 @@ class InputBatch:
         self.num_tokens = np.zeros(n, dtype=np.int64)
         self.num_prompt_tokens = np.zeros(n, dtype=np.int64)
         self.num_computed_tokens = np.zeros(n, dtype=np.int64)
-        self.block_table = np.zeros((n, self.max_num_blocks_per_req), dtype=np.int32)
+        self.block_table = np.zeros((max(self.num_kv_cache_groups, 1), n, self.max_num_blocks_per_req), dtype=np.int32)
         self.num_blocks = np.zeros(n, dtype=np.int64)
         self.temperature = np.ones(n, dtype=np.float32)
         self.top_p = np.ones(n, dtype=np.float32)
@@ -89,7 +92,7 @@ class InputBatch:
         self.num_prompt_tokens[i] = num_prompt
         self.num_computed_tokens[i] = state.num_computed_tokens
         self.num_blocks[i] = 0
-        self.append_block_ids(i, state.block_ids[0])
+        self.append_block_ids(i, state.block_ids)
         sp = state.sampling_params
         if sp is None:
             pp = state.pooling_params
@@ -110,10 +113,14 @@ class InputBatch:
             self.prompt_logprobs[state.req_id] = sp.prompt_logprobs
         return i
 
-    def append_block_ids(self, row: int, block_ids: list[int]) -> None:
+    def append_block_ids(self, row: int, block_ids: tuple[list[int], ...]) -> None:
+        """Appends each group's new blocks (all groups add the same number)."""
+        if not block_ids:
+            return
         start = self.num_blocks[row]
-        end = start + len(block_ids)
-        self.block_table[row, start:end] = block_ids
+        end = start + len(block_ids[0])
+        for group_id, ids in enumerate(block_ids):
+            self.block_table[group_id, row, start:end] = ids
         self.num_blocks[row] = end
 
     def remove_request(self, req_id: str) -> int | None:
@@ -151,7 +158,7 @@ class InputBatch:
         num_tokens = self.num_tokens[src]
         self.token_ids_cpu[dst, :num_tokens] = self.token_ids_cpu[src, :num_tokens]
         num_blocks = self.num_blocks[src]
-        self.block_table[dst, :num_blocks] = self.block_table[src, :num_blocks]
+        self.block_table[:, dst, :num_blocks] = self.block_table[:, src, :num_blocks]
         for arr in (
             self.num_tokens,
             self.num_prompt_tokens,

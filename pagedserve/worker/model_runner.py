@@ -8,7 +8,9 @@ and have an empty KV cache spec: no cache is allocated for them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +21,7 @@ from pagedserve.attention.forward_context import set_forward_context
 from pagedserve.attention.layer import Attention
 from pagedserve.attention.metadata import CommonAttentionMetadata
 from pagedserve.config import EngineConfig
+from pagedserve.core.kv_cache_interface import KVCacheGroupSpec, get_kv_cache_specs, group_kv_cache_specs
 from pagedserve.core.sched.output import SchedulerOutput
 from pagedserve.models.layers.pooler import PoolingMetadata, as_embedding_model
 from pagedserve.models.model_loader import get_model
@@ -47,14 +50,20 @@ class ModelRunner:
         # Seeded generators of preempted requests: a resumed request continues its random
         # stream instead of replaying it, so preemption never changes a seeded output.
         self._preempted_generators: dict[str, torch.Generator] = {}
-        self.input_batch = InputBatch(
+        # Known once the model is loaded; the batch keeps one block table per group.
+        self.kv_cache_groups: list[KVCacheGroupSpec] = []
+        self.input_batch = self._make_input_batch(1)
+        self.kv_caches: list[torch.Tensor] = []
+
+    def _make_input_batch(self, num_kv_cache_groups: int) -> InputBatch:
+        return InputBatch(
             self.max_num_reqs,
             self.max_model_len,
             -(-self.max_model_len // self.block_size),
             self.vocab_size,
-            device,
+            self.device,
+            num_kv_cache_groups=num_kv_cache_groups,
         )
-        self.kv_caches: list[torch.Tensor] = []
 
     def load_model(self) -> None:
         model_config = self.config.model_config
@@ -69,34 +78,49 @@ class ModelRunner:
                     f"the model's pooler serves {sorted(served)}, not {list(model_config.pooling_tasks)}"
                 )
         self.model = model
+        # Encoder-only models have no causal layer, hence no groups: their bidirectional layers
+        # see each prompt whole in one step and never reuse K/V.
+        dtype_size = torch.empty((), dtype=model_config.torch_dtype).element_size()
+        self.kv_cache_groups = group_kv_cache_specs(
+            get_kv_cache_specs(model, self.block_size, dtype_size),
+            disable_hybrid=self.config.scheduler_config.disable_hybrid_kv_cache_manager,
+        )
+        self.input_batch = self._make_input_batch(len(self.kv_cache_groups))
 
     @property
     def attention_layers(self) -> list[Attention]:
         assert self.model is not None
         return [m for m in self.model.modules() if isinstance(m, Attention)]
 
+    def get_kv_cache_groups(self) -> list[KVCacheGroupSpec]:
+        return self.kv_cache_groups
+
     @property
-    def kv_cache_spec(self) -> dict[str, Attention]:
-        """Layers that keep a paged KV cache, by layer name; empty for encoder-only models,
-        whose bidirectional layers see each prompt whole in one step and never reuse K/V."""
-        return {layer.layer_name: layer for layer in self.attention_layers if layer.causal}
+    def num_kv_cache_tensors(self) -> int:
+        """Layer j of every group shares tensor j (see core/kv_cache_interface.py)."""
+        return max((len(group.layer_names) for group in self.kv_cache_groups), default=0)
 
     def kv_cache_bytes_per_block(self) -> int:
-        dtype_size = torch.empty((), dtype=self.config.model_config.torch_dtype).element_size()
-        return sum(
-            2 * self.block_size * layer.num_kv_heads * layer.head_size * dtype_size
-            for layer in self.kv_cache_spec.values()
-        )
+        if not self.kv_cache_groups:
+            return 0
+        return self.num_kv_cache_tensors * self.kv_cache_groups[0].kv_cache_spec.page_size_bytes
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
-        dtype = self.config.model_config.torch_dtype
         self.kv_caches = []
-        for layer in self.kv_cache_spec.values():
-            shape = self.attn_backend.get_kv_cache_shape(num_blocks, self.block_size, layer.num_kv_heads, layer.head_size)
-            # zeros, not empty: padded decode reads of unused slots are masked, but 0 * NaN is NaN.
-            cache = torch.zeros(shape, dtype=dtype, device=self.device)
-            layer.kv_cache = cache
-            self.kv_caches.append(cache)
+        if not self.kv_cache_groups:
+            return
+        spec = self.kv_cache_groups[0].kv_cache_spec
+        shape = self.attn_backend.get_kv_cache_shape(num_blocks, self.block_size, spec.num_kv_heads, spec.head_size)
+        # zeros, not empty: padded reads of unused or null-block slots are masked, but 0 * NaN is NaN.
+        self.kv_caches = [
+            torch.zeros(shape, dtype=self.config.model_config.torch_dtype, device=self.device)
+            for _ in range(self.num_kv_cache_tensors)
+        ]
+        layers = {layer.layer_name: layer for layer in self.attention_layers}
+        for group_id, group in enumerate(self.kv_cache_groups):
+            for j, layer_name in enumerate(group.layer_names):
+                layers[layer_name].kv_cache = self.kv_caches[j]
+                layers[layer_name].kv_cache_group_id = group_id
 
     # ------------------------------------------------------------------ state updates
     def _update_states(self, so: SchedulerOutput) -> None:
@@ -121,8 +145,9 @@ class ModelRunner:
             batch.num_computed_tokens[row] = num_computed
             new_blocks = cached.new_block_ids[i]
             if new_blocks is not None and new_blocks[0]:
-                state.block_ids[0].extend(new_blocks[0])
-                batch.append_block_ids(row, new_blocks[0])
+                for group_blocks, new_group_blocks in zip(state.block_ids, new_blocks):
+                    group_blocks.extend(new_group_blocks)
+                batch.append_block_ids(row, new_blocks)
 
         for new in so.scheduled_new_reqs:
             sp = new.sampling_params
@@ -148,8 +173,9 @@ class ModelRunner:
     # ------------------------------------------------------------------ inputs
     def _prepare_inputs(
         self, so: SchedulerOutput
-    ) -> tuple[CommonAttentionMetadata, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """-> (attention metadata, input ids, positions, token type ids or None)."""
+    ) -> tuple[list[CommonAttentionMetadata], torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """-> (attention metadata per KV-cache group (at least one), input ids, positions, token
+        type ids or None). The groups' metadata differ only in block table and slot mapping."""
         batch = self.input_batch
         n = batch.num_reqs
         num_scheduled = np.fromiter(
@@ -165,8 +191,8 @@ class ModelRunner:
         num_computed = batch.num_computed_tokens[:n]
         positions = num_computed[req_indices] + offsets
         input_ids = batch.token_ids_cpu[req_indices, positions]
-        block_numbers = batch.block_table[req_indices, positions // self.block_size].astype(np.int64)
-        slot_mapping = block_numbers * self.block_size + positions % self.block_size
+        block_numbers = batch.block_table[:, req_indices, positions // self.block_size].astype(np.int64)
+        slot_mapping = block_numbers * self.block_size + positions % self.block_size  # [groups, tokens]
         seq_lens = num_computed + num_scheduled
         max_blocks = int(batch.num_blocks[:n].max())
         query_start_loc = np.zeros(n + 1, dtype=np.int64)
@@ -176,8 +202,8 @@ class ModelRunner:
             query_lens=torch.from_numpy(num_scheduled),
             seq_lens=torch.from_numpy(seq_lens),
             num_computed_tokens=torch.from_numpy(num_computed.copy()),
-            block_table=torch.from_numpy(batch.block_table[:n, :max_blocks]).to(self.device),
-            slot_mapping=torch.from_numpy(slot_mapping).to(self.device),
+            block_table=torch.from_numpy(batch.block_table[0, :n, :max_blocks]).to(self.device),
+            slot_mapping=torch.from_numpy(slot_mapping[0]).to(self.device),
             num_reqs=n,
             num_actual_tokens=total,
             max_query_len=int(num_scheduled.max()),
@@ -191,8 +217,16 @@ class ModelRunner:
             if (token_type_starts < self.max_model_len).any():
                 # A text pair (cross-encoder): tokens from the second text on have type 1.
                 token_type_ids = torch.from_numpy(positions >= token_type_starts[req_indices]).long().to(self.device)
+        commons = [common] + [
+            dataclasses.replace(
+                common,
+                block_table=torch.from_numpy(batch.block_table[g, :n, :max_blocks]).to(self.device),
+                slot_mapping=torch.from_numpy(slot_mapping[g]).to(self.device),
+            )
+            for g in range(1, len(self.kv_cache_groups))
+        ]
         return (
-            common,
+            commons,
             torch.from_numpy(input_ids).to(self.device),
             torch.from_numpy(positions).to(self.device),
             token_type_ids,
@@ -209,8 +243,9 @@ class ModelRunner:
         if so.total_num_scheduled_tokens == 0 or n == 0:
             return ModelRunnerOutput([], {}, [], None, {})
 
-        common, input_ids, positions, token_type_ids = self._prepare_inputs(so)
-        attn_metadata = self.attn_backend.build_metadata(common)
+        commons, input_ids, positions, token_type_ids = self._prepare_inputs(so)
+        common = commons[0]
+        attn_metadata = self._build_attn_metadata(commons)
         with set_forward_context(attn_metadata):
             if token_type_ids is None:
                 hidden_states = self.model(input_ids, positions)
@@ -248,6 +283,10 @@ class ModelRunner:
             logprobs=logprobs,
             prompt_logprobs_dict=prompt_logprobs,
         )
+
+    def _build_attn_metadata(self, commons: list[CommonAttentionMetadata]) -> list[Any]:
+        """Backend metadata per KV-cache group; layers index it by their `kv_cache_group_id`."""
+        return [self.attn_backend.build_metadata(common) for common in commons]
 
     def _pool(
         self, hidden_states: torch.Tensor, common: CommonAttentionMetadata, req_ids: list[str]

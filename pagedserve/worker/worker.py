@@ -8,6 +8,7 @@ import psutil
 import torch
 
 from pagedserve.config import EngineConfig
+from pagedserve.core.kv_cache_interface import KVCacheGroupSpec
 from pagedserve.core.sched.output import SchedulerOutput
 from pagedserve.worker.model_runner import ModelRunner
 from pagedserve.worker.outputs import ModelRunnerOutput
@@ -33,7 +34,7 @@ class Worker:
     def determine_num_kv_blocks(self) -> int:
         """KV blocks that fit the configured (or default) budget, capped at what
         max_num_seqs sequences of max_model_len could ever use."""
-        if not self.model_runner.kv_cache_spec:
+        if not self.model_runner.kv_cache_groups:
             return 0  # issue 6: the model keeps no KV cache (encoder-only); allocate none
         cache_config = self.config.cache_config
         if cache_config.num_gpu_blocks is not None:
@@ -45,6 +46,7 @@ class Worker:
         max_useful = (
             self.config.scheduler_config.max_num_seqs
             * -(-int(self.config.model_config.max_model_len) // cache_config.block_size)  # type: ignore[arg-type]
+            * len(self.model_runner.kv_cache_groups)
             + 1
         )
         num_blocks = min(budget // max(per_block, 1), max_useful)
@@ -54,6 +56,9 @@ class Worker:
                 "raise --kv-cache-memory"
             )
         return int(num_blocks)
+
+    def get_kv_cache_groups(self) -> list[KVCacheGroupSpec]:
+        return self.model_runner.get_kv_cache_groups()
 
     def initialize_cache(self, num_blocks: int) -> None:
         self.model_runner.initialize_kv_cache(num_blocks)

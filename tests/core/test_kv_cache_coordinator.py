@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import msgspec
 import pytest
 import torch
 
 from pagedserve.core.kv_cache_interface import (
     FullAttentionSpec,
+    KVCacheGroupSpec,
     SlidingWindowSpec,
+    describe_kv_cache_groups,
     get_kv_cache_specs,
     group_kv_cache_specs,
 )
@@ -37,23 +40,66 @@ def _gemma3_config(layer_types: list[str]) -> SimpleNamespace:
     )
 
 
-def test_gemma3_layers_form_a_sliding_and_a_full_group() -> None:
+def _layer(i: int) -> str:
+    return f"model.layers.{i}.self_attn.attn"
+
+
+def test_gemma3_layers_form_equal_sized_sliding_and_full_groups() -> None:
     from pagedserve.models.gemma3 import Gemma3ForCausalLM
 
-    layer_types = ["sliding_attention"] * 5 + ["full_attention"] + ["sliding_attention"]
+    # Gemma-3-270M's pattern: 5 sliding layers, then 1 global, three times.
+    layer_types = (["sliding_attention"] * 5 + ["full_attention"]) * 3
     with torch.device("meta"):
         model = Gemma3ForCausalLM(_gemma3_config(layer_types), max_position=64)
     specs = get_kv_cache_specs(model, block_size=16, dtype_size=4)
-    assert list(specs) == [f"model.layers.{i}.self_attn.attn" for i in range(7)]
+    assert list(specs) == [_layer(i) for i in range(18)]
     groups = group_kv_cache_specs(specs)
-    assert [type(g.kv_cache_spec) for g in groups] == [SlidingWindowSpec, FullAttentionSpec]
-    assert groups[0].layer_names == tuple(f"model.layers.{i}.self_attn.attn" for i in (0, 1, 2, 3, 4, 6))
-    assert groups[1].layer_names == ("model.layers.5.self_attn.attn",)
-    assert (
-        groups[0].kv_cache_spec.page_size_bytes == groups[1].kv_cache_spec.page_size_bytes == 2 * 16 * 16 * 4
-    )
+    # 15 sliding + 3 full layers: groups of 3, so one block costs 3 layers' pages, not 18.
+    assert [type(g.kv_cache_spec) for g in groups] == [SlidingWindowSpec] * 5 + [FullAttentionSpec]
+    assert all(len(g.layer_names) == 3 for g in groups)
+    assert groups[0].layer_names == (_layer(0), _layer(1), _layer(2))
+    assert groups[1].layer_names == (_layer(3), _layer(4), _layer(6))
+    assert groups[5].layer_names == (_layer(5), _layer(11), _layer(17))
+    assert sorted(name for g in groups for name in g.layer_names) == sorted(specs)
+    assert {g.kv_cache_spec.page_size_bytes for g in groups} == {2 * 16 * 16 * 4}
     manager = KVCacheManager(num_blocks=32, block_size=16, kv_cache_groups=groups)
-    assert manager.num_groups == 2 and manager.empty_kv_cache_blocks.get_block_ids() == ([], [])
+    assert manager.num_groups == 6 and manager.empty_kv_cache_blocks.get_block_ids() == ([],) * 6
+
+    # --disable-hybrid-kv-cache-manager: every layer in one full-attention group.
+    (single,) = group_kv_cache_specs(specs, disable_hybrid=True)
+    assert isinstance(single.kv_cache_spec, FullAttentionSpec) and len(single.layer_names) == 18
+    assert "6 groups of 3 layers: 5 sliding-window (8), 1 full" == describe_kv_cache_groups(groups)
+
+
+def test_close_layer_counts_make_one_group_per_kind() -> None:
+    sliding = SlidingWindowSpec(16, 1, 8, 4, sliding_window=32)
+    full = FullAttentionSpec(16, 1, 8, 4)
+    specs = {f"s{i}": sliding for i in range(9)} | {f"f{i}": full for i in range(8)}
+    # 9 < 1.25 * 8: one group of 9 and one of 8, not groups of 8, 1 and 8.
+    assert [len(g.layer_names) for g in group_kv_cache_specs(specs)] == [9, 8]
+    specs = {f"s{i}": sliding for i in range(10)} | {f"f{i}": full for i in range(8)}
+    assert [len(g.layer_names) for g in group_kv_cache_specs(specs)] == [8, 2, 8]
+
+
+def test_kv_cache_groups_cross_processes_as_msgpack() -> None:
+    groups = [
+        KVCacheGroupSpec(("a", "b"), SlidingWindowSpec(16, 2, 8, 4, sliding_window=5)),
+        KVCacheGroupSpec(("c",), FullAttentionSpec(16, 2, 8, 4)),
+    ]
+    decoded = msgspec.convert(msgspec.msgpack.decode(msgspec.msgpack.encode(groups)), list[KVCacheGroupSpec])
+    assert decoded == groups and type(decoded[0].kv_cache_spec) is SlidingWindowSpec
+
+
+def test_max_blocks_of_a_request_counts_windows_and_chunks() -> None:
+    groups = [
+        KVCacheGroupSpec(("s",), SlidingWindowSpec(16, 1, 8, 4, sliding_window=33)),
+        KVCacheGroupSpec(("f",), FullAttentionSpec(16, 1, 8, 4)),
+    ]
+    manager = KVCacheManager(num_blocks=64, block_size=16, kv_cache_groups=groups)
+    # 1000 tokens: full 63 blocks; the window (2 blocks of keys + 1 being filled) + a 32-token chunk.
+    assert manager.num_blocks_for_tokens(1000, max_chunk_tokens=32) == 63 + 3 + 2
+    # the whole prompt in one step holds every block in both groups
+    assert manager.num_blocks_for_tokens(1000) == 2 * 63
 
 
 def test_groups_with_different_page_sizes_are_rejected() -> None:
@@ -61,7 +107,7 @@ def test_groups_with_different_page_sizes_are_rejected() -> None:
         "a": FullAttentionSpec(16, num_kv_heads=2, head_size=64, dtype_size=2),
         "b": SlidingWindowSpec(16, num_kv_heads=4, head_size=64, dtype_size=2, sliding_window=128),
     }
-    with pytest.raises(ValueError, match="page size"):
+    with pytest.raises(ValueError, match="page shape"):
         group_kv_cache_specs(specs)
 
 

@@ -75,7 +75,7 @@ def test_minilm_batch_is_packed_into_one_step_without_kv_cache_and_equals_transf
         assert config.cache_config.num_gpu_blocks == 0
         assert core.scheduler.kv_cache_manager.block_pool is None
         runner = core.executor.worker.model_runner  # type: ignore[attr-defined]
-        assert runner.kv_cache_spec == {} and runner.kv_caches == []
+        assert runner.kv_cache_groups == [] and runner.kv_caches == []
         assert all(layer.kv_cache is None and not layer.causal for layer in runner.attention_layers)
 
         sentences = mixed_length_sentences(64)

@@ -75,9 +75,10 @@ def test_tiny_gemma3_shared_prefix_hits_cache_and_matches_transformers(gemma3):
 
 def test_tiny_gemma3_preemption_matches_transformers(gemma3):
     path, _, prompts, reference = gemma3
-    # 8 usable blocks of 16: the four short requests admitted first grow to 12 blocks together,
-    # while the longest (124 tokens) still fits alone.
-    llm = LLM(path, dtype="float32", max_model_len=512, num_gpu_blocks_override=9)
+    # 4 KV-cache groups (3 sliding, 1 full) share 20 usable blocks of 16; with 32-token chunks a
+    # sliding group holds at most 4 blocks. The longest request (124 tokens) needs 8 + 3*4 = 20
+    # alone; the four short ones admitted first grow past that together.
+    llm = LLM(path, dtype="float32", max_model_len=512, num_gpu_blocks_override=21, max_num_batched_tokens=32)
     ours = _run(llm, prompts)
     assert llm.llm_engine.stats.num_preemptions > 0
     _assert_matches(ours, reference)

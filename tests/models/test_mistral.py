@@ -61,3 +61,34 @@ def test_tiny_mistral_chunked_prefill_matches_transformers(mistral):
     path, _, prompts, reference = mistral
     llm = LLM(path, dtype="float32", max_model_len=512, max_num_batched_tokens=16)
     _assert_matches(_run(llm, prompts), reference)
+
+
+def test_long_generation_holds_window_blocks_and_matches_transformers(mistral):
+    """500 generated tokens: the request's blocks stay O(window), not O(length), while the
+    output still equals transformers' (which keeps every key and masks by the window)."""
+    from pagedserve.engine.arg_utils import EngineArgs
+    from pagedserve.engine.core import EngineCore
+    from pagedserve.engine.processor import Processor
+    from pagedserve.tokenizer import get_tokenizer
+
+    path, _, prompts, _ = mistral
+    max_tokens = 500
+    reference = hf_greedy(path, prompts[:1], max_tokens)[0]
+    config = EngineArgs(model=path, dtype="float32", max_model_len=600).create_engine_config()
+    core = EngineCore(config)
+    manager = core.scheduler.kv_cache_manager
+    assert manager.num_groups == 1 and manager._has_window_groups
+    processor = Processor(config.model_config, get_tokenizer(path), [], config.scheduler_config)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    core.add_request(processor.process_inputs("long", {"prompt_token_ids": prompts[0]}, params)[0])
+    held: list[int] = []
+    tokens: list[int] = []
+    while core.has_unfinished_requests():
+        for output in core.step().outputs:
+            tokens += output.new_token_ids
+        held.append(manager.get_num_held_blocks("long"))
+    assert tokens[: len(reference)] == reference and len(tokens) == max_tokens
+    # window 16 over blocks of 16: the window's keys span at most 2 blocks, plus the one being
+    # filled; a full-attention cache would end at (60 + 500) / 16 = 35 blocks.
+    assert max(held[2:]) <= 3, held
+    assert manager.num_free_blocks == manager.num_usable_blocks

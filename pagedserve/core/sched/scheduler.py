@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from pagedserve.config.cache import CacheConfig
 from pagedserve.config.scheduler import SchedulerConfig
+from pagedserve.core.kv_cache_interface import KVCacheGroupSpec
 from pagedserve.core.kv_cache_manager import KVCacheManager
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
@@ -60,6 +61,7 @@ class Scheduler:
         scheduler_config: SchedulerConfig,
         cache_config: CacheConfig,
         log_stats: bool = True,
+        kv_cache_groups: Sequence[KVCacheGroupSpec] | None = None,
     ) -> None:
         if cache_config.num_gpu_blocks is None:
             raise ValueError("cache_config.num_gpu_blocks must be set before building a Scheduler")
@@ -81,6 +83,8 @@ class Scheduler:
             max_model_len=self.max_model_len,
             hash_seed=cache_config.prefix_caching_hash_seed,
             log_stats=log_stats,
+            # None (or none: a model without KV cache) means one full-attention group.
+            kv_cache_groups=kv_cache_groups or None,
         )
         self.block_hasher = self.kv_cache_manager.request_block_hasher
 
@@ -120,7 +124,7 @@ class Scheduler:
         if num_tokens > self.max_model_len:
             return f"{num_tokens} tokens exceed max_model_len={self.max_model_len}"
         manager = self.kv_cache_manager
-        if manager.num_blocks_for_tokens(num_tokens) > manager.num_usable_blocks:
+        if manager.num_blocks_for_tokens(num_tokens, self.max_num_scheduled_tokens) > manager.num_usable_blocks:
             return (
                 f"{num_tokens} tokens need more KV cache blocks than exist "
                 f"({manager.num_usable_blocks} blocks of {self.block_size} tokens)"
