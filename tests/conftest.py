@@ -284,6 +284,48 @@ _TINY_SLIDING_CONFIGS: dict[str, dict[str, Any]] = {
 
 
 @pytest.fixture(scope="session")
+def tiny_bamba(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: str) -> str:
+    """A tiny random float32 BambaForCausalLM (Mamba2 layers 0, 2, 3; attention layer 1) with
+    SmolLM2's tokenizer (prompts are token ids below the model's 1000-token vocabulary)."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    config = transformers.BambaConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_layer_indices=[1],
+        mamba_n_heads=8,
+        mamba_d_head=16,
+        mamba_n_groups=2,
+        mamba_d_state=16,
+        mamba_d_conv=4,
+        mamba_chunk_size=16,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.BambaForCausalLM(config).to(torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.uniform_(-3.0, 0.0)  # A in [-1, -0.05]: slow decays, so carried state matters
+            elif name.endswith("dt_bias"):
+                p.uniform_(-3.0, -1.0)
+            elif "norm" not in name:
+                p.normal_(0, 0.08)
+    out = Path(tmp_path_factory.mktemp("tiny_bamba"))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(smollm2_tokenizer_dir).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
 def make_tiny_sliding_checkpoint(
     tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: str
 ) -> Callable[..., str]:

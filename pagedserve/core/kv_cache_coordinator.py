@@ -1,8 +1,9 @@
 """One single-type manager per KV-cache group behind one interface, over one block pool.
 
-Invariant: every group's block list of a request has the same length (all groups share one block
-size, allocate at the same token boundaries, and prefix hits are cut to one common length), so
-block i covers the same tokens in every group.
+Invariant: every attention group's block list of a request has the same length (all groups share
+one block size, allocate at the same token boundaries, and prefix hits are cut to one common
+length), so block i covers the same tokens in every attention group. A Mamba state group's list
+is just [slot]; attention groups come first, so group 0 is always an attention group.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pagedserve.core.block_pool import BlockPool, KVCacheBlock
-from pagedserve.core.kv_cache_interface import KVCacheGroupSpec, SlidingWindowSpec
+from pagedserve.core.kv_cache_interface import KVCacheGroupSpec, MambaSpec, SlidingWindowSpec
 from pagedserve.core.kv_cache_utils import BlockHash
 from pagedserve.core.request import Request
 from pagedserve.core.single_type_kv_cache_manager import SingleTypeKVCacheManager, make_single_type_manager
@@ -18,7 +19,11 @@ from pagedserve.core.single_type_kv_cache_manager import SingleTypeKVCacheManage
 
 class KVCacheCoordinator:
     def __init__(
-        self, kv_cache_groups: Sequence[KVCacheGroupSpec], block_pool: BlockPool, enable_caching: bool
+        self,
+        kv_cache_groups: Sequence[KVCacheGroupSpec],
+        block_pool: BlockPool,
+        enable_caching: bool,
+        num_state_slots: int = 0,
     ) -> None:
         if not kv_cache_groups:
             raise ValueError("a KV-cache coordinator needs at least one group")
@@ -28,8 +33,10 @@ class KVCacheCoordinator:
         self.block_size = block_sizes.pop()
         self.block_pool = block_pool
         self.kv_cache_groups = tuple(kv_cache_groups)
+        if isinstance(kv_cache_groups[0].kv_cache_spec, MambaSpec):
+            raise ValueError("KV-cache group 0 must be an attention group (Mamba state groups come last)")
         self.managers: tuple[SingleTypeKVCacheManager, ...] = tuple(
-            make_single_type_manager(group.kv_cache_spec, block_pool, group_id, enable_caching)
+            make_single_type_manager(group.kv_cache_spec, block_pool, group_id, enable_caching, num_state_slots)
             for group_id, group in enumerate(kv_cache_groups)
         )
         # Only these drop blocks as requests advance; others skip that call on the hot path.
@@ -104,6 +111,8 @@ class KVCacheCoordinator:
         total = 0
         for group in self.kv_cache_groups:
             spec = group.kv_cache_spec
+            if isinstance(spec, MambaSpec):
+                continue  # a slot of its own pool
             if isinstance(spec, SlidingWindowSpec):
                 window_blocks = spec.max_num_blocks_per_request(num_tokens) + -(-max_chunk_tokens // self.block_size)
                 total += min(num_full, window_blocks)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pagedserve.core.block_pool import BlockPool, KVCacheBlock
 from pagedserve.core.kv_cache_coordinator import KVCacheCoordinator
-from pagedserve.core.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec
+from pagedserve.core.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec, MambaSpec
 from pagedserve.core.kv_cache_utils import RequestBlockHasher, get_request_block_hasher
 from pagedserve.core.request import Request
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -70,9 +73,15 @@ class KVCacheManager:
         hash_seed: int | None = None,
         log_stats: bool = True,
         kv_cache_groups: Sequence[KVCacheGroupSpec] | None = None,
+        num_state_slots: int = 0,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
+        if enable_caching and kv_cache_groups and any(isinstance(g.kv_cache_spec, MambaSpec) for g in kv_cache_groups):
+            # A Mamba slot holds the state after a request's last token only: no prefix of it
+            # can be reused. Turned off for the whole model (every group must hit together).
+            logger.info("prefix caching is off: the model has Mamba layers, whose state cannot be shared")
+            enable_caching = False
         # --- no-KV-cache mode (issue 6): no block pool at all when the model keeps no KV.
         enable_caching = enable_caching and num_blocks > 0
         self.block_size = block_size
@@ -94,7 +103,7 @@ class KVCacheManager:
         if mismatched:
             raise ValueError(f"every KV-cache group must use block_size={block_size}, got {mismatched}")
         self.coordinator: KVCacheCoordinator | None = (
-            KVCacheCoordinator(kv_cache_groups, self.block_pool, enable_caching)
+            KVCacheCoordinator(kv_cache_groups, self.block_pool, enable_caching, num_state_slots)
             if self.block_pool is not None
             else None
         )

@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 from pagedserve.core.block_pool import BlockPool, KVCacheBlock
-from pagedserve.core.kv_cache_interface import FullAttentionSpec, KVCacheSpec, SlidingWindowSpec
+from pagedserve.core.kv_cache_interface import FullAttentionSpec, KVCacheSpec, MambaSpec, SlidingWindowSpec
 from pagedserve.core.kv_cache_utils import BlockHash
 from pagedserve.core.request import Request
 
@@ -202,9 +202,80 @@ class SlidingWindowManager(SingleTypeKVCacheManager):
         return computed
 
 
+class MambaManager(SingleTypeKVCacheManager):
+    """One state slot per request from a slot pool of its own (not the shared block pool): the
+    request's block list is [slot] from its first allocation until it is freed.
+
+    No prefix caching: a slot holds the state after the request's last computed token only, so
+    no other request (or shorter prefix) can reuse it; a request always starts from token 0.
+    """
+
+    def __init__(
+        self,
+        kv_cache_spec: MambaSpec,
+        block_pool: BlockPool,
+        kv_cache_group_id: int,
+        enable_caching: bool,
+        num_slots: int,
+    ) -> None:
+        super().__init__(kv_cache_spec, block_pool, kv_cache_group_id, enable_caching=False)  # type: ignore[arg-type]
+        # Slot 0 is the pool's null block: slots 1..num_slots are handed out.
+        self.slot_pool = BlockPool(num_slots + 1, enable_caching=False)
+
+    def get_num_blocks_to_allocate(
+        self, request_id: str, num_tokens: int, new_computed_blocks: Sequence[KVCacheBlock]
+    ) -> int:
+        # Nothing from the shared pool; a request that needs a slot when none is free cannot be
+        # allocated (the scheduler then preempts, which frees a slot).
+        if request_id not in self.req_to_blocks and self.slot_pool.get_num_free_blocks() == 0:
+            return NO_SLOT
+        return 0
+
+    def save_new_computed_blocks(self, request_id: str, new_computed_blocks: Sequence[KVCacheBlock]) -> None:
+        assert not new_computed_blocks, "Mamba state has no prefix-cache hits"
+        self.req_to_blocks.setdefault(request_id, [])
+        self.num_cached_block.setdefault(request_id, 0)
+
+    def allocate_new_blocks(self, request_id: str, num_tokens: int) -> list[KVCacheBlock]:
+        req_blocks = self.req_to_blocks[request_id]
+        if req_blocks:
+            return []
+        req_blocks.extend(self.slot_pool.get_new_blocks(1))
+        return req_blocks[:]
+
+    def cache_blocks(self, request: Request, num_tokens: int) -> None:
+        return None
+
+    def free(self, request: Request) -> None:
+        self.num_cached_block.pop(request.request_id, None)
+        slots = self.req_to_blocks.pop(request.request_id, None)
+        if slots:
+            self.slot_pool.free_blocks(slots)
+
+    def find_longest_cache_hit(
+        self, block_hashes: Sequence[BlockHash], max_num_blocks: int
+    ) -> list[KVCacheBlock]:
+        return []
+
+    def get_num_held_blocks(self, request_id: str) -> int:
+        return 0  # slots are not blocks of the shared pool
+
+
+# More blocks than any pool has: "cannot allocate now".
+NO_SLOT = 1 << 62
+
+
 def make_single_type_manager(
-    kv_cache_spec: KVCacheSpec, block_pool: BlockPool, kv_cache_group_id: int, enable_caching: bool
+    kv_cache_spec: KVCacheSpec | MambaSpec,
+    block_pool: BlockPool,
+    kv_cache_group_id: int,
+    enable_caching: bool,
+    num_state_slots: int = 0,
 ) -> SingleTypeKVCacheManager:
+    if isinstance(kv_cache_spec, MambaSpec):
+        if num_state_slots < 1:
+            raise ValueError("a Mamba state group needs num_state_slots (max_num_seqs) >= 1")
+        return MambaManager(kv_cache_spec, block_pool, kv_cache_group_id, enable_caching, num_state_slots)
     if isinstance(kv_cache_spec, SlidingWindowSpec):
         return SlidingWindowManager(kv_cache_spec, block_pool, kv_cache_group_id, enable_caching)
     if isinstance(kv_cache_spec, FullAttentionSpec):

@@ -2,8 +2,9 @@
 
 One output-handler task reads the engine core's outputs, turns them into RequestOutputs (the
 OutputProcessor puts each into its request's queue) and feeds the stat loggers. `generate`
-is an async generator over one request's queue. If the engine dies, the handler fails every
-queue with EngineDeadError and later calls raise it at once.
+(SamplingParams) and `encode` (PoolingParams) are async generators over one request's queue.
+If the engine dies, the handler fails every queue with EngineDeadError and later calls raise it
+at once.
 """
 
 from __future__ import annotations
@@ -12,25 +13,28 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
 from pagedserve.config import EngineConfig
-from pagedserve.engine import SchedulerStats
+from pagedserve.engine import EngineCoreRequest, SchedulerStats
 from pagedserve.engine.arg_utils import EngineArgs
 from pagedserve.engine.core_client import AsyncMPClient
 from pagedserve.engine.exceptions import EngineDeadError
-from pagedserve.engine.output_processor import OutputProcessor
+from pagedserve.engine.output_processor import OutputProcessor, OutputQueue
 from pagedserve.engine.parallel_sampling import ParentRequest
 from pagedserve.engine.processor import Processor, PromptType
 from pagedserve.metrics.loggers import StatLoggerBase
 from pagedserve.metrics.stats import EngineTotals, IterationStats
-from pagedserve.outputs import RequestOutput
+from pagedserve.outputs import PoolingOutput, PoolingRequestOutput, RequestOutput
+from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.tokenizer import get_eos_token_ids, get_tokenizer
 
 logger = logging.getLogger(__name__)
+
+_OutputT = TypeVar("_OutputT", RequestOutput, PoolingRequestOutput)
 
 
 class AsyncLLM:
@@ -79,31 +83,51 @@ class AsyncLLM:
     async def add_request(
         self,
         request_id: str,
-        prompt: PromptType,
-        params: SamplingParams,
+        prompt: PromptType | EngineCoreRequest,
+        params: SamplingParams | PoolingParams | None,
         priority: int = 0,
         cache_salt: str | None = None,
-    ) -> asyncio.Queue[RequestOutput | Exception]:
-        """Validates and submits one request; returns the queue its outputs arrive in."""
+    ) -> OutputQueue:
+        """Validates and submits one request; returns the queue its outputs arrive in.
+
+        `prompt` may be a request the Processor already built (`process_inputs`, or
+        `process_score_pair` for a cross-encoder pair); `params`, `priority` and `cache_salt`
+        are then the request's own and these arguments are ignored."""
         if self.errored:
             raise self.dead_error or EngineDeadError()
         self._ensure_output_handler()
-        request, prompt_text = self.processor.process_inputs(
-            request_id, prompt, params, time.monotonic(), priority, cache_salt
-        )
-        assert request.sampling_params is not None
-        queue: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
-        if request.sampling_params.n == 1:
+        if isinstance(prompt, EngineCoreRequest):
+            if prompt.request_id != request_id:
+                raise ValueError(
+                    f"request_id {request_id!r} differs from the prebuilt request's {prompt.request_id!r}"
+                )
+            request, prompt_text = prompt, None
+        else:
+            if params is None:
+                raise ValueError("params are needed unless the prompt is a prebuilt EngineCoreRequest")
+            request, prompt_text = self.processor.process_inputs(
+                request_id, prompt, params, time.monotonic(), priority, cache_salt
+            )
+        queue: OutputQueue = asyncio.Queue()
+        if request.sampling_params is None or request.sampling_params.n == 1:
+            engine_requests = [request]
             self.output_processor.add_request(request, prompt_text, queue=queue)
-            await self.engine_core.add_request_async(request)
-            return queue
-        parent = ParentRequest(request_id, request.sampling_params)
-        for index, child in enumerate(parent.make_child_requests(request)):
-            self.output_processor.add_request(child, prompt_text, parent, index, queue=queue)
-            await self.engine_core.add_request_async(child)
+        else:
+            parent = ParentRequest(request_id, request.sampling_params)
+            engine_requests = parent.make_child_requests(request)
+            for index, child in enumerate(engine_requests):
+                self.output_processor.add_request(child, prompt_text, parent, index, queue=queue)
+        try:
+            for engine_request in engine_requests:
+                await self.engine_core.add_request_async(engine_request)
+        except BaseException:
+            # NOTE: a send cut short (the caller was cancelled, the engine died) may or may not
+            # have reached the engine core: forget the request on both sides, or it leaks.
+            await self.abort(request_id)
+            raise
         return queue
 
-    async def generate(
+    def generate(
         self,
         prompt: PromptType,
         sampling_params: SamplingParams,
@@ -113,7 +137,49 @@ class AsyncLLM:
     ) -> AsyncGenerator[RequestOutput, None]:
         """Yields the request's outputs until it finishes. Closing or cancelling the consumer
         aborts the request in the engine."""
-        queue = await self.add_request(request_id, prompt, sampling_params, priority, cache_salt)
+        if not isinstance(sampling_params, SamplingParams):
+            raise TypeError(f"generate takes SamplingParams, got {type(sampling_params).__name__}; use encode")
+        return self._stream_outputs(request_id, prompt, sampling_params, priority, cache_salt, RequestOutput)
+
+    def encode(
+        self,
+        prompt: PromptType | EngineCoreRequest,
+        pooling_params: PoolingParams | None,
+        request_id: str,
+        priority: int = 0,
+        truncate_prompt_tokens: int | None = None,
+        cache_salt: str | None = None,
+    ) -> AsyncGenerator[PoolingRequestOutput[PoolingOutput], None]:
+        """Yields the pooling request's one output (vLLM's AsyncLLM.encode): its `finish_reason`
+        is "stop", or "abort"/"error" with empty data. `prompt` may be a request the Processor
+        built (`process_score_pair` for a cross-encoder pair); `pooling_params` is None then.
+        Closing or cancelling the consumer aborts the request in the engine."""
+        if isinstance(prompt, EngineCoreRequest):
+            if prompt.pooling_params is None:
+                raise ValueError(f"request {prompt.request_id} is not a pooling request")
+            if pooling_params is not None or truncate_prompt_tokens is not None:
+                raise ValueError("a prebuilt request carries its own pooling params")
+        else:
+            if pooling_params is None:
+                pooling_params = PoolingParams()
+            if not isinstance(pooling_params, PoolingParams):
+                raise TypeError(f"encode takes PoolingParams, got {type(pooling_params).__name__}; use generate")
+            if truncate_prompt_tokens is not None:
+                pooling_params = pooling_params.clone()
+                pooling_params.truncate_prompt_tokens = truncate_prompt_tokens
+        return self._stream_outputs(request_id, prompt, pooling_params, priority, cache_salt, PoolingRequestOutput)
+
+    async def _stream_outputs(
+        self,
+        request_id: str,
+        prompt: PromptType | EngineCoreRequest,
+        params: SamplingParams | PoolingParams | None,
+        priority: int,
+        cache_salt: str | None,
+        output_type: type[_OutputT],
+    ) -> AsyncGenerator[_OutputT, None]:
+        """The path generate and encode share: submit, then yield from the request's queue."""
+        queue = await self.add_request(request_id, prompt, params, priority, cache_salt)
         finished = False
         try:
             while not finished:
@@ -122,6 +188,10 @@ class AsyncLLM:
                 if isinstance(item, Exception):
                     finished = True
                     raise item
+                if not isinstance(item, output_type):
+                    raise RuntimeError(
+                        f"request {request_id} produced a {type(item).__name__}, not a {output_type.__name__}"
+                    )
                 finished = item.finished
                 yield item
         finally:

@@ -39,13 +39,14 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
-    from pagedserve.benchmarks import overhead, serve, throughput
+    from pagedserve.benchmarks import embed, overhead, serve, throughput
 
     parser = subparsers.add_parser("bench", help="benchmarks")
     bench = parser.add_subparsers(dest="bench_command", required=True)
     throughput.add_cli_args(bench.add_parser("throughput", help="offline throughput vs transformers"))
     overhead.add_cli_args(bench.add_parser("overhead", help="engine time vs the ideal forward+sample loop"))
     serve.add_cli_args(bench.add_parser("serve", help="load generator for OpenAI-compatible servers"))
+    embed.add_cli_args(bench.add_parser("embed", help="embedding sentences/s vs sentence-transformers/transformers"))
 
 
 def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -55,7 +56,8 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, "
-        "/v1/chat/completions, /v1/models, /tokenize, /detokenize, /health, /metrics).",
+        "/v1/chat/completions, /v1/models, /tokenize, /detokenize, /health, /metrics; for pooling "
+        "models /v1/embeddings, /classify, /score, /rerank).",
     )
     make_arg_parser(parser)
     parser.set_defaults(func=_run_serve)

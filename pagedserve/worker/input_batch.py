@@ -43,8 +43,8 @@ class InputBatch:
     max_num_blocks_per_req: int
     vocab_size: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    # One block table per KV-cache group; every group's row has the same length (positional
-    # lists, see core/kv_cache_coordinator.py), so one `num_blocks` serves all groups.
+    # One block table per KV-cache group. Attention groups' rows have the same length
+    # (positional lists, see core/kv_cache_coordinator.py); a Mamba group's row is [slot].
     num_kv_cache_groups: int = 1
 
     def __post_init__(self) -> None:
@@ -57,7 +57,7 @@ class InputBatch:
         self.num_prompt_tokens = np.zeros(n, dtype=np.int64)
         self.num_computed_tokens = np.zeros(n, dtype=np.int64)
         self.block_table = np.zeros((max(self.num_kv_cache_groups, 1), n, self.max_num_blocks_per_req), dtype=np.int32)
-        self.num_blocks = np.zeros(n, dtype=np.int64)
+        self.num_blocks = np.zeros((max(self.num_kv_cache_groups, 1), n), dtype=np.int64)
         self.temperature = np.ones(n, dtype=np.float32)
         self.top_p = np.ones(n, dtype=np.float32)
         self.top_k = np.zeros(n, dtype=np.int64)
@@ -91,7 +91,7 @@ class InputBatch:
         self.num_tokens[i] = num_tokens
         self.num_prompt_tokens[i] = num_prompt
         self.num_computed_tokens[i] = state.num_computed_tokens
-        self.num_blocks[i] = 0
+        self.num_blocks[:, i] = 0
         self.append_block_ids(i, state.block_ids)
         sp = state.sampling_params
         if sp is None:
@@ -114,14 +114,12 @@ class InputBatch:
         return i
 
     def append_block_ids(self, row: int, block_ids: tuple[list[int], ...]) -> None:
-        """Appends each group's new blocks (all groups add the same number)."""
-        if not block_ids:
-            return
-        start = self.num_blocks[row]
-        end = start + len(block_ids[0])
+        """Appends each group's new blocks."""
         for group_id, ids in enumerate(block_ids):
-            self.block_table[group_id, row, start:end] = ids
-        self.num_blocks[row] = end
+            if ids:
+                start = self.num_blocks[group_id, row]
+                self.block_table[group_id, row, start : start + len(ids)] = ids
+                self.num_blocks[group_id, row] = start + len(ids)
 
     def remove_request(self, req_id: str) -> int | None:
         i = self.req_id_to_index.pop(req_id, None)
@@ -157,13 +155,13 @@ class InputBatch:
         self.req_id_to_index[req_id] = dst
         num_tokens = self.num_tokens[src]
         self.token_ids_cpu[dst, :num_tokens] = self.token_ids_cpu[src, :num_tokens]
-        num_blocks = self.num_blocks[src]
+        num_blocks = self.num_blocks[:, src].max()
         self.block_table[:, dst, :num_blocks] = self.block_table[:, src, :num_blocks]
+        self.num_blocks[:, dst] = self.num_blocks[:, src]
         for arr in (
             self.num_tokens,
             self.num_prompt_tokens,
             self.num_computed_tokens,
-            self.num_blocks,
             self.temperature,
             self.top_p,
             self.top_k,

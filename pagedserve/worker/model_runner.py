@@ -17,11 +17,18 @@ import torch
 from torch import nn
 
 from pagedserve.attention.backends.abstract import get_attn_backend
+from pagedserve.attention.backends.mamba2_attn import Mamba2AttentionMetadata
 from pagedserve.attention.forward_context import set_forward_context
 from pagedserve.attention.layer import Attention
 from pagedserve.attention.metadata import CommonAttentionMetadata
 from pagedserve.config import EngineConfig
-from pagedserve.core.kv_cache_interface import KVCacheGroupSpec, get_kv_cache_specs, group_kv_cache_specs
+from pagedserve.core.kv_cache_interface import (
+    KVCacheGroupSpec,
+    MambaSpec,
+    attention_groups,
+    get_kv_cache_specs,
+    group_kv_cache_specs,
+)
 from pagedserve.core.sched.output import SchedulerOutput
 from pagedserve.models.layers.pooler import PoolingMetadata, as_embedding_model
 from pagedserve.models.model_loader import get_model
@@ -86,6 +93,7 @@ class ModelRunner:
             disable_hybrid=self.config.scheduler_config.disable_hybrid_kv_cache_manager,
         )
         self.input_batch = self._make_input_batch(len(self.kv_cache_groups))
+        self.is_mamba_group = [isinstance(g.kv_cache_spec, MambaSpec) for g in self.kv_cache_groups]
 
     @property
     def attention_layers(self) -> list[Attention]:
@@ -97,19 +105,34 @@ class ModelRunner:
 
     @property
     def num_kv_cache_tensors(self) -> int:
-        """Layer j of every group shares tensor j (see core/kv_cache_interface.py)."""
-        return max((len(group.layer_names) for group in self.kv_cache_groups), default=0)
+        """Layer j of every attention group shares tensor j (see core/kv_cache_interface.py)."""
+        return max((len(group.layer_names) for group in attention_groups(self.kv_cache_groups)), default=0)
 
     def kv_cache_bytes_per_block(self) -> int:
         if not self.kv_cache_groups:
             return 0
         return self.num_kv_cache_tensors * self.kv_cache_groups[0].kv_cache_spec.page_size_bytes
 
+    @property
+    def num_state_slots(self) -> int:
+        """Mamba state slots per layer: one per request that can run at once, plus the null slot 0."""
+        return self.max_num_reqs + 1
+
+    def state_cache_bytes(self) -> int:
+        """Memory of every Mamba layer's state slots (allocated besides the KV blocks)."""
+        return sum(
+            len(group.layer_names) * group.kv_cache_spec.page_size_bytes * self.num_state_slots
+            for group in self.kv_cache_groups
+            if isinstance(group.kv_cache_spec, MambaSpec)
+        )
+
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = []
         if not self.kv_cache_groups:
             return
+        self._initialize_state_cache()
         spec = self.kv_cache_groups[0].kv_cache_spec
+        assert not isinstance(spec, MambaSpec)
         shape = self.attn_backend.get_kv_cache_shape(num_blocks, self.block_size, spec.num_kv_heads, spec.head_size)
         # zeros, not empty: padded reads of unused or null-block slots are masked, but 0 * NaN is NaN.
         self.kv_caches = [
@@ -118,9 +141,25 @@ class ModelRunner:
         ]
         layers = {layer.layer_name: layer for layer in self.attention_layers}
         for group_id, group in enumerate(self.kv_cache_groups):
+            if self.is_mamba_group[group_id]:
+                continue
             for j, layer_name in enumerate(group.layer_names):
                 layers[layer_name].kv_cache = self.kv_caches[j]
                 layers[layer_name].kv_cache_group_id = group_id
+
+    def _initialize_state_cache(self) -> None:
+        assert self.model is not None
+        mixers = {m.layer_name: m for m in self.model.modules() if hasattr(m, "get_state_shape")}
+        for group_id, group in enumerate(self.kv_cache_groups):
+            if not self.is_mamba_group[group_id]:
+                continue
+            for layer_name in group.layer_names:
+                mixer = mixers[layer_name]
+                (conv_shape, ssm_shape), (conv_dtype, ssm_dtype) = mixer.get_state_shape(), mixer.get_state_dtype()
+                # Never zeroed on reuse: a request with no computed tokens ignores its slot.
+                mixer.conv_state = torch.zeros((self.num_state_slots, *conv_shape), dtype=conv_dtype, device=self.device)
+                mixer.ssm_state = torch.zeros((self.num_state_slots, *ssm_shape), dtype=ssm_dtype, device=self.device)
+                mixer.kv_cache_group_id = group_id
 
     # ------------------------------------------------------------------ state updates
     def _update_states(self, so: SchedulerOutput) -> None:
@@ -194,7 +233,7 @@ class ModelRunner:
         block_numbers = batch.block_table[:, req_indices, positions // self.block_size].astype(np.int64)
         slot_mapping = block_numbers * self.block_size + positions % self.block_size  # [groups, tokens]
         seq_lens = num_computed + num_scheduled
-        max_blocks = int(batch.num_blocks[:n].max())
+        max_blocks = int(batch.num_blocks[:, :n].max())
         query_start_loc = np.zeros(n + 1, dtype=np.int64)
         query_start_loc[1:] = cu_num_tokens
         common = CommonAttentionMetadata(
@@ -285,8 +324,14 @@ class ModelRunner:
         )
 
     def _build_attn_metadata(self, commons: list[CommonAttentionMetadata]) -> list[Any]:
-        """Backend metadata per KV-cache group; layers index it by their `kv_cache_group_id`."""
-        return [self.attn_backend.build_metadata(common) for common in commons]
+        """Backend metadata per KV-cache group; layers index it by their `kv_cache_group_id`.
+        A Mamba group's block table holds one entry per request: its state slot."""
+        return [
+            Mamba2AttentionMetadata.build(common, common.block_table[:, 0].long())
+            if g < len(self.is_mamba_group) and self.is_mamba_group[g]
+            else self.attn_backend.build_metadata(common)
+            for g, common in enumerate(commons)
+        ]
 
     def _pool(
         self, hidden_states: torch.Tensor, common: CommonAttentionMetadata, req_ids: list[str]

@@ -42,6 +42,8 @@ class Worker:
         budget = cache_config.kv_cache_memory_bytes
         if budget is None:
             budget = min(int(psutil.virtual_memory().available * _CPU_KV_CACHE_FRACTION), _CPU_KV_CACHE_CAP_BYTES)
+        # Mamba state slots come out of the same budget, before any KV block.
+        budget -= self.model_runner.state_cache_bytes()
         per_block = self.model_runner.kv_cache_bytes_per_block()
         max_useful = (
             self.config.scheduler_config.max_num_seqs

@@ -11,6 +11,7 @@ import torch
 from pagedserve.core.kv_cache_interface import (
     FullAttentionSpec,
     KVCacheGroupSpec,
+    MambaSpec,
     SlidingWindowSpec,
     describe_kv_cache_groups,
     get_kv_cache_specs,
@@ -85,9 +86,55 @@ def test_kv_cache_groups_cross_processes_as_msgpack() -> None:
     groups = [
         KVCacheGroupSpec(("a", "b"), SlidingWindowSpec(16, 2, 8, 4, sliding_window=5)),
         KVCacheGroupSpec(("c",), FullAttentionSpec(16, 2, 8, 4)),
+        KVCacheGroupSpec(("m",), MambaSpec(16, ((96, 3), (8, 16, 16)), (4, 4))),
     ]
     decoded = msgspec.convert(msgspec.msgpack.decode(msgspec.msgpack.encode(groups)), list[KVCacheGroupSpec])
     assert decoded == groups and type(decoded[0].kv_cache_spec) is SlidingWindowSpec
+    assert type(decoded[2].kv_cache_spec) is MambaSpec
+
+
+def _mamba_groups() -> list[KVCacheGroupSpec]:
+    state = MambaSpec(16, ((96, 3), (8, 16, 16)), (4, 4))
+    specs = {"mamba0": state, "attn1": FullAttentionSpec(16, 2, 8, 4), "mamba2": state, "mamba3": state}
+    return group_kv_cache_specs(specs)
+
+
+def test_mamba_layers_form_a_state_group_after_the_attention_groups() -> None:
+    groups = _mamba_groups()
+    assert [g.layer_names for g in groups] == [("attn1",), ("mamba0", "mamba2", "mamba3")]
+    assert groups[1].kv_cache_spec.page_size_bytes == (96 * 3 + 8 * 16 * 16) * 4
+    assert describe_kv_cache_groups(groups).endswith("; 3 Mamba layers with one state slot per request")
+    with pytest.raises(ValueError, match="only Mamba"):
+        group_kv_cache_specs({"m": groups[1].kv_cache_spec})
+
+
+def test_mamba_state_slots_are_one_per_request_and_never_prefix_cached() -> None:
+    from pagedserve.core.request import Request
+    from pagedserve.sampling_params import SamplingParams
+
+    manager = KVCacheManager(
+        num_blocks=64, block_size=16, enable_caching=True, kv_cache_groups=_mamba_groups(), num_state_slots=2
+    )
+    assert not manager.enable_caching  # turned off: a state cannot be shared
+    params = SamplingParams(max_tokens=100)
+    requests = [Request(f"r{i}", list(range(40)), params, eos_token_id=None) for i in range(3)]
+    first = manager.allocate_slots(requests[0], 40)
+    assert first is not None
+    attn_blocks, slots = first.get_block_ids()
+    assert len(attn_blocks) == 3 and len(slots) == 1
+    requests[0].num_computed_tokens = 40
+    # a later step: more attention blocks, the same slot, no new one
+    later = manager.allocate_slots(requests[0], 10)
+    assert later is not None and later.get_block_ids() == ([later.blocks[0][0].block_id], [])
+    assert manager.get_block_ids("r0")[1] == slots
+    assert manager.allocate_slots(requests[1], 40) is not None
+    # two slots taken: a third request cannot be admitted, and nothing changed
+    free_before = manager.num_free_blocks
+    assert manager.allocate_slots(requests[2], 40) is None and manager.num_free_blocks == free_before
+    manager.free(requests[0])
+    third = manager.allocate_slots(requests[2], 40)
+    assert third is not None and third.get_block_ids()[1] == slots  # the freed slot, reused
+    assert manager.num_blocks_for_tokens(40) == 3  # slots are not blocks of the shared pool
 
 
 def test_max_blocks_of_a_request_counts_windows_and_chunks() -> None:

@@ -4,8 +4,6 @@ requests), and greedy generation driven step by step without the engine."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -21,57 +19,19 @@ from tests.conftest import hf_greedy
 
 pytestmark = pytest.mark.slow
 
-HIDDEN = 64
+HIDDEN = 64  # tests/conftest.py's tiny_bamba
 CHUNK_SIZE = 16
 BLOCK_SIZE = 16
 
 
 @pytest.fixture(scope="module")
-def bamba_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+def models(tiny_bamba: str) -> tuple[torch.nn.Module, BambaForCausalLM]:
     import transformers
 
-    config = transformers.BambaConfig(
-        vocab_size=1000,
-        hidden_size=HIDDEN,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_layer_indices=[1],
-        mamba_n_heads=8,
-        mamba_d_head=16,
-        mamba_n_groups=2,
-        mamba_d_state=16,
-        mamba_d_conv=4,
-        mamba_chunk_size=CHUNK_SIZE,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    model = transformers.BambaForCausalLM(config).to(torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("A_log"):
-                p.uniform_(-3.0, 0.0)  # A in [-1, -0.05]: slow decays, so carried state matters
-            elif name.endswith("dt_bias"):
-                p.uniform_(-3.0, -1.0)
-            elif "norm" not in name:
-                p.normal_(0, 0.08)
-    out = Path(tmp_path_factory.mktemp("tiny_bamba"))
-    model.save_pretrained(out)
-    return str(out)
-
-
-@pytest.fixture(scope="module")
-def models(bamba_dir: str) -> tuple[torch.nn.Module, BambaForCausalLM]:
-    import transformers
-
-    hf = transformers.BambaForCausalLM.from_pretrained(bamba_dir, dtype=torch.float32).eval()
+    hf = transformers.BambaForCausalLM.from_pretrained(tiny_bamba, dtype=torch.float32).eval()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PAGEDSERVE_ATTENTION_BACKEND", "CPU_SDPA")
-        ours = get_model(ModelConfig(bamba_dir, dtype="float32", max_model_len=256))
+        ours = get_model(ModelConfig(tiny_bamba, dtype="float32", max_model_len=256))
     assert isinstance(ours, BambaForCausalLM)
     return hf, ours
 
@@ -239,11 +199,11 @@ def _generate(
     return [t[len(p) :] for t, p in zip(tokens, prompts)]
 
 
-def test_greedy_generation_matches_transformers(models, bamba_dir):
+def test_greedy_generation_matches_transformers(models, tiny_bamba):
     _, ours = models
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (37, 9)]
-    want = hf_greedy(bamba_dir, prompts, 10)
+    want = hf_greedy(tiny_bamba, prompts, 10)
     # 12 tokens a step: the 37-token prompt is prefilled over 4 steps, the second prompt waits
     # for the budget in the first steps, then decodes next to the long prefill.
     assert _generate(ours, prompts, 10, budget=12) == want

@@ -85,6 +85,8 @@ class Scheduler:
             log_stats=log_stats,
             # None (or none: a model without KV cache) means one full-attention group.
             kv_cache_groups=kv_cache_groups or None,
+            # Mamba state slots: one per request that can run at once.
+            num_state_slots=scheduler_config.max_num_seqs,
         )
         self.block_hasher = self.kv_cache_manager.request_block_hasher
 

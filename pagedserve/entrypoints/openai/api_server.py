@@ -4,9 +4,11 @@
 and the endpoint handlers; `run_server(args)` starts the engine, binds the port and serves until
 SIGINT/SIGTERM. Handlers live in `serving_*.py`; this module only routes.
 
-Adding endpoints (e.g. pooling: /v1/embeddings, /classify, /score, /rerank): write an
-`OpenAIServing` subclass in its own `serving_*.py`, create it in `init_app_state` next to the
-others, and add its routes to `router`. Raise `OpenAIRequestError` for client errors.
+Adding endpoints: write an `OpenAIServing` subclass in its own `serving_*.py`, create it in
+`init_app_state` next to the others, and add its routes to `router`. Raise `OpenAIRequestError`
+for client errors. A generative model serves /v1/completions and /v1/chat/completions; a pooling
+model /v1/embeddings, /classify, /score and /rerank (each also under /v1, rerank under /v2 too);
+the other workflow's routes answer 400.
 """
 
 from __future__ import annotations
@@ -37,16 +39,23 @@ from pagedserve.engine.exceptions import EngineDeadError
 from pagedserve.entrypoints.openai.cli_args import load_chat_template, validate_parsed_serve_args
 from pagedserve.entrypoints.openai.protocol import (
     ChatCompletionRequest,
+    ClassificationRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     ErrorResponse,
     OpenAIRequestError,
+    RerankRequest,
+    ScoreRequest,
     TokenizeRequest,
     VersionResponse,
 )
 from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
+from pagedserve.entrypoints.openai.serving_classification import ServingClassification
 from pagedserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from pagedserve.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from pagedserve.entrypoints.openai.serving_models import BaseModelPath, OpenAIServingModels
+from pagedserve.entrypoints.openai.serving_score import ServingScores
 from pagedserve.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 
 if TYPE_CHECKING:
@@ -158,16 +167,70 @@ async def tokenizer_info(raw_request: Request) -> Response:
     return JSONResponse(handler.get_tokenizer_info().model_dump())
 
 
+def _handler(raw_request: Request, name: str, endpoint: str) -> Any:
+    """The app's handler `name`; a 400 naming the problem when the loaded model cannot serve
+    `endpoint` (init_app_state leaves the handler None then)."""
+    handler = getattr(raw_request.app.state, name)
+    if handler is None:
+        raise OpenAIRequestError(_unsupported_endpoint_message(raw_request.app.state.engine_config, endpoint))
+    return handler
+
+
+def _unsupported_endpoint_message(config: EngineConfig, endpoint: str) -> str:
+    model_config = config.model_config
+    if model_config.runner_type == "pooling":
+        return (
+            f"{endpoint} needs a generative model; this model is loaded for task {model_config.task!r} "
+            f"(serving {', '.join(model_config.pooling_tasks)}): use /v1/embeddings, /classify, /score "
+            "or /rerank"
+        )
+    # A decoder embeds (and so scores by cosine) with --task embed; it has no classifier head.
+    can_embed = endpoint in ("/v1/embeddings", "/score", "/rerank")
+    hint = " (start the server with --task embed to embed with it)" if can_embed else ""
+    return (
+        f"{endpoint} needs a pooling model (an embedding model, a classifier or a cross-encoder); "
+        f"{model_config.architectures[0]} is loaded as a generative model{hint}"
+    )
+
+
 @router.post("/v1/completions")
 async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
-    handler: OpenAIServingCompletion = raw_request.app.state.openai_serving_completion
+    handler: OpenAIServingCompletion = _handler(raw_request, "openai_serving_completion", "/v1/completions")
     return await _respond(raw_request, handler.create_completion(request, raw_request))
 
 
 @router.post("/v1/chat/completions")
 async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
-    handler: OpenAIServingChat = raw_request.app.state.openai_serving_chat
+    handler: OpenAIServingChat = _handler(raw_request, "openai_serving_chat", "/v1/chat/completions")
     return await _respond(raw_request, handler.create_chat_completion(request, raw_request))
+
+
+@router.post("/v1/embeddings")
+async def create_embedding(request: EmbeddingRequest, raw_request: Request) -> Response:
+    handler: OpenAIServingEmbedding = _handler(raw_request, "openai_serving_embedding", "/v1/embeddings")
+    return await _respond(raw_request, handler.create_embedding(request, raw_request))
+
+
+@router.post("/classify")
+@router.post("/v1/classify")
+async def create_classify(request: ClassificationRequest, raw_request: Request) -> Response:
+    handler: ServingClassification = _handler(raw_request, "openai_serving_classification", "/classify")
+    return await _respond(raw_request, handler.create_classify(request, raw_request))
+
+
+@router.post("/score")
+@router.post("/v1/score")
+async def create_score(request: ScoreRequest, raw_request: Request) -> Response:
+    handler: ServingScores = _handler(raw_request, "openai_serving_scores", "/score")
+    return await _respond(raw_request, handler.create_score(request, raw_request))
+
+
+@router.post("/rerank")
+@router.post("/v1/rerank")
+@router.post("/v2/rerank")
+async def do_rerank(request: RerankRequest, raw_request: Request) -> Response:
+    handler: ServingScores = _handler(raw_request, "openai_serving_scores", "/rerank")
+    return await _respond(raw_request, handler.do_rerank(request, raw_request))
 
 
 # ------------------------------------------------------------------------------ middleware
@@ -335,20 +398,36 @@ def init_app_state(
     state.openai_serving_models = models = OpenAIServingModels(
         [BaseModelPath(name, model_path) for name in names], max_model_len
     )
-    state.openai_serving_completion = OpenAIServingCompletion(
-        engine, models, log_requests=log_requests, chat_template=chat_template
+    # Each workflow's handlers exist only for a model loaded for it; a route whose handler is
+    # None answers 400 (see `_handler`).
+    generates = config.model_config.runner_type == "generate"
+    state.openai_serving_completion = (
+        OpenAIServingCompletion(engine, models, log_requests=log_requests, chat_template=chat_template)
+        if generates
+        else None
     )
-    state.openai_serving_chat = OpenAIServingChat(
-        engine,
-        models,
-        response_role=getattr(args, "response_role", "assistant"),
-        log_requests=log_requests,
-        chat_template=chat_template,
+    state.openai_serving_chat = (
+        OpenAIServingChat(
+            engine,
+            models,
+            response_role=getattr(args, "response_role", "assistant"),
+            log_requests=log_requests,
+            chat_template=chat_template,
+        )
+        if generates
+        else None
     )
     state.openai_serving_tokenization = OpenAIServingTokenization(
         engine, models, log_requests=log_requests, chat_template=chat_template
     )
-    # Pooling handlers (embeddings, classify, score, rerank) are created here.
+    # A pooling model that cannot serve a task (/classify on an embedder) gets the Processor's 400.
+    state.openai_serving_embedding = (
+        None if generates else OpenAIServingEmbedding(engine, models, log_requests=log_requests)
+    )
+    state.openai_serving_classification = (
+        None if generates else ServingClassification(engine, models, log_requests=log_requests)
+    )
+    state.openai_serving_scores = None if generates else ServingScores(engine, models, log_requests=log_requests)
 
 
 async def _log_stats_periodically(app: FastAPI, interval_s: float) -> None:

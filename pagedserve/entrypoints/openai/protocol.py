@@ -2,6 +2,7 @@
 
 Field names, defaults and response shapes follow OpenAI's API reference; vLLM's extra sampling
 fields (`top_k`, `min_p`, `ignore_eos`, ...) are accepted on completions and chat as vLLM does.
+The pooling endpoints (/v1/embeddings, /classify, /score, /rerank) follow vLLM's shapes.
 Requests tolerate unknown fields (clients such as load generators send their own) and the server
 logs them; a known field with a value of the wrong type is a 400.
 """
@@ -21,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from pagedserve.pooling_params import PoolingParams, PoolingTask
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 
 # Torch generators take 64-bit seeds.
@@ -188,12 +190,11 @@ class _SamplingRequestFields(OpenAIBaseModel):
                 output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
             )
         except ValueError as e:
-            raise OpenAIRequestError(str(e), param=_param_of_sampling_error(str(e))) from e
+            raise OpenAIRequestError(str(e), param=_param_of_params_error(str(e), "SamplingParams.")) from e
 
 
-def _param_of_sampling_error(message: str) -> str | None:
-    # SamplingParams errors read "SamplingParams.<field> must be ...".
-    prefix = "SamplingParams."
+def _param_of_params_error(message: str, prefix: str) -> str | None:
+    # SamplingParams / PoolingParams errors read "<prefix><field> must be ...".
     if not message.startswith(prefix):
         return None
     return message[len(prefix) :].split(" ", 1)[0]
@@ -449,6 +450,154 @@ class ChatCompletionStreamResponse(BaseModel):
     choices: list[ChatCompletionResponseStreamChoice]
     usage: UsageInfo | None = None
     system_fingerprint: str | None = None
+
+
+# ------------------------------------------------------------------------------------ pooling
+
+
+# A str is one text, a list of str many texts, a list of ints one token-id prompt, a list of
+# lists many (smart-mode union, as for completions).
+PoolingInput = list[int] | list[list[int]] | str | list[str]
+
+
+class PoolingUsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+
+
+class _PoolingRequestFields(OpenAIBaseModel):
+    """Fields every pooling request shares (vLLM's names)."""
+
+    model: str | None = None
+    user: str | None = None
+    # -1: truncate to max_model_len; None: a prompt over max_model_len is a 400.
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
+    priority: int = 0
+    request_id: str | None = None
+
+    def _build_pooling_params(self, **fields: Any) -> PoolingParams:
+        try:
+            return PoolingParams(truncate_prompt_tokens=self.truncate_prompt_tokens, **fields)
+        except ValueError as e:
+            raise OpenAIRequestError(str(e), param=_param_of_params_error(str(e), "PoolingParams.")) from e
+
+
+class EmbeddingRequest(_PoolingRequestFields):
+    """POST /v1/embeddings (OpenAI's, with vLLM's extras)."""
+
+    input: PoolingInput
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    add_special_tokens: bool = True
+    normalize: bool | None = None
+
+    def to_pooling_params(self) -> PoolingParams:
+        return self._build_pooling_params(task="embed", dimensions=self.dimensions, normalize=self.normalize)
+
+
+class EmbeddingResponseData(BaseModel):
+    index: int
+    object: Literal["embedding"] = "embedding"
+    # base64: the little-endian float32 bytes, as OpenAI encodes them.
+    embedding: list[float] | str
+
+
+class EmbeddingResponse(BaseModel):
+    id: str = Field(default_factory=lambda: f"embd-{random_uuid()}")
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[EmbeddingResponseData]
+    usage: PoolingUsageInfo
+
+
+class ClassificationRequest(_PoolingRequestFields):
+    """POST /classify (vLLM's)."""
+
+    input: PoolingInput
+    add_special_tokens: bool = True
+    # False: raw logits instead of probabilities.
+    activation: bool | None = None
+
+    def to_pooling_params(self) -> PoolingParams:
+        return self._build_pooling_params(task="classify", activation=self.activation)
+
+
+class ClassificationData(BaseModel):
+    index: int
+    label: str | None
+    probs: list[float]
+    num_classes: int
+
+
+class ClassificationResponse(BaseModel):
+    id: str = Field(default_factory=lambda: f"classify-{random_uuid()}")
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[ClassificationData]
+    usage: PoolingUsageInfo
+
+
+class _ScoringRequestFields(_PoolingRequestFields):
+    # Cross-encoders only; False: the raw logit instead of its sigmoid.
+    activation: bool | None = None
+
+    def to_pooling_params(self, task: PoolingTask) -> PoolingParams:
+        """task "score": a cross-encoder pair; "embed": one side of a bi-encoder pair."""
+        return self._build_pooling_params(task=task, activation=self.activation)
+
+
+class ScoreRequest(_ScoringRequestFields):
+    """POST /score (vLLM's): one text_1 against every text_2, or pairwise for equal lengths."""
+
+    text_1: str | list[str]
+    text_2: str | list[str]
+
+
+class ScoreResponseData(BaseModel):
+    index: int
+    object: Literal["score"] = "score"
+    score: float
+
+
+class ScoreResponse(BaseModel):
+    id: str = Field(default_factory=lambda: f"score-{random_uuid()}")
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[ScoreResponseData]
+    usage: PoolingUsageInfo
+
+
+class RerankRequest(_ScoringRequestFields):
+    """POST /rerank (vLLM's, Jina/Cohere-style): the documents ordered by relevance to the query."""
+
+    query: str
+    documents: list[str]
+    # 0: every document.
+    top_n: int = Field(default=0, ge=0)
+
+
+class RerankDocument(BaseModel):
+    text: str
+
+
+class RerankResult(BaseModel):
+    index: int
+    document: RerankDocument
+    relevance_score: float
+
+
+class RerankUsage(BaseModel):
+    total_tokens: int
+
+
+class RerankResponse(BaseModel):
+    id: str = Field(default_factory=lambda: f"rerank-{random_uuid()}")
+    model: str
+    usage: RerankUsage
+    results: list[RerankResult]
 
 
 # -------------------------------------------------------------------------------------- models

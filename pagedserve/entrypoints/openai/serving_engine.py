@@ -1,5 +1,5 @@
 """OpenAIServing: what every endpoint handler shares — model check, request ids, prompt
-tokenization and validation, chat templates, and the engine client.
+tokenization and validation, chat templates, running pooling requests, and the engine client.
 
 Endpoint classes (completions, chat, tokenization, and the pooling endpoints) subclass it. They
 raise `OpenAIRequestError` for anything the client got wrong; the app turns it into OpenAI's error
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -21,14 +21,18 @@ from pagedserve.entrypoints.openai.protocol import (
     ChatCompletionMessageParam,
     OpenAIBaseModel,
     OpenAIRequestError,
+    PoolingInput,
     random_uuid,
 )
 from pagedserve.entrypoints.openai.serving_models import OpenAIServingModels
+from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from pagedserve.engine import EngineCoreRequest
     from pagedserve.engine.async_llm import AsyncLLM
-    from pagedserve.engine.processor import TokensPrompt
+    from pagedserve.engine.processor import PromptType, TokensPrompt
+    from pagedserve.outputs import PoolingOutput, PoolingRequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +166,81 @@ class OpenAIServing:
                 "+".join(str(len(p.token_ids)) for p in prompts),
                 params,
             )
+
+    # ------------------------------------------------------------------------------ pooling
+
+    def _pooling_prompts(self, inputs: PoolingInput, add_special_tokens: bool, param: str = "input") -> list[PromptType]:
+        """The engine prompts of a pooling request's `input`: texts stay texts (the Processor
+        tokenizes and truncates them exactly as `LLM.embed` does), token ids are used as given."""
+        if isinstance(inputs, str):
+            items: list[str] | list[list[int]] = [inputs]
+        elif not inputs:
+            raise OpenAIRequestError(f"{param} must not be empty", param=param)
+        elif isinstance(inputs[0], int):
+            items = [inputs]  # type: ignore[list-item]
+        else:
+            items = inputs  # type: ignore[assignment]
+        prompts: list[PromptType] = []
+        for item in items:
+            if isinstance(item, str):
+                if add_special_tokens:
+                    prompts.append(item)
+                else:
+                    token_ids = self.tokenizer.encode(item, add_special_tokens=False)
+                    prompts.append({"prompt_token_ids": token_ids, "prompt": item})
+            else:
+                prompts.append({"prompt_token_ids": list(item)})
+        return prompts
+
+    def _build_pooling_requests(
+        self,
+        response_id: str,
+        prompts: Sequence[PromptType],
+        params: PoolingParams,
+        priority: int,
+        param: str = "input",
+    ) -> list[EngineCoreRequest]:
+        """Validates (and tokenizes) every prompt before any reaches the engine: a bad prompt
+        among several submits nothing. A prompt's error names its index when there are several."""
+        requests = []
+        for index, prompt in enumerate(prompts):
+            try:
+                request, _ = self.engine_client.processor.process_inputs(
+                    self._engine_request_id(response_id, index), prompt, params, priority=priority
+                )
+            except ValueError as e:
+                where = f"{param}[{index}]: " if len(prompts) > 1 else ""
+                raise OpenAIRequestError(f"{where}{e}", param=param) from e
+            requests.append(request)
+        return requests
+
+    async def _run_pooling_requests(
+        self, requests: list[EngineCoreRequest]
+    ) -> list[PoolingRequestOutput[PoolingOutput]]:
+        """Runs prebuilt pooling requests concurrently; their outputs in request order."""
+        if self.log_requests:
+            logger.info(
+                "Received pooling requests %s: %s prompt tokens, params: %s",
+                requests[0].request_id,
+                "+".join(str(len(r.prompt_token_ids)) for r in requests),
+                requests[0].pooling_params,
+            )
+        merged = merge_async_iterators(
+            *(self.engine_client.encode(request, None, request.request_id) for request in requests)
+        )
+        outputs: list[PoolingRequestOutput[PoolingOutput] | None] = [None] * len(requests)
+        try:
+            async for index, output in merged:
+                outputs[index] = output
+        except Exception as e:
+            raise self.error_from_exception(e) from e
+        for output in outputs:
+            if output is None or output.finish_reason != "stop":
+                reason = "no output" if output is None else output.finish_reason
+                raise OpenAIRequestError(
+                    f"the request ended without a result ({reason})", status_code=500, err_type="server_error"
+                )
+        return outputs  # type: ignore[return-value]
 
     # ------------------------------------------------------------------------ chat template
 

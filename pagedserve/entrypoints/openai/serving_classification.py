@@ -1,0 +1,66 @@
+"""POST /classify (vLLM's classification API): each input's label probabilities.
+
+`label` is the checkpoint's `id2label` name of the most probable class (None when the config
+names no labels); `probs` are softmax probabilities (sigmoid for a one-label model), or raw
+logits with `activation: false`, equal to `LLM.classify`'s.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+
+from pagedserve.entrypoints.openai.protocol import (
+    ClassificationData,
+    ClassificationRequest,
+    ClassificationResponse,
+    PoolingUsageInfo,
+)
+from pagedserve.entrypoints.openai.serving_engine import OpenAIServing
+from pagedserve.entrypoints.openai.serving_models import OpenAIServingModels
+from pagedserve.outputs import ClassificationOutput
+
+if TYPE_CHECKING:
+    from pagedserve.engine.async_llm import AsyncLLM
+
+
+class ServingClassification(OpenAIServing):
+    def __init__(
+        self, engine_client: AsyncLLM, models: OpenAIServingModels, *, log_requests: bool = True
+    ) -> None:
+        super().__init__(engine_client, models, log_requests=log_requests)
+        id2label = getattr(engine_client.model_config.hf_config, "id2label", None) or {}
+        # config.json keys are strings ("0": "LABEL_0").
+        self.id2label: dict[int, str] = {int(index): str(label) for index, label in id2label.items()}
+
+    async def create_classify(
+        self, request: ClassificationRequest, raw_request: Request | None = None
+    ) -> ClassificationResponse:
+        self.models.check_model(request.model)
+        self._check_engine_alive()
+        self._warn_unknown_fields(request)
+        response_id = f"classify-{self._base_request_id(raw_request, request.request_id)}"
+        prompts = self._pooling_prompts(request.input, request.add_special_tokens)
+        requests = self._build_pooling_requests(
+            response_id, prompts, request.to_pooling_params(), request.priority
+        )
+        outputs = await self._run_pooling_requests(requests)
+        data = []
+        for index, output in enumerate(outputs):
+            probs = ClassificationOutput.from_base(output.outputs).probs
+            best = max(range(len(probs)), key=probs.__getitem__)
+            data.append(
+                ClassificationData(
+                    index=index, label=self.id2label.get(best), probs=probs, num_classes=len(probs)
+                )
+            )
+        num_prompt_tokens = sum(len(output.prompt_token_ids) for output in outputs)
+        return ClassificationResponse(
+            id=response_id,
+            created=int(time.time()),
+            model=self.models.model_name(),
+            data=data,
+            usage=PoolingUsageInfo(prompt_tokens=num_prompt_tokens, total_tokens=num_prompt_tokens),
+        )
