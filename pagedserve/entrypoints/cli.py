@@ -39,13 +39,16 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
-    from pagedserve.benchmarks import embed, overhead, serve, throughput
+    from pagedserve.benchmarks import embed, overhead, prefix_caching, serve, throughput
 
     parser = subparsers.add_parser("bench", help="benchmarks")
     bench = parser.add_subparsers(dest="bench_command", required=True)
     throughput.add_cli_args(bench.add_parser("throughput", help="offline throughput vs transformers"))
     overhead.add_cli_args(bench.add_parser("overhead", help="engine time vs the ideal forward+sample loop"))
     serve.add_cli_args(bench.add_parser("serve", help="load generator for OpenAI-compatible servers"))
+    prefix_caching.add_cli_args(
+        bench.add_parser("prefix-caching", help="prefix caching: cost at 0%% hits, TTFT with a shared prefix")
+    )
     embed.add_cli_args(bench.add_parser("embed", help="embedding sentences/s vs sentence-transformers/transformers"))
 
 
