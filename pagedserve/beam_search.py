@@ -1,19 +1,33 @@
 """Beam search outside the engine, on top of generation with top logprobs and prefix caching.
 
-The engine knows nothing of beams. `LLM.beam_search` turns every live beam into a one-token
-request over prompt + beam tokens (prefix caching reuses the KV blocks the beams share), and
+The engine knows nothing of beams. Each step turns every live beam into a one-token request over
+prompt + beam tokens (prefix caching reuses the KV blocks the beams share), and
 `BeamSearchInstance.advance` picks the next beams from the returned top logprobs. The selection
 follows transformers' beam search (`generate(num_beams=..., do_sample=False)`), so that both
 return the same beams and scores.
+
+`BeamSearchBatch` holds the beams of several prompts and does no I/O; `beam_search` (for
+`LLM.beam_search`) and `beam_search_async` (for `AsyncLLM.beam_search`) drive it with a callable
+that runs one step's requests on an engine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from pagedserve.outputs import Logprob
-from pagedserve.sampling_params import BeamSearchParams
+from pagedserve.engine.processor import PromptType, parse_prompt
+from pagedserve.outputs import Logprob, RequestOutput
+from pagedserve.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
+
+if TYPE_CHECKING:
+    from pagedserve.engine.processor import Processor
+
+# Runs one step: one request per prompt (token ids), all with the given params; returns their
+# final outputs in the same order.
+RunBeamSearchStep = Callable[[list[list[int]], SamplingParams], Sequence[RequestOutput]]
+AsyncRunBeamSearchStep = Callable[[list[list[int]], SamplingParams], Awaitable[Sequence[RequestOutput]]]
 
 
 @dataclass(slots=True)
@@ -26,6 +40,7 @@ class BeamSearchSequence:
     cum_logprob: float = 0.0
     text: str | None = None
     finish_reason: str | None = None  # "stop" (ended with EOS) or "length" (max_tokens)
+    stop_reason: int | None = None  # the EOS id that ended it, unless the tokenizer's own EOS
     num_prompt_tokens: int = 0
 
     @property
@@ -176,3 +191,103 @@ class BeamSearchInstance:
             finish_reason=finish_reason,
             num_prompt_tokens=beam.num_prompt_tokens,
         )
+
+
+class BeamSearchBatch:
+    """Beam search over several prompts in lockstep: one `BeamSearchInstance` per prompt.
+
+    A step is `step_prompts()` (every live beam of every unfinished prompt, prompt-major) run as
+    `max_tokens=1` requests with `step_params`, whose outputs go back to `advance` in the same
+    order. Once `finished`, `outputs()` gives the result.
+    """
+
+    def __init__(self, prompts: Sequence[PromptType], params: BeamSearchParams, processor: Processor) -> None:
+        self.params = params
+        self.tokenizer = processor.tokenizer
+        self.eos_token_id = processor.eos_token_id
+        eos_token_ids = [t for t in [processor.eos_token_id, *processor.extra_eos_token_ids] if t is not None]
+        self.instances: list[BeamSearchInstance] = []
+        for prompt in prompts:
+            text, token_ids = parse_prompt(prompt)
+            if token_ids is None:
+                token_ids = self.tokenizer.encode(text)
+            # A prompt too long for even one token gets max_tokens 1 here; the engine rejects it.
+            max_tokens = max(1, min(params.max_tokens, processor.max_model_len - len(token_ids)))
+            self.instances.append(BeamSearchInstance(token_ids, params, eos_token_ids, max_tokens))
+        if not self.instances:
+            raise ValueError("beam search needs at least one prompt")
+        self.step_params = SamplingParams(
+            max_tokens=1,
+            temperature=params.temperature,
+            logprobs=self.instances[0].num_logprobs,
+            ignore_eos=True,
+            detokenize=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        self._live: list[BeamSearchInstance] = list(self.instances)
+
+    @property
+    def finished(self) -> bool:
+        return not self._live
+
+    def step_prompts(self) -> list[list[int]]:
+        return [beam.tokens for instance in self._live for beam in instance.beams]
+
+    def advance(self, step_outputs: Sequence[RequestOutput]) -> None:
+        """Takes the outputs of the requests for `step_prompts()`, in that order."""
+        num_beams = sum(len(instance.beams) for instance in self._live)
+        if len(step_outputs) != num_beams:
+            raise ValueError(f"got {len(step_outputs)} step outputs for {num_beams} beams")
+        start = 0
+        for instance in self._live:
+            end = start + len(instance.beams)
+            top_logprobs = []
+            for output in step_outputs[start:end]:
+                logprobs = output.outputs[0].logprobs
+                if output.outputs[0].finish_reason not in ("stop", "length") or not logprobs:
+                    raise RuntimeError(
+                        f"beam search step request {output.request_id} finished with "
+                        f"{output.outputs[0].finish_reason!r}; see the engine's log"
+                    )
+                top_logprobs.append(logprobs[0])
+            instance.advance(top_logprobs)
+            start = end
+        self._live = [instance for instance in self._live if not instance.finished]
+
+    def outputs(self) -> list[BeamSearchOutput]:
+        """Per prompt, its `beam_width` best sequences (best first), their `text` decoded."""
+        if not self.finished:
+            raise RuntimeError("outputs() called before the beam search finished")
+        for instance in self.instances:
+            for sequence in instance.completed:
+                token_ids = sequence.output_token_ids
+                if sequence.finish_reason == "stop" and not self.params.include_stop_str_in_output:
+                    token_ids = token_ids[:-1]
+                sequence.text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+                # As the engine reports it: the generation config's extra EOS ids are stop ids.
+                if sequence.finish_reason == "stop" and sequence.tokens[-1] != self.eos_token_id:
+                    sequence.stop_reason = sequence.tokens[-1]
+        return [BeamSearchOutput(sequences=instance.completed) for instance in self.instances]
+
+
+def beam_search(
+    prompts: Sequence[PromptType], params: BeamSearchParams, processor: Processor, run_step: RunBeamSearchStep
+) -> list[BeamSearchOutput]:
+    """Runs beam search over the prompts to the end, one `run_step` call per step."""
+    batch = BeamSearchBatch(prompts, params, processor)
+    while not batch.finished:
+        batch.advance(run_step(batch.step_prompts(), batch.step_params))
+    return batch.outputs()
+
+
+async def beam_search_async(
+    prompts: Sequence[PromptType],
+    params: BeamSearchParams,
+    processor: Processor,
+    run_step: AsyncRunBeamSearchStep,
+) -> list[BeamSearchOutput]:
+    """`beam_search` with a coroutine for the step."""
+    batch = BeamSearchBatch(prompts, params, processor)
+    while not batch.finished:
+        batch.advance(await run_step(batch.step_prompts(), batch.step_params))
+    return batch.outputs()

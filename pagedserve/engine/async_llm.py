@@ -2,7 +2,8 @@
 
 One output-handler task reads the engine core's outputs, turns them into RequestOutputs (the
 OutputProcessor puts each into its request's queue) and feeds the stat loggers. `generate`
-(SamplingParams) and `encode` (PoolingParams) are async generators over one request's queue.
+(SamplingParams) and `encode` (PoolingParams) are async generators over one request's queue;
+`beam_search` runs each step's one-token requests through `generate`, concurrently.
 If the engine dies, the handler fails every queue with EngineDeadError and later calls raise it
 at once.
 """
@@ -10,13 +11,15 @@ at once.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Coroutine
 from typing import Any, TypeVar
 
 import msgspec
 
+from pagedserve.beam_search import beam_search_async
 from pagedserve.config import EngineConfig
 from pagedserve.engine import EngineCoreRequest, SchedulerStats
 from pagedserve.engine.arg_utils import EngineArgs
@@ -24,17 +27,32 @@ from pagedserve.engine.core_client import AsyncMPClient
 from pagedserve.engine.exceptions import EngineDeadError
 from pagedserve.engine.output_processor import OutputProcessor, OutputQueue
 from pagedserve.engine.parallel_sampling import ParentRequest
-from pagedserve.engine.processor import Processor, PromptType
+from pagedserve.engine.processor import Processor, PromptType, parse_prompt
 from pagedserve.metrics.loggers import StatLoggerBase
 from pagedserve.metrics.stats import EngineTotals, IterationStats
-from pagedserve.outputs import PoolingOutput, PoolingRequestOutput, RequestOutput
+from pagedserve.outputs import CompletionOutput, PoolingOutput, PoolingRequestOutput, RequestOutput
 from pagedserve.pooling_params import PoolingParams
-from pagedserve.sampling_params import SamplingParams
+from pagedserve.sampling_params import BeamSearchParams, SamplingParams
 from pagedserve.tokenizer import get_eos_token_ids, get_tokenizer
 
 logger = logging.getLogger(__name__)
 
 _OutputT = TypeVar("_OutputT", RequestOutput, PoolingRequestOutput)
+_T = TypeVar("_T")
+
+
+async def _gather_or_cancel_all(coroutines: list[Coroutine[Any, Any, _T]]) -> list[_T]:
+    """The coroutines' results, run as concurrent tasks. If one fails, the others are cancelled
+    (and awaited) before its error is raised; if the caller is cancelled, gather cancels them all
+    and waits for them, so every generator has aborted its request when this returns."""
+    tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except Exception:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+        raise
 
 
 class AsyncLLM:
@@ -140,6 +158,86 @@ class AsyncLLM:
         if not isinstance(sampling_params, SamplingParams):
             raise TypeError(f"generate takes SamplingParams, got {type(sampling_params).__name__}; use encode")
         return self._stream_outputs(request_id, prompt, sampling_params, priority, cache_salt, RequestOutput)
+
+    async def beam_search(
+        self,
+        prompt: PromptType,
+        request_id: str,
+        params: BeamSearchParams,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """Beam search over one prompt (vLLM's `EngineClient.beam_search`, the beams of
+        `LLM.beam_search`): yields one finished RequestOutput whose outputs are the `beam_width`
+        best sequences, best first, with `index` their rank and `logprobs` None.
+
+        Step k runs one `max_tokens=1` request per live beam, concurrently, with ids
+        f"{request_id}-beam{k}-{i}". Cancelling or closing the consumer aborts the step's
+        requests still in flight."""
+        if self.errored:
+            raise self.dead_error or EngineDeadError()
+        step_numbers = itertools.count()
+        num_cached_tokens = 0
+
+        async def run_step(step_prompts: list[list[int]], step_params: SamplingParams) -> list[RequestOutput]:
+            nonlocal num_cached_tokens
+            step = next(step_numbers)
+            outputs = await _gather_or_cancel_all(
+                [
+                    self._final_output(
+                        {"prompt_token_ids": token_ids},
+                        step_params,
+                        f"{request_id}-beam{step}-{i}",
+                        priority,
+                        cache_salt,
+                    )
+                    for i, token_ids in enumerate(step_prompts)
+                ]
+            )
+            if step == 0:
+                # The first step is the prompt alone: its cache hit is the prompt's.
+                num_cached_tokens = outputs[0].num_cached_tokens
+            return outputs
+
+        text, prompt_token_ids = parse_prompt(prompt)
+        if prompt_token_ids is None:
+            prompt_token_ids = self.tokenizer.encode(text)
+        tokens_prompt: PromptType = {"prompt_token_ids": prompt_token_ids}
+        (result,) = await beam_search_async([tokens_prompt], params, self.processor, run_step)
+        yield RequestOutput(
+            request_id=request_id,
+            prompt=text,
+            prompt_token_ids=prompt_token_ids,
+            prompt_logprobs=None,
+            outputs=[
+                CompletionOutput(
+                    index=rank,
+                    text=sequence.text or "",
+                    token_ids=sequence.output_token_ids,
+                    cumulative_logprob=sequence.cum_logprob,
+                    logprobs=None,
+                    finish_reason=sequence.finish_reason,
+                    stop_reason=sequence.stop_reason,
+                )
+                for rank, sequence in enumerate(result.sequences)
+            ],
+            finished=True,
+            num_cached_tokens=num_cached_tokens,
+        )
+
+    async def _final_output(
+        self,
+        prompt: PromptType,
+        params: SamplingParams,
+        request_id: str,
+        priority: int,
+        cache_salt: str | None,
+    ) -> RequestOutput:
+        final: RequestOutput | None = None
+        async for output in self.generate(prompt, params, request_id, priority, cache_salt):
+            final = output
+        assert final is not None and final.finished
+        return final
 
     def encode(
         self,

@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pagedserve.beam_search import BeamSearchInstance, BeamSearchOutput
+from pagedserve.beam_search import BeamSearchOutput
+from pagedserve.beam_search import beam_search as run_beam_search
 from pagedserve.engine import EngineCoreRequest
 from pagedserve.engine.arg_utils import EngineArgs
 from pagedserve.engine.llm_engine import LLMEngine
-from pagedserve.engine.processor import PromptType, parse_prompt
+from pagedserve.engine.processor import PromptType
 from pagedserve.outputs import (
     ClassificationRequestOutput,
     EmbeddingRequestOutput,
@@ -118,55 +119,15 @@ class LLM:
         """
         if not self.llm_engine.config.cache_config.enable_prefix_caching:
             logger.warning("beam search without prefix caching recomputes every beam's prompt at every step")
-        processor = self.llm_engine.processor
-        tokenizer = self.get_tokenizer()
-        eos_token_ids = [t for t in [processor.eos_token_id, *processor.extra_eos_token_ids] if t is not None]
-        instances = []
-        for prompt in self._as_prompt_list(prompts):
-            text, token_ids = parse_prompt(prompt)
-            if token_ids is None:
-                assert text is not None
-                token_ids = tokenizer.encode(text)
-            # A prompt too long for even one token gets max_tokens 1 here; generate() rejects it.
-            max_tokens = max(1, min(params.max_tokens, processor.max_model_len - len(token_ids)))
-            instances.append(BeamSearchInstance(token_ids, params, eos_token_ids, max_tokens))
-        step_params = SamplingParams(
-            max_tokens=1,
-            temperature=params.temperature,
-            logprobs=instances[0].num_logprobs,
-            ignore_eos=True,
-            detokenize=False,
-        )
+        prompt_list = self._as_prompt_list(prompts)
         with tqdm(total=params.max_tokens, desc="Beam search steps", disable=not use_tqdm, dynamic_ncols=True) as bar:
-            while live := [instance for instance in instances if not instance.finished]:
-                step_prompts: list[PromptType] = [
-                    {"prompt_token_ids": beam.tokens} for instance in live for beam in instance.beams
-                ]
-                step_outputs = self.generate(step_prompts, step_params, use_tqdm=False)
-                start = 0
-                for instance in live:
-                    end = start + len(instance.beams)
-                    top_logprobs = []
-                    for output in step_outputs[start:end]:
-                        logprobs = output.outputs[0].logprobs
-                        if output.outputs[0].finish_reason not in ("stop", "length") or not logprobs:
-                            raise RuntimeError(
-                                f"beam search step request {output.request_id} finished with "
-                                f"{output.outputs[0].finish_reason!r}; see the engine's log"
-                            )
-                        top_logprobs.append(logprobs[0])
-                    instance.advance(top_logprobs)
-                    start = end
+
+            def run_step(step_prompts: list[list[int]], step_params: SamplingParams) -> list[RequestOutput]:
+                outputs = self.generate([{"prompt_token_ids": p} for p in step_prompts], step_params, use_tqdm=False)
                 bar.update(1)
-        outputs = []
-        for instance in instances:
-            for sequence in instance.completed:
-                token_ids = sequence.output_token_ids
-                if sequence.finish_reason == "stop" and not params.include_stop_str_in_output:
-                    token_ids = token_ids[:-1]
-                sequence.text = tokenizer.decode(token_ids, skip_special_tokens=True)
-            outputs.append(BeamSearchOutput(sequences=instance.completed))
-        return outputs
+                return outputs
+
+            return run_beam_search(prompt_list, params, self.llm_engine.processor, run_step)
 
     def chat(
         self,

@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from pagedserve.pooling_params import PoolingParams, PoolingTask
-from pagedserve.sampling_params import RequestOutputKind, SamplingParams
+from pagedserve.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 # Torch generators take 64-bit seeds.
 _SEED_MIN = -(1 << 63)
@@ -213,10 +213,23 @@ class CompletionRequest(_SamplingRequestFields):
     suffix: str | None = None
     add_special_tokens: bool = True
 
+    # vLLM's beam search extras: `n` is the beam width and every beam is returned.
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
+
     def check_request(self) -> None:
         super().check_request()
         if self.suffix is not None:
             raise OpenAIRequestError("suffix is not supported", param="suffix")
+        if self.use_beam_search:
+            if self.n < 1:
+                raise OpenAIRequestError(f"n (the beam width) must be at least 1, got {self.n}", param="n")
+            for name in ("logprobs", "prompt_logprobs"):
+                if getattr(self, name) is not None:
+                    raise OpenAIRequestError(f"{name} is not supported with use_beam_search", param=name)
+            if self.max_tokens == 0:
+                raise OpenAIRequestError("max_tokens must be at least 1 with use_beam_search", param="max_tokens")
         if self.best_of is not None and self.best_of != self.n:
             raise OpenAIRequestError("best_of is not supported (it must be unset or equal n)", param="best_of")
         if self.max_tokens is not None and self.max_tokens < 0:
@@ -234,6 +247,22 @@ class CompletionRequest(_SamplingRequestFields):
         if self.echo and self.logprobs is not None:
             prompt_logprobs = max(self.logprobs, prompt_logprobs or 0)
         return self._build_sampling_params(max_tokens, self.logprobs, prompt_logprobs)
+
+    def to_beam_search_params(self, max_tokens: int) -> BeamSearchParams:
+        """`n` beams, greedy unless `temperature` is set; the other sampling fields (stop, top_p,
+        penalties, ...) do not apply to beam search and are ignored, as in vLLM."""
+        try:
+            return BeamSearchParams(
+                beam_width=self.n,
+                max_tokens=max_tokens,
+                ignore_eos=self.ignore_eos,
+                temperature=self.temperature if self.temperature is not None else 0.0,
+                length_penalty=self.length_penalty,
+                include_stop_str_in_output=self.include_stop_str_in_output,
+                early_stopping=self.early_stopping,
+            )
+        except ValueError as e:
+            raise OpenAIRequestError(str(e), param=_param_of_params_error(str(e), "BeamSearchParams.")) from e
 
 
 class LogprobEntry(BaseModel):

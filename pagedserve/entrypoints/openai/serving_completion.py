@@ -6,6 +6,10 @@ the prompt's; the first prompt token has no logprob (null), as in OpenAI's API.
 `echo=True, max_tokens=0` (lm-evaluation-harness loglikelihood) returns only the prompt and its
 logprobs: the engine cannot generate zero tokens, so one token is generated and dropped, and
 `usage.completion_tokens` is 0 since nothing generated is returned.
+
+`use_beam_search` (vLLM's extra) runs `AsyncLLM.beam_search` per prompt with `n` beams; the n
+choices of a prompt are its beams, best first. A stream sends each beam whole, once the search
+ends; logprobs and prompt_logprobs are refused (400), as the beams carry none.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from pagedserve.entrypoints.openai.serving_engine import (
     sse_event,
 )
 from pagedserve.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput, SampleLogprobs
+from pagedserve.sampling_params import BeamSearchParams, SamplingParams
 
 # JSON has no -inf; OpenAI-compatible servers report impossible tokens at this floor.
 MIN_REPORTED_LOGPROB = -9999.0
@@ -62,14 +67,31 @@ class OpenAIServingCompletion(OpenAIServing):
                 max_tokens = 1
             else:
                 max_tokens = self._resolve_max_tokens(len(prompt.token_ids), request.max_tokens, "max_tokens")
-            params = request.to_sampling_params(max_tokens)
             engine_request_id = self._engine_request_id(response_id, index)
-            self._validate_engine_inputs(engine_request_id, prompt, params, request.priority, request.cache_salt)
+            params: SamplingParams | BeamSearchParams
+            if request.use_beam_search:
+                params = request.to_beam_search_params(max_tokens)
+                # Each beam search step runs prompt + beam as a plain request: check the prompt so.
+                step_params = SamplingParams(max_tokens=max_tokens)
+                self._validate_engine_inputs(
+                    engine_request_id, prompt, step_params, request.priority, request.cache_salt
+                )
+            else:
+                params = request.to_sampling_params(max_tokens)
+                self._validate_engine_inputs(engine_request_id, prompt, params, request.priority, request.cache_salt)
             requests.append((engine_request_id, prompt, params))
-        self._log_request(response_id, prompts, requests[0][2])
+        self._log_request(response_id, prompts, requests[0][2])  # type: ignore[arg-type]
 
         generators = [
-            self.engine_client.generate(
+            self.engine_client.beam_search(
+                prompt.to_engine_prompt(),
+                engine_request_id,
+                params,
+                priority=request.priority,
+                cache_salt=request.cache_salt,
+            )
+            if isinstance(params, BeamSearchParams)
+            else self.engine_client.generate(
                 prompt.to_engine_prompt(),
                 params,
                 engine_request_id,
