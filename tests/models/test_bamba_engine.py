@@ -51,7 +51,7 @@ def _in_process(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_bamba_greedy_matches_transformers_with_state_slots(tiny_bamba, reference, caplog):
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="pagedserve"):
         llm = LLM(tiny_bamba, dtype="float32", max_model_len=256, max_num_seqs=8)
     assert "prefix caching is off" in caplog.text
     manager = _core(llm).scheduler.kv_cache_manager
