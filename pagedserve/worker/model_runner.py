@@ -59,6 +59,7 @@ class ModelRunner:
         self._preempted_generators: dict[str, torch.Generator] = {}
         # Known once the model is loaded; the batch keeps one block table per group.
         self.kv_cache_groups: list[KVCacheGroupSpec] = []
+        self.is_mamba_group: list[bool] = []
         self.input_batch = self._make_input_batch(1)
         self.kv_caches: list[torch.Tensor] = []
 
@@ -328,7 +329,7 @@ class ModelRunner:
         A Mamba group's block table holds one entry per request: its state slot."""
         return [
             Mamba2AttentionMetadata.build(common, common.block_table[:, 0].long())
-            if g < len(self.is_mamba_group) and self.is_mamba_group[g]
+            if g < len(self.is_mamba_group) and self.is_mamba_group[g]  # none: encoder-only
             else self.attn_backend.build_metadata(common)
             for g, common in enumerate(commons)
         ]
