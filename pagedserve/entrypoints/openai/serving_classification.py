@@ -16,7 +16,6 @@ from pagedserve.entrypoints.openai.protocol import (
     ClassificationData,
     ClassificationRequest,
     ClassificationResponse,
-    PoolingUsageInfo,
 )
 from pagedserve.entrypoints.openai.serving_engine import OpenAIServing
 from pagedserve.entrypoints.openai.serving_models import OpenAIServingModels
@@ -38,15 +37,7 @@ class ServingClassification(OpenAIServing):
     async def create_classify(
         self, request: ClassificationRequest, raw_request: Request | None = None
     ) -> ClassificationResponse:
-        self.models.check_model(request.model)
-        self._check_engine_alive()
-        self._warn_unknown_fields(request)
-        response_id = f"classify-{self._base_request_id(raw_request, request.request_id)}"
-        prompts = self._pooling_prompts(request.input, request.add_special_tokens)
-        requests = self._build_pooling_requests(
-            response_id, prompts, request.to_pooling_params(), request.priority
-        )
-        outputs = await self._run_pooling_requests(requests)
+        response_id, outputs, usage = await self._pool_inputs(request, raw_request, "classify")
         data = []
         for index, output in enumerate(outputs):
             probs = ClassificationOutput.from_base(output.outputs).probs
@@ -56,11 +47,6 @@ class ServingClassification(OpenAIServing):
                     index=index, label=self.id2label.get(best), probs=probs, num_classes=len(probs)
                 )
             )
-        num_prompt_tokens = sum(len(output.prompt_token_ids) for output in outputs)
         return ClassificationResponse(
-            id=response_id,
-            created=int(time.time()),
-            model=self.models.model_name(),
-            data=data,
-            usage=PoolingUsageInfo(prompt_tokens=num_prompt_tokens, total_tokens=num_prompt_tokens),
+            id=response_id, created=int(time.time()), model=self.models.model_name(), data=data, usage=usage
         )

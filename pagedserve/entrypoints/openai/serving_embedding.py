@@ -17,7 +17,6 @@ from pagedserve.entrypoints.openai.protocol import (
     EmbeddingRequest,
     EmbeddingResponse,
     EmbeddingResponseData,
-    PoolingUsageInfo,
 )
 from pagedserve.entrypoints.openai.serving_engine import OpenAIServing
 from pagedserve.outputs import EmbeddingOutput
@@ -31,15 +30,7 @@ class OpenAIServingEmbedding(OpenAIServing):
     async def create_embedding(
         self, request: EmbeddingRequest, raw_request: Request | None = None
     ) -> EmbeddingResponse:
-        self.models.check_model(request.model)
-        self._check_engine_alive()
-        self._warn_unknown_fields(request)
-        response_id = f"embd-{self._base_request_id(raw_request, request.request_id)}"
-        prompts = self._pooling_prompts(request.input, request.add_special_tokens)
-        requests = self._build_pooling_requests(
-            response_id, prompts, request.to_pooling_params(), request.priority
-        )
-        outputs = await self._run_pooling_requests(requests)
+        response_id, outputs, usage = await self._pool_inputs(request, raw_request, "embd")
         data = []
         for index, output in enumerate(outputs):
             embedding = EmbeddingOutput.from_base(output.outputs).embedding
@@ -51,11 +42,6 @@ class OpenAIServingEmbedding(OpenAIServing):
                     else embedding,
                 )
             )
-        num_prompt_tokens = sum(len(output.prompt_token_ids) for output in outputs)
         return EmbeddingResponse(
-            id=response_id,
-            created=int(time.time()),
-            model=self.models.model_name(),
-            data=data,
-            usage=PoolingUsageInfo(prompt_tokens=num_prompt_tokens, total_tokens=num_prompt_tokens),
+            id=response_id, created=int(time.time()), model=self.models.model_name(), data=data, usage=usage
         )

@@ -19,9 +19,12 @@ from starlette.requests import Request
 from pagedserve.engine.exceptions import EngineDeadError
 from pagedserve.entrypoints.openai.protocol import (
     ChatCompletionMessageParam,
+    ClassificationRequest,
+    EmbeddingRequest,
     OpenAIBaseModel,
     OpenAIRequestError,
     PoolingInput,
+    PoolingUsageInfo,
     random_uuid,
 )
 from pagedserve.entrypoints.openai.serving_models import OpenAIServingModels
@@ -241,6 +244,21 @@ class OpenAIServing:
                     f"the request ended without a result ({reason})", status_code=500, err_type="server_error"
                 )
         return outputs  # type: ignore[return-value]
+
+    async def _pool_inputs(
+        self, request: EmbeddingRequest | ClassificationRequest, raw_request: Request | None, id_prefix: str
+    ) -> tuple[str, list[PoolingRequestOutput[PoolingOutput]], PoolingUsageInfo]:
+        """The shared path of /v1/embeddings and /classify: checks, one engine request per
+        input, and usage. -> (response id, outputs in input order, usage)."""
+        self.models.check_model(request.model)
+        self._check_engine_alive()
+        self._warn_unknown_fields(request)
+        response_id = f"{id_prefix}-{self._base_request_id(raw_request, request.request_id)}"
+        prompts = self._pooling_prompts(request.input, request.add_special_tokens)
+        requests = self._build_pooling_requests(response_id, prompts, request.to_pooling_params(), request.priority)
+        outputs = await self._run_pooling_requests(requests)
+        num_prompt_tokens = sum(len(output.prompt_token_ids) for output in outputs)
+        return response_id, outputs, PoolingUsageInfo(prompt_tokens=num_prompt_tokens, total_tokens=num_prompt_tokens)
 
     # ------------------------------------------------------------------------ chat template
 
