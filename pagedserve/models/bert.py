@@ -91,7 +91,7 @@ class BertSelfAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        return self.attn(q.contiguous(), k.contiguous(), v.contiguous())
+        return self.attn(q, k, v)
 
 
 class BertSelfOutput(nn.Module):

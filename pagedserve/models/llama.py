@@ -186,7 +186,4 @@ class LlamaForCausalLM(nn.Module):
         missing = set(params) - loaded
         if missing:
             raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:8]}")
-        for module in self.modules():
-            if hasattr(module, "process_weights_after_loading"):
-                module.process_weights_after_loading()
         return loaded

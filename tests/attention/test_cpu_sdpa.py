@@ -119,3 +119,41 @@ def test_non_causal_prefill_attends_to_whole_sequence(backend_name):
         scores = torch.einsum("qhd,khd->hqk", q[s:e], k[s:e]) * 0.5
         ref = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v[s:e])
         torch.testing.assert_close(out[s:e], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_whole_prompts_of_mixed_lengths_share_bucketed_calls_and_match_per_prompt_attention(backend_name):
+    """Encoder steps: prompts of 1..300 tokens from strided views of one fused QKV output,
+    grouped into length buckets; every prompt equals its own bidirectional attention."""
+    torch.manual_seed(0)
+    backend = get_attn_backend(backend_name)
+    lens = [1, 5, 300, 16, 17, 2, 40, 33, 90, 7, 128, 0, 23, 64, 65]  # 0: a row with no query
+    num_heads, num_kv_heads, head_size = 4, 2, 8
+    starts = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    total = int(starts[-1])
+    qkv = torch.randn(total, (num_heads + 2 * num_kv_heads) * head_size)
+    q, k, v = qkv.split([num_heads * head_size, num_kv_heads * head_size, num_kv_heads * head_size], dim=-1)
+    common = CommonAttentionMetadata(
+        query_start_loc=starts, query_lens=torch.tensor(lens), seq_lens=torch.tensor(lens),
+        num_computed_tokens=torch.zeros(len(lens), dtype=torch.long),
+        block_table=torch.zeros(len(lens), 1, dtype=torch.int32), slot_mapping=torch.zeros(total, dtype=torch.long),
+        num_reqs=len(lens), num_actual_tokens=total, max_query_len=max(lens), max_seq_len=max(lens),
+        block_size=BLOCK_SIZE, causal=False,
+    )
+    metadata = backend.build_metadata(common)
+    buckets = metadata.prompt_buckets
+    assert 1 < len(buckets) < len(lens) - 1
+    assert sum(b.token_rows.numel() for b in buckets) == total
+    for b in buckets:  # lengths within sqrt(2) of each other (1..16 count as 16)
+        real_lens = b.key_mask.sum(-1).flatten() if b.key_mask is not None else torch.tensor([b.max_len])
+        assert max(b.max_len, 16) < max(int(real_lens.min()), 16) * 2**0.5
+    out = backend.forward(q, k, v, None, metadata, num_heads, num_kv_heads, head_size, 0.3).view(total, num_heads, -1)
+    q3, k3, v3 = q.view(total, num_heads, -1), k.view(total, num_kv_heads, -1), v.view(total, num_kv_heads, -1)
+    for s, e in zip(starts[:-1].tolist(), starts[1:].tolist()):
+        if e == s:
+            continue
+        keys = k3[s:e].repeat_interleave(2, dim=1)
+        values = v3[s:e].repeat_interleave(2, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q3[s:e], keys) * 0.3
+        ref = torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
+        torch.testing.assert_close(out[s:e], ref, atol=1e-5, rtol=1e-5)

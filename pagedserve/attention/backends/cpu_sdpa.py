@@ -8,6 +8,11 @@ allocator reuses it instead of mapping (and page-faulting) fresh memory every la
 less CPU time than one padded gather at 64 decodes (benchmarks/attention.py). Prefill chunks run
 one SDPA call each: they are few per step and each is large, so the Python loop over them costs
 little next to their FLOPs. CPU_PAGED (cpu_paged.py) replaces the decode path where it builds.
+
+Encoder-only steps are the exception: dozens of short whole prompts per step, where one SDPA
+call per prompt per layer (plus the copies into and out of it) cost a quarter of the step. They
+are sorted by length into a few buckets instead, each padded to one `[n, L]` grid with a key
+mask and run as one call, as decodes are.
 """
 
 from __future__ import annotations
@@ -40,6 +45,20 @@ class DecodeBucket:
 
 
 @dataclass(slots=True)
+class PromptBucket:
+    """Whole prompts of similar length laid out on one padded `[num_prompts, max_len]` grid."""
+
+    num_prompts: int
+    max_len: int
+    # [num_prompts * max_len] rows of the flattened batch; padding cells repeat the prompt's
+    # last token, so every gathered row is real data and no softmax row is empty.
+    gather_rows: torch.Tensor
+    grid_rows: torch.Tensor  # [real tokens] grid cells that hold real tokens ...
+    token_rows: torch.Tensor  # ... and their rows in the flattened batch
+    key_mask: torch.Tensor | None  # [num_prompts, 1, 1, max_len], True = real key; None if unpadded
+
+
+@dataclass(slots=True)
 class CpuSdpaMetadata:
     common: CommonAttentionMetadata
     decode_token_indices: torch.Tensor  # [num_decodes] positions in the flattened batch
@@ -48,6 +67,8 @@ class CpuSdpaMetadata:
     prefills: list[PrefillChunk]
     # built on first use: a backend with its own decode path never pays for them
     decode_buckets: list[DecodeBucket] | None = None
+    # bidirectional steps only (every prompt whole, no KV cache): replaces `prefills`
+    prompt_buckets: list[PromptBucket] | None = None
 
     @property
     def num_decodes(self) -> int:
@@ -94,9 +115,62 @@ class CpuSdpaBackend(AttentionBackend):
             decode_block_table=common.block_table[decode_reqs, :max_blocks],
             decode_seq_lens=seq_lens_dec.to(common.slot_mapping.device),
             prefills=prefills,
+            prompt_buckets=None if common.causal else self._prompt_buckets(common),
         )
 
     num_decode_buckets = 4
+
+    def _prompt_buckets(self, common: CommonAttentionMetadata) -> list[PromptBucket]:
+        """Prompts sorted by length and cut where the length grows by sqrt(2) (all of 1..16 in
+        one bucket): padding at most doubles a prompt's attention FLOPs, and a step of 1..512-token
+        prompts makes at most 11 calls per layer."""
+        device = common.slot_mapping.device
+        rows = torch.nonzero(common.query_lens > 0).squeeze(1)
+        rows = rows[torch.argsort(common.query_lens[rows])]
+        lens_sorted = common.query_lens[rows].to(torch.float64)
+        bucket_ids = torch.floor(2 * torch.log2(torch.clamp(lens_sorted, min=16) / 16)).to(torch.int64)
+        sizes = torch.unique_consecutive(bucket_ids, return_counts=True)[1].tolist()
+        buckets = []
+        for part in rows.split(sizes):
+            lens = common.query_lens[part].to(torch.int64)
+            max_len = int(lens[-1])  # sorted: the last is longest
+            cols = torch.arange(max_len)
+            real = cols < lens.unsqueeze(1)
+            grid = common.query_start_loc[part].to(torch.int64).unsqueeze(1) + torch.minimum(
+                cols, (lens - 1).unsqueeze(1)
+            )
+            grid_rows = torch.nonzero(real.flatten()).squeeze(1)
+            buckets.append(
+                PromptBucket(
+                    num_prompts=part.numel(),
+                    max_len=max_len,
+                    gather_rows=grid.flatten().to(device),
+                    grid_rows=grid_rows.to(device),
+                    token_rows=grid.flatten()[grid_rows].to(device),
+                    key_mask=None if bool(real.all()) else real[:, None, None, :].to(device),
+                )
+            )
+        return buckets
+
+    def _prompts(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, metadata: CpuSdpaMetadata, scale: float
+    ) -> None:
+        """Bidirectional attention of whole prompts, one SDPA call per bucket."""
+        assert metadata.prompt_buckets is not None
+        num_heads, num_kv_heads, head_size = q.shape[1], k.shape[1], q.shape[2]
+        for b in metadata.prompt_buckets:
+            n, length = b.num_prompts, b.max_len
+            # [n*L, H, D] -> [n, H, L, D]; index_select makes the only copy of q, k and v.
+            o = F.scaled_dot_product_attention(
+                q.index_select(0, b.gather_rows).view(n, length, num_heads, head_size).transpose(1, 2),
+                k.index_select(0, b.gather_rows).view(n, length, num_kv_heads, head_size).transpose(1, 2),
+                v.index_select(0, b.gather_rows).view(n, length, num_kv_heads, head_size).transpose(1, 2),
+                attn_mask=b.key_mask,
+                scale=scale,
+                enable_gqa=num_heads != num_kv_heads,
+            )
+            o = o.transpose(1, 2).reshape(n * length, num_heads, head_size)
+            out.index_copy_(0, b.token_rows, o.index_select(0, b.grid_rows))
 
     def _decode_buckets(self, md: CpuSdpaMetadata) -> list[DecodeBucket]:
         if md.decode_buckets is None:
@@ -184,6 +258,10 @@ class CpuSdpaBackend(AttentionBackend):
         if metadata.num_decodes:
             assert kv_cache is not None
             self._decode(q, out, key_cache, value_cache, metadata, scale, sliding_window)
+
+        if metadata.prompt_buckets is not None and kv_cache is None:
+            self._prompts(q, k, v, out, metadata, scale)
+            return out.view(num_tokens, num_heads * head_size)
 
         for chunk in metadata.prefills:
             s, e = chunk.token_start, chunk.token_end
