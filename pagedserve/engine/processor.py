@@ -11,6 +11,8 @@ same methods: `process_inputs` and, for cross-encoders, `process_score_pair`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import time
 from typing import Any, TypedDict
 
@@ -119,6 +121,31 @@ class Processor:
         if task in self.model_config.pooling_tasks:
             return task  # type: ignore[return-value]
         return "embed"
+
+    def tokenize_pooling_prompts(
+        self, prompts: Sequence[PromptType], params_list: Sequence[PoolingParams]
+    ) -> list[PromptType]:
+        """Text prompts of a pooling batch tokenized with one batched tokenizer call per
+        truncation length (the Rust tokenizer's batch path, several times faster than one encode
+        per prompt), returned as prompts that carry both text and ids. The ids are those
+        _process_pooling_inputs would compute; every other prompt, and any prompt whose params
+        are invalid (process_inputs reports those), is passed through unchanged."""
+        out = list(prompts)
+        groups: dict[int | None, list[int]] = {}
+        for i, (prompt, params) in enumerate(zip(prompts, params_list)):
+            if not (isinstance(prompt, str) or (isinstance(prompt, dict) and set(prompt) == {"prompt"})):
+                continue
+            try:
+                max_length = self._truncation_length(params.truncate_prompt_tokens)
+            except ValueError:
+                continue
+            groups.setdefault(max_length, []).append(i)
+        for max_length, indices in groups.items():
+            texts = [parse_prompt(prompts[i])[0] for i in indices]
+            encoded = self.tokenizer(texts, truncation=max_length is not None, max_length=max_length)["input_ids"]
+            for i, text, ids in zip(indices, texts, encoded):
+                out[i] = {"prompt": text, "prompt_token_ids": ids}  # type: ignore[typeddict-item]
+        return out
 
     def _process_pooling_inputs(
         self,

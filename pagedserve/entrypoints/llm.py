@@ -174,6 +174,8 @@ class LLM:
         prompt_list = self._as_prompt_list(prompts)
         params_list = self._pooling_params_list(pooling_params, len(prompt_list), truncate_prompt_tokens, pooling_task)
         processor = self.llm_engine.processor
+        if processor.model_config.runner_type == "pooling":
+            prompt_list = processor.tokenize_pooling_prompts(prompt_list, params_list)
         # Validate (and tokenize) everything first: a bad prompt submits nothing.
         requests = [
             processor.process_inputs(str(next(self._request_counter)), prompt, params)[0]

@@ -31,16 +31,36 @@ def test_useful_flops_count_matmuls_per_token_and_attention_per_token_pair() -> 
     assert embed.useful_flops(config, [3, 5]) == expected
 
 
+def test_padded_tokens_count_each_batch_at_its_longest_sentence() -> None:
+    sentences, counts = ["aaaa", "a", "aaa", "aa"], [4, 1, 3, 2]
+    assert embed.padded_tokens(counts, sentences, 2, sort_by_length=False) == 2 * 4 + 2 * 3
+    assert embed.padded_tokens(counts, sentences, 2, sort_by_length=True) == 2 * 4 + 2 * 2
+    assert embed.peer_batches(sentences, 3, sort_by_length=True) == [[0, 2, 3], [1]]
+
+
+def test_unknown_peers_are_rejected_by_name() -> None:
+    parser = embed.add_cli_args(argparse.ArgumentParser())
+    assert parser.parse_args(["--peers", "transformers-sorted,transformers"]).peers == [
+        "transformers-sorted",
+        "transformers",
+    ]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--peers", "transformers,llama.cpp"])
+
+
 @pytest.mark.slow
 def test_bench_embed_runs_both_engines_and_they_agree(minilm_path: str, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["bench", "embed", "--model", minilm_path, "--num-sentences", "24", "--max-words", "30", "--gemm-size", "0"]
+    argv += ["--peers", "transformers-sorted,transformers"]
     assert cli_main(argv) == 0
     printed = capsys.readouterr().out
     assert re.search(r"pagedserve\s+[\d.]+ s\s+[\d.]+ sentences/s", printed), printed
-    assert re.search(r"(sentence-transformers|transformers)\s+[\d.]+ s\s+[\d.]+ sentences/s", printed), printed
-    assert "sentences/s ratio pagedserve / " in printed
-    cosine_min = float(re.search(r"cosine min ([\d.]+)", printed).group(1))  # type: ignore[union-attr]
-    assert cosine_min >= embed.MIN_AGREEING_COSINE
+    for peer in ("transformers-sorted", "transformers"):
+        assert re.search(rf"{peer}\s+[\d.]+ s\s+[\d.]+ sentences/s", printed), printed
+        assert f"sentences/s ratio pagedserve / {peer}: " in printed
+    assert "packing alone gains at most" in printed
+    cosines = [float(c) for c in re.findall(r"cosine min ([\d.]+)", printed)]
+    assert len(cosines) == 2 and min(cosines) >= embed.MIN_AGREEING_COSINE
 
 
 def test_bench_embed_is_a_bench_subcommand(capsys: pytest.CaptureFixture[str]) -> None:

@@ -56,34 +56,11 @@ def prepack_weight(weight: torch.Tensor) -> torch.Tensor | None:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
 
-def to_input_major(weight: torch.Tensor) -> torch.Tensor:
-    """The same [out, in] weight stored column-major, so that weight.t() is a contiguous [in, out].
-
-    On the CPU, MKL's float32 GEMM at decode batch sizes (M = 4..32 tokens) runs 1.5-2.5x faster
-    with a plain [in, out] operand than with the transposed one F.linear passes it; at prefill
-    sizes the two are equal, and from M = 16 up the results are bit-identical (below that MKL picks
-    another kernel either way). Shape, loaders and state_dict are unchanged; only strides move.
-    """
-    return weight.t().contiguous().t()
-
-
-def is_input_major(weight: torch.Tensor) -> bool:
-    return weight.dim() == 2 and weight.stride(0) == 1 and weight.stride(1) != 1
-
-
 def linear(
     x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     if packed is not None:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    if is_input_major(weight):
-        # NOTE: F.linear would take this layout too, but at M = 1 it falls onto a slow strided
-        # GEMV; mm/addmm on the contiguous [in, out] view is fast at every M.
-        w = weight.t()
-        if x.dim() == 2:
-            return torch.mm(x, w) if bias is None else torch.addmm(bias, x, w)
-        out = torch.matmul(x, w)
-        return out if bias is None else out + bias
     return F.linear(x, weight, bias)
 
 
@@ -101,8 +78,6 @@ class LinearBase(nn.Module):
     def process_weights_after_loading(self) -> None:
         # NOTE: a copy of the weight, not a view: call again after any change to the weight.
         self.packed_weight = prepack_weight(self.weight)
-        if self.packed_weight is None and self.weight.device.type == "cpu":
-            self.weight.data = to_input_major(self.weight.data)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.packed_weight, self.bias)
