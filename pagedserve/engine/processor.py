@@ -11,9 +11,8 @@ same methods: `process_inputs` and, for cross-encoders, `process_score_pair`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import time
+from collections.abc import Sequence
 from typing import Any, TypedDict
 
 from pagedserve.config.model import ModelConfig
