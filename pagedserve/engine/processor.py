@@ -132,7 +132,8 @@ class Processor:
         out = list(prompts)
         groups: dict[int | None, list[int]] = {}
         for i, (prompt, params) in enumerate(zip(prompts, params_list)):
-            if not (isinstance(prompt, str) or (isinstance(prompt, dict) and set(prompt) == {"prompt"})):
+            text = prompt.get("prompt") if isinstance(prompt, dict) and set(prompt) == {"prompt"} else prompt
+            if not isinstance(text, str):
                 continue
             try:
                 max_length = self._truncation_length(params.truncate_prompt_tokens)
@@ -140,7 +141,7 @@ class Processor:
                 continue
             groups.setdefault(max_length, []).append(i)
         for max_length, indices in groups.items():
-            texts = [parse_prompt(prompts[i])[0] for i in indices]
+            texts = [parse_prompt(prompts[i])[0] or "" for i in indices]
             encoded = self.tokenizer(texts, truncation=max_length is not None, max_length=max_length)["input_ids"]
             for i, text, ids in zip(indices, texts, encoded):
                 out[i] = {"prompt": text, "prompt_token_ids": ids}  # type: ignore[typeddict-item]

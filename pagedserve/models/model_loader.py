@@ -69,7 +69,7 @@ def get_model(model_config: ModelConfig, device: torch.device | str = "cpu") -> 
     model.load_weights(
         (name, tensor.to(model_config.torch_dtype)) for name, tensor in iterate_weights(model_config)
     )
-    # Layout changes for the CPU kernels (see linear.py); after loading, so loaders see plain tensors.
+    # Prepacked copies for the CPU kernels (linear.py), made after loading: loaders see plain tensors.
     for module in model.modules():
         if hasattr(module, "process_weights_after_loading"):
             module.process_weights_after_loading()

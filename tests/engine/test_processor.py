@@ -48,3 +48,9 @@ def test_invalid_truncation_is_left_for_process_inputs_to_report(processor: Proc
     assert processor.tokenize_pooling_prompts(["text"], params) == ["text"]
     with pytest.raises(ValueError, match="truncate_prompt_tokens"):
         processor.process_inputs("x", "text", params[0])
+
+
+def test_prompts_that_are_not_text_pass_through_untouched(processor: Processor) -> None:
+    prompts = [{"prompt": 5}, {"prompt": "a", "extra": 1}, (101, 102)]
+    params = [PoolingParams(task="embed") for _ in prompts]
+    assert processor.tokenize_pooling_prompts(prompts, params) == prompts
