@@ -255,15 +255,11 @@ def main(args: argparse.Namespace) -> int:
         return 0
     ours, status = results[0], 0
     for peer in results[1:]:
+        sort_by_length = peer.name != "transformers"  # the others batch in sentence-transformers' order
+        padded = padded_tokens(token_counts, sentences, args.hf_batch_size, sort_by_length) / sum(token_counts)
         line = f"sentences/s ratio pagedserve / {peer.name}: {ours.sentences_per_s() / peer.sentences_per_s():.2f}x"
-        if peer.name != "transformers":  # sentence-transformers' order, sorted by length
-            padded = padded_tokens(token_counts, sentences, args.hf_batch_size, sort_by_length=True)
-            line += f"  (its padding: {padded / sum(token_counts) - 1:.1%} of the tokens; packing alone gains at most"
-            line += f" {padded / sum(token_counts):.2f}x)"
-        else:
-            padded = padded_tokens(token_counts, sentences, args.hf_batch_size, sort_by_length=False)
-            line += f"  (its padding: {padded / sum(token_counts) - 1:.1%} of the tokens)"
-        print(line)
+        line += f"  (its padding: {padded - 1:.1%} of the tokens"
+        print(line + (f"; packing alone gains at most {padded:.2f}x)" if sort_by_length else ")"))
         cosine = F.cosine_similarity(ours.embeddings, peer.embeddings, dim=-1)
         print(f"agreement with {peer.name}: cosine min {cosine.min().item():.6f}, mean {cosine.mean().item():.6f}")
         if cosine.min().item() < MIN_AGREEING_COSINE:

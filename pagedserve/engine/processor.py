@@ -130,7 +130,7 @@ class Processor:
         _process_pooling_inputs would compute; every other prompt, and any prompt whose params
         are invalid (process_inputs reports those), is passed through unchanged."""
         out = list(prompts)
-        groups: dict[int | None, list[int]] = {}
+        groups: dict[int | None, list[tuple[int, str]]] = {}
         for i, (prompt, params) in enumerate(zip(prompts, params_list)):
             text = prompt.get("prompt") if isinstance(prompt, dict) and set(prompt) == {"prompt"} else prompt
             if not isinstance(text, str):
@@ -139,11 +139,11 @@ class Processor:
                 max_length = self._truncation_length(params.truncate_prompt_tokens)
             except ValueError:
                 continue
-            groups.setdefault(max_length, []).append(i)
-        for max_length, indices in groups.items():
-            texts = [parse_prompt(prompts[i])[0] or "" for i in indices]
+            groups.setdefault(max_length, []).append((i, text))
+        for max_length, members in groups.items():
+            texts = [text for _, text in members]
             encoded = self.tokenizer(texts, truncation=max_length is not None, max_length=max_length)["input_ids"]
-            for i, text, ids in zip(indices, texts, encoded):
+            for (i, text), ids in zip(members, encoded):
                 out[i] = {"prompt": text, "prompt_token_ids": ids}  # type: ignore[typeddict-item]
         return out
 

@@ -67,7 +67,8 @@ class CpuSdpaMetadata:
     prefills: list[PrefillChunk]
     # built on first use: a backend with its own decode path never pays for them
     decode_buckets: list[DecodeBucket] | None = None
-    # bidirectional steps only (every prompt whole, no KV cache): replaces `prefills`
+    # bidirectional steps only (encoder-only: every prompt whole, no KV cache, no decodes);
+    # `prefills` is then empty
     prompt_buckets: list[PromptBucket] | None = None
 
     @property
@@ -100,15 +101,16 @@ class CpuSdpaBackend(AttentionBackend):
         seq_lens_dec = common.seq_lens[decode_reqs]
         max_blocks = int(-(-int(seq_lens_dec.max()) // common.block_size)) if decode_reqs.numel() else 0
         prefills = []
-        starts = common.query_start_loc.tolist()
-        seq_lens = common.seq_lens.tolist()
-        computed = common.num_computed_tokens.tolist()
-        # Rows with no query this step (running but not scheduled) need no attention.
-        for r in torch.nonzero(~is_decode & (query_lens > 0)).squeeze(1).tolist():
-            num_blocks = -(-seq_lens[r] // common.block_size)
-            prefills.append(
-                PrefillChunk(starts[r], starts[r + 1], computed[r], seq_lens[r], common.block_table[r, :num_blocks])
-            )
+        if common.causal:  # bidirectional steps use prompt buckets instead
+            starts = common.query_start_loc.tolist()
+            seq_lens = common.seq_lens.tolist()
+            computed = common.num_computed_tokens.tolist()
+            # Rows with no query this step (running but not scheduled) need no attention.
+            for r in torch.nonzero(~is_decode & (query_lens > 0)).squeeze(1).tolist():
+                num_blocks = -(-seq_lens[r] // common.block_size)
+                prefills.append(
+                    PrefillChunk(starts[r], starts[r + 1], computed[r], seq_lens[r], common.block_table[r, :num_blocks])
+                )
         return CpuSdpaMetadata(
             common=common,
             decode_token_indices=common.query_start_loc[decode_reqs].to(common.slot_mapping.device),
@@ -259,7 +261,8 @@ class CpuSdpaBackend(AttentionBackend):
             assert kv_cache is not None
             self._decode(q, out, key_cache, value_cache, metadata, scale, sliding_window)
 
-        if metadata.prompt_buckets is not None and kv_cache is None:
+        if metadata.prompt_buckets is not None:
+            assert kv_cache is None, "bidirectional attention is for encoder-only models, which keep no KV cache"
             self._prompts(q, k, v, out, metadata, scale)
             return out.view(num_tokens, num_heads * head_size)
 
