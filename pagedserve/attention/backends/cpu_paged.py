@@ -15,30 +15,21 @@ transpose-add turns 16 dot-product vectors into 16 scores), rows a few blocks ah
 prefetched (blocks are scattered, so the hardware prefetcher cannot follow), and bf16/fp16 rows
 are widened once per chunk; otherwise plain loops run. Accumulation is float32 throughout.
 
-The kernel is built on first use with torch.utils.cpp_extension (~10-20 s) into a directory keyed
-by the source, flags and torch version, so later processes only load it. Without a working C++
-compiler the backend is not selected and CPU_SDPA runs instead; prefill chunks always run
-through SDPA (CpuSdpaBackend).
+The kernel is built on first use (pagedserve.kernels.build: ~10-20 s, then cached per source,
+flags, torch version and CPU). Without a working C++ compiler the backend is not selected and
+CPU_SDPA runs instead; prefill chunks always run through SDPA (CpuSdpaBackend).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import tempfile
-import time
 from typing import Any
 
 import torch
 
 from pagedserve.attention.backends.abstract import register_backend
 from pagedserve.attention.backends.cpu_sdpa import CpuSdpaBackend, CpuSdpaMetadata
-
-logger = logging.getLogger(__name__)
+from pagedserve.kernels.build import load_op
 
 _EXTENSION_NAME = "pagedserve_cpu_paged_attention"
 
@@ -370,59 +361,6 @@ TORCH_LIBRARY_IMPL(pagedserve_cpu, CPU, m) {
   m.impl("paged_decode_attention", &paged_decode_attention);
 }
 """
-_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
-
-
-def _cpu_signature() -> str:
-    """The CPU's model and feature flags: a -march=native build must not run on another CPU."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [line for line in f if line.startswith(("model name", "flags"))]
-        return "".join(sorted(set(lines)))
-    except OSError:
-        return f"{platform.machine()} {platform.processor()}"
-
-
-def _library_path() -> str:
-    key = f"{_KERNEL_SOURCE}{_CFLAGS}{torch.__version__}{_cpu_signature()}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    root = os.environ.get("PAGEDSERVE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pagedserve"
-    )
-    return os.path.join(root, "cpu_paged_attention", digest, f"{_EXTENSION_NAME}.so")
-
-
-def _build(library: str) -> None:
-    """Compiles the kernel, loads it, and leaves the library at `library` for later processes."""
-    from torch.utils.cpp_extension import load
-
-    os.makedirs(os.path.dirname(library), exist_ok=True)
-    # NOTE: every process builds in a directory of its own and renames the result into place.
-    # torch's shared build directory has a lock file that a process killed mid-build leaves
-    # behind, and every later process would wait on it forever.
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(library)) as build_dir:
-        source = os.path.join(build_dir, "paged_decode_attention.cpp")
-        with open(source, "w") as f:
-            f.write(_KERNEL_SOURCE)
-        # NOTE: load(), not load_inline(): load_inline prepends torch/extension.h, which makes the
-        # build ~4x slower (~35 s instead of ~10 s here).
-        built = load(
-            _EXTENSION_NAME,
-            sources=[source],
-            extra_cflags=_CFLAGS,
-            extra_ldflags=["-fopenmp"],
-            build_directory=build_dir,
-            is_python_module=False,
-            verbose=False,
-        )
-        os.replace(built, library)
-
-
-def _registered_op() -> Any | None:
-    try:
-        return torch.ops.pagedserve_cpu.paged_decode_attention
-    except (AttributeError, RuntimeError):
-        return None
 
 
 @functools.cache
@@ -431,26 +369,14 @@ def load_decode_kernel() -> Any | None:
 
     Set PAGEDSERVE_CPU_ATTENTION_KERNEL=0 to never use it.
     """
-    if os.environ.get("PAGEDSERVE_CPU_ATTENTION_KERNEL", "1") in ("0", "false", "False"):
-        return None
-    op = _registered_op()
-    if op is not None:
-        return op
-    library = _library_path()
-    start = time.perf_counter()
-    try:
-        if os.path.exists(library):
-            torch.ops.load_library(library)
-        elif shutil.which(os.environ.get("CXX", "c++")) is None:
-            logger.info("no C++ compiler found; CPU attention decodes use gather + SDPA")
-            return None
-        else:
-            _build(library)
-            logger.info("built the CPU paged-attention kernel in %.1f s", time.perf_counter() - start)
-    except Exception as exc:  # noqa: BLE001  (any build or load failure means: use the fallback)
-        logger.warning("could not build the CPU paged-attention kernel (%s); using gather + SDPA", exc)
-        return None
-    return _registered_op()
+    return load_op(
+        "pagedserve_cpu",
+        "paged_decode_attention",
+        _EXTENSION_NAME,
+        _KERNEL_SOURCE,
+        switch="PAGEDSERVE_CPU_ATTENTION_KERNEL",
+        what="CPU paged-attention kernel",
+    )
 
 
 @register_backend

@@ -24,6 +24,7 @@ from pagedserve.distributed.parallel_state import (
     tensor_model_parallel_all_gather,
     tensor_model_parallel_all_reduce,
 )
+from pagedserve.kernels.cpu_gemm import SKINNY_MAX_ROWS, load_skinny_gemm, skinny_linear
 from pagedserve.models.utils import default_weight_loader, set_weight_attrs
 
 
@@ -47,11 +48,18 @@ def prepack_weight(weight: torch.Tensor) -> torch.Tensor | None:
 
     F.linear in bf16 runs oneDNN's AMX / avx512_bf16 GEMM, which reorders the plain weight into
     that layout on every call: about a third of the GEMM time at decode batch sizes. The product
-    with the packed weight is bit-identical. float32 stays on F.linear (MKL): oneDNN's float32
-    GEMM sums in another order, which would change greedy outputs against transformers.
+    with the packed weight is bit-identical. float32 weights stay plain: up to SKINNY_MAX_ROWS
+    rows they go through pagedserve.kernels.cpu_gemm (built here, at load time, not in the
+    first forward), above that through F.linear (MKL). oneDNN's float32 GEMM was not taken: it
+    wins only at small batches, where the skinny kernel is faster still, and needs a second copy.
     The packed copy comes on top of the plain weight (kept for loading and tied embeddings).
     """
-    if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or not _onednn_bf16_prepack_available():
+    if weight.device.type != "cpu":
+        return None
+    if weight.dtype == torch.float32:
+        load_skinny_gemm()
+        return None
+    if weight.dtype != torch.bfloat16 or not _onednn_bf16_prepack_available():
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
@@ -61,6 +69,10 @@ def linear(
 ) -> torch.Tensor:
     if packed is not None:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS and x.device.type == "cpu":
+        op = load_skinny_gemm()
+        if op is not None and x.stride(1) == 1 and weight.is_contiguous():
+            return skinny_linear(op, x, weight, bias)
     return F.linear(x, weight, bias)
 
 
