@@ -8,12 +8,13 @@ output columns (four weight rows, ~9 KB at K = 576: L1-resident) at a time:
     for each tile of 4 weight rows (spread over the torch threads):
         for each 4 rows of x:   16 dot products over K, 16 lanes wide (16 zmm accumulators)
                                 one transpose-add tree turns them into a 4x4 block of y
-        while the first 4 rows of x run, the next tile's weight rows are prefetched into L2
+        and each of those passes prefetches its share of the next tile's weight rows into L2
 
-so the weight comes from memory once, at close to read bandwidth, and the arithmetic stays on
-FMAs. It beats MKL up to about 48 rows (1.5-1.8x at 4-16 rows, ~1.1x at 48, measured with 30
-layers of SmolLM2-135M's weights, cache-cold as in a real step); above that MKL's packed GEMM
-wins, so `linear` only routes x with at most SKINNY_MAX_ROWS rows here.
+so the weight comes from memory once, the stream overlaps the arithmetic, and the arithmetic
+stays on FMAs (hot in cache, 130-180 GFLOP/s at 16 rows on 2 cores, about a large torch.mm's
+rate). Against MKL, with 30 layers of SmolLM2-135M's weights cache-cold as in a real step
+(benchmarks/cpu_gemm.py): 1.8-1.9x at 4-8 rows, 1.6x at 16, 1.3x at 32, 1.15x at 48, 0.93x at
+64, so `linear` routes x with at most SKINNY_MAX_ROWS rows here and larger batches to MKL.
 
 Sums are float32 lane partials added in a tree: the same rounding class as MKL's, another order
 (results differ from F.linear by a few ulps, as F.linear's own do between batch sizes).
@@ -68,18 +69,29 @@ inline __m512 reduce_4x4(const __m512* acc) {
   return _mm512_add_ps(_mm512_shuffle_ps(pairs[0], pairs[1], 0x88), _mm512_shuffle_ps(pairs[0], pairs[1], 0xDD));
 }
 
-// y[0:4, 0:4] = x[0:4] . w[0:4] (+ b); `next` (or null): weight rows to prefetch, same stride.
+// y[0:4, 0:4] = x[0:4] . w[0:4] (+ b), rows K apart; columns [pf_begin, pf_end) of the weight
+// rows at `next` (same stride) are prefetched on the way.
 inline void tile_4x4(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy,
-                     const float* b, const float* next) {
+                     const float* b, const float* next, int64_t pf_begin, int64_t pf_end) {
   __m512 acc[16];
   for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 mask = K - k >= 16 ? static_cast<__mmask16>(0xFFFF)
-                                       : static_cast<__mmask16>((1u << (K - k)) - 1);
+  // NOTE: the masked tail is a separate copy of the loop body on purpose: a mask computed in the
+  // main loop costs ~2x at 16+ rows (the accumulators no longer stay in registers).
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 wv[4];
+    for (int n = 0; n < 4; ++n) wv[n] = _mm512_loadu_ps(w + n * K + k);
+    if (k >= pf_begin && k < pf_end)
+      for (int n = 0; n < 4; ++n) _mm_prefetch(reinterpret_cast<const char*>(next + n * K + k), _MM_HINT_T1);
+    for (int m = 0; m < 4; ++m) {
+      const __m512 xv = _mm512_loadu_ps(x + m * ldx + k);
+      for (int n = 0; n < 4; ++n) acc[n * 4 + m] = _mm512_fmadd_ps(xv, wv[n], acc[n * 4 + m]);
+    }
+  }
+  if (k < K) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1);
     __m512 wv[4];
     for (int n = 0; n < 4; ++n) wv[n] = _mm512_maskz_loadu_ps(mask, w + n * K + k);
-    if (next != nullptr)
-      for (int n = 0; n < 4; ++n) _mm_prefetch(reinterpret_cast<const char*>(next + n * K + k), _MM_HINT_T1);
     for (int m = 0; m < 4; ++m) {
       const __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * ldx + k);
       for (int n = 0; n < 4; ++n) acc[n * 4 + m] = _mm512_fmadd_ps(xv, wv[n], acc[n * 4 + m]);
@@ -100,9 +112,17 @@ inline void tile_edge(const float* x, int64_t ldx, const float* w, int64_t K, fl
   __m512 acc[ROWS][COLS];
   for (int m = 0; m < ROWS; ++m)
     for (int n = 0; n < COLS; ++n) acc[m][n] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 mask = K - k >= 16 ? static_cast<__mmask16>(0xFFFF)
-                                       : static_cast<__mmask16>((1u << (K - k)) - 1);
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 wv[COLS];
+    for (int n = 0; n < COLS; ++n) wv[n] = _mm512_loadu_ps(w + n * K + k);
+    for (int m = 0; m < ROWS; ++m) {
+      const __m512 xv = _mm512_loadu_ps(x + m * ldx + k);
+      for (int n = 0; n < COLS; ++n) acc[m][n] = _mm512_fmadd_ps(xv, wv[n], acc[m][n]);
+    }
+  }
+  if (k < K) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1);
     __m512 wv[COLS];
     for (int n = 0; n < COLS; ++n) wv[n] = _mm512_maskz_loadu_ps(mask, w + n * K + k);
     for (int m = 0; m < ROWS; ++m) {
@@ -123,7 +143,11 @@ inline void column_tile(const float* x, int64_t ldx, int64_t M, const float* w, 
                         int64_t ldy, const float* b, const float* next) {
   int64_t m = 0;
   if constexpr (COLS == 4) {
-    for (; m + 4 <= M; m += 4) tile_4x4(x + m * ldx, ldx, w, K, y + m * ldy, ldy, b, m == 0 ? next : nullptr);
+    // Each pass over 4 rows of x prefetches its share of the next weight rows' columns, so the
+    // memory stream runs through all passes instead of the first only.
+    const int64_t passes = M / 4, share = next == nullptr || passes == 0 ? 0 : ((K + passes - 1) / passes + 15) & ~15;
+    for (int64_t p = 0; m + 4 <= M; m += 4, ++p)
+      tile_4x4(x + m * ldx, ldx, w, K, y + m * ldy, ldy, b, next, p * share, (p + 1) * share);
   } else {
     for (; m + 4 <= M; m += 4) tile_edge<4, COLS>(x + m * ldx, ldx, w, K, y + m * ldy, ldy, b);
   }
