@@ -4,6 +4,11 @@ Prompts are random token ids with lengths drawn uniformly in mean*(1 ± range_ra
 `ignore_eos`, so both engines produce exactly the requested number of tokens. transformers runs
 the same prompts in padded static batches of `--hf-batch-size`, generating each batch's longest
 output; only requested tokens are counted for either engine.
+
+Next to each figure: the compute limit. The workload's useful FLOPs (every prompt and output
+token through the model once, attention over its own context, one logits row per output token;
+`ModelFlops`, no padding) divided by the elapsed time, as a fraction of the FLOP/s a large
+`torch.mm` reaches in the same dtype, measured in the same run.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from pagedserve.benchmarks._workload import ModelFlops, measure_gemm_flops
+from pagedserve.config.model import ModelConfig
 
 
 @dataclass
@@ -111,13 +119,34 @@ def run_hf(args: argparse.Namespace, workload: Workload, model_path: str, dtype:
     return time.perf_counter() - start
 
 
-def _report(name: str, elapsed: float, workload: Workload) -> float:
+def workload_flops(flops: ModelFlops, workload: Workload) -> float:
+    """Useful FLOPs of the workload: each request's P + O - 1 tokens (the last output token is
+    never fed back) from position 0, and O logits rows."""
+    logits_row = 2.0 * flops.vocab_size * flops.hidden_size
+    return sum(
+        flops.step_flops([len(p) + o - 1], [0]) + logits_row * (o - 1)
+        for p, o in zip(workload.prompts, workload.output_lens)
+    )
+
+
+def model_flops(model_config: ModelConfig) -> ModelFlops:
+    """`ModelFlops` of the model pagedserve would build, counted on the meta device (no weights)."""
+    from pagedserve.models.registry import resolve_model_cls
+
+    model_cls, _ = resolve_model_cls(model_config.architectures)
+    with torch.device("meta"):
+        model = model_cls(model_config.hf_config, model_config.max_model_len)
+    return ModelFlops.from_model(model, model_config.hf_config)
+
+
+def _report(name: str, elapsed: float, workload: Workload, useful_flops: float, gemm_flops: float) -> float:
     num_reqs = len(workload.prompts)
     out_tps = workload.num_output_tokens / elapsed
     total_tps = (workload.num_prompt_tokens + workload.num_output_tokens) / elapsed
     print(
         f"{name:<12} {elapsed:8.2f} s  {num_reqs / elapsed:7.2f} req/s  "
-        f"{out_tps:9.1f} output tok/s  {total_tps:9.1f} total tok/s"
+        f"{out_tps:9.1f} output tok/s  {total_tps:9.1f} total tok/s  "
+        f"{useful_flops / elapsed / 1e9:6.1f} useful GFLOP/s = {100 * useful_flops / elapsed / gemm_flops:.1f}% of torch.mm"
     )
     return out_tps
 
@@ -141,7 +170,6 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pagedserve.config.model import ModelConfig
     from pagedserve.model_files import default_model
 
     logging.getLogger("pagedserve").setLevel(logging.WARNING)
@@ -155,17 +183,20 @@ def main(args: argparse.Namespace) -> int:
         model_config.vocab_size,
         args.seed,
     )
+    useful_flops = workload_flops(model_flops(model_config), workload)
+    gemm_flops = measure_gemm_flops(model_config.torch_dtype)
     print(
         f"model={args.model} dtype={model_config.torch_dtype} prompts={args.num_prompts} "
-        f"input≈{args.input_len} output≈{args.output_len} threads={torch.get_num_threads()}"
+        f"input≈{args.input_len} output≈{args.output_len} threads={torch.get_num_threads()}\n"
+        f"useful work {useful_flops / 1e12:.2f} TFLOP; a 2048² torch.mm reaches {gemm_flops / 1e9:.0f} GFLOP/s"
     )
     results = {}
     if args.backend in ("pagedserve", "both"):
-        results["pagedserve"] = _report("pagedserve", run_pagedserve(args, workload), workload)
+        elapsed = run_pagedserve(args, workload)
+        results["pagedserve"] = _report("pagedserve", elapsed, workload, useful_flops, gemm_flops)
     if args.backend in ("hf", "both"):
-        results["hf"] = _report(
-            "transformers", run_hf(args, workload, args.model, model_config.torch_dtype), workload
-        )
+        elapsed = run_hf(args, workload, args.model, model_config.torch_dtype)
+        results["hf"] = _report("transformers", elapsed, workload, useful_flops, gemm_flops)
     if len(results) == 2:
         print(f"output tok/s ratio pagedserve / transformers: {results['pagedserve'] / results['hf']:.2f}x")
     return 0

@@ -14,7 +14,7 @@ import torch
 
 from pagedserve.benchmarks import overhead, serve
 from pagedserve.benchmarks._workload import ModelFlops, percentile
-from pagedserve.benchmarks.throughput import make_workload
+from pagedserve.benchmarks.throughput import Workload, make_workload, model_flops, workload_flops
 
 
 def test_exclusive_timers_count_nested_calls_once_in_the_innermost_category() -> None:
@@ -66,6 +66,28 @@ def test_step_flops_counts_linear_attention_and_logits() -> None:
     # one decode at position 10 (11 keys) and a 3-token prefill from 0 (1 + 2 + 3 keys)
     expected = 2 * 1000 * 4 + 4 * 2 * 8 * (11 + 6) + 2 * 50 * 4 * 2
     assert flops.step_flops([1, 3], [10, 0]) == expected
+
+
+def test_throughput_counts_each_requests_useful_work_once() -> None:
+    flops = ModelFlops(linear_params=10, num_layers=2, q_width=4, vocab_size=8, hidden_size=3)
+    workload = Workload(prompts=[[1, 2], [5]], output_lens=[3, 1])
+    # request 0: 4 tokens (keys 1+2+3+4), 3 logits rows; request 1: 1 token (1 key), 1 logits row
+    expected = 2 * 10 * 5 + 4 * 2 * 4 * (10 + 1) + 2 * 8 * 3 * 4
+    assert workload_flops(flops, workload) == expected
+
+
+def test_throughput_counts_the_models_linear_weights_on_the_meta_device(tmp_path: object) -> None:
+    from pagedserve.benchmarks._workload import make_tiny_llama_checkpoint
+    from pagedserve.config.model import ModelConfig
+
+    model_config = ModelConfig(make_tiny_llama_checkpoint(str(tmp_path)), dtype="float32", max_model_len=256)
+    cfg = model_config.hf_config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
+    per_layer = cfg.hidden_size * (q + 2 * kv) + q * cfg.hidden_size + 3 * cfg.hidden_size * cfg.intermediate_size
+    counted = model_flops(model_config)
+    assert counted.linear_params == cfg.num_hidden_layers * per_layer
+    assert (counted.num_layers, counted.q_width, counted.vocab_size) == (cfg.num_hidden_layers, q, cfg.vocab_size)
 
 
 def test_percentile_interpolates() -> None:
