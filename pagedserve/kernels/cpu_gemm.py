@@ -41,6 +41,8 @@ _KERNEL_SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
