@@ -11,8 +11,8 @@ output columns (four weight rows, ~9 KB at K = 576: L1-resident) at a time:
         and each of those passes prefetches its share of the next tile's weight rows into L2
 
 so the weight comes from memory once, the stream overlaps the arithmetic, and the arithmetic
-stays on FMAs (hot in cache, 130-180 GFLOP/s at 16 rows on 2 cores, about a large torch.mm's
-rate). Against MKL, with 30 layers of SmolLM2-135M's weights cache-cold as in a real step
+stays on FMAs (hot in cache, 120-130 GFLOP/s at 16 rows on 2 cores, about half of a large
+torch.mm's rate). Against MKL, with 30 layers of SmolLM2-135M's weights cache-cold as in a real step
 (benchmarks/cpu_gemm.py): 1.8-1.9x at 4-8 rows, 1.6x at 16, 1.3x at 32, 1.15x at 48, 0.93x at
 64, so `linear` routes x with at most SKINNY_MAX_ROWS rows here and larger batches to MKL.
 
