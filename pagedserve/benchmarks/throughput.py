@@ -131,12 +131,9 @@ def workload_flops(flops: ModelFlops, workload: Workload) -> float:
 
 def model_flops(model_config: ModelConfig) -> ModelFlops:
     """`ModelFlops` of the model pagedserve would build, counted on the meta device (no weights)."""
-    from pagedserve.models.registry import resolve_model_cls
+    from pagedserve.models.model_loader import build_meta_model
 
-    model_cls, _ = resolve_model_cls(model_config.architectures)
-    with torch.device("meta"):
-        model = model_cls(model_config.hf_config, model_config.max_model_len)
-    return ModelFlops.from_model(model, model_config.hf_config)
+    return ModelFlops.from_model(build_meta_model(model_config), model_config.hf_config)
 
 
 def _report(name: str, elapsed: float, workload: Workload, useful_flops: float, gemm_flops: float) -> float:

@@ -57,14 +57,20 @@ def iterate_weights(model_config: ModelConfig) -> Iterator[tuple[str, torch.Tens
     return iterate_safetensors_weights(model_config.model)
 
 
-def get_model(model_config: ModelConfig, device: torch.device | str = "cpu") -> nn.Module:
-    model_cls, arch = resolve_model_cls(model_config.architectures)
+def build_meta_model(model_config: ModelConfig) -> nn.Module:
+    """The registered model for `model_config`, built on the meta device (shapes, no storage)."""
+    model_cls, _ = resolve_model_cls(model_config.architectures)
     max_position = max(
         int(getattr(model_config.hf_config, "max_position_embeddings", 0) or 0), model_config.max_model_len
     )
     with _default_dtype(model_config.torch_dtype), torch.device("meta"):
-        model = model_cls(model_config.hf_config, max_position)
+        return model_cls(model_config.hf_config, max_position)
+
+
+def get_model(model_config: ModelConfig, device: torch.device | str = "cpu") -> nn.Module:
+    model = build_meta_model(model_config)
     materialize_meta_module(model, device)
+    _, arch = resolve_model_cls(model_config.architectures)
     logger.info("loading %s weights from %s", arch, model_config.model)
     model.load_weights(
         (name, tensor.to(model_config.torch_dtype)) for name, tensor in iterate_weights(model_config)
