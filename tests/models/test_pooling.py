@@ -306,9 +306,12 @@ def test_decoder_as_embedder_pools_the_last_token_like_transformers(make_tiny_ch
     finally:
         llm.llm_engine.shutdown()
     reference = _hf_last_token_states(model_dir, prompts)
-    assert (torch.tensor([o.outputs.embedding for o in raw]) - reference).abs().max().item() < 1e-4
+    # Two float32 implementations (other GEMM kernels and summation orders, other prefill/decode
+    # splits) agree to ~1e-6 here on one machine; CI once saw 2e-4 on another (values up to ~3),
+    # so the bound is 1e-3: a wrong token, position or pooling moves these by O(1).
+    assert (torch.tensor([o.outputs.embedding for o in raw]) - reference).abs().max().item() < 1e-3
     ours = torch.tensor([o.outputs.embedding for o in outputs])
-    assert (ours - F.normalize(reference, dim=-1)).abs().max().item() < 1e-5
+    assert (ours - F.normalize(reference, dim=-1)).abs().max().item() < 2e-4
 
 
 def _run_to_completion(core: EngineCore, requests: list[EngineCoreRequest]) -> tuple[dict[str, EngineCoreOutput], int]:
