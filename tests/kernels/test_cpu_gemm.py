@@ -47,12 +47,18 @@ def test_strided_rows_and_empty_batch():
 
 
 @requires_kernel
-@pytest.mark.parametrize(("rows", "out_features", "in_features"), [(7, 1538, 64), (48, 2051, 128), (5, 403, 576)])
+@pytest.mark.parametrize(
+    ("rows", "out_features", "in_features"), [(7, 1538, 64), (48, 2051, 128), (5, 403, 576)]
+)
 def test_every_output_is_written_and_repeats_bit_for_bit(rows: int, out_features: int, in_features: int):
     # NaN-filled outputs: a tile or tail column the thread split skipped would stay NaN (with
     # torch.empty it would silently hold a recycled buffer's stale, plausible values).
     op = cpu_gemm.load_skinny_gemm()
-    x, w, b = torch.randn(rows, in_features), torch.randn(out_features, in_features), torch.randn(out_features)
+    x, w, b = (
+        torch.randn(rows, in_features),
+        torch.randn(out_features, in_features),
+        torch.randn(out_features),
+    )
     results = []
     for _ in range(3):
         out = torch.full((rows, out_features), float("nan"))
@@ -60,7 +66,9 @@ def test_every_output_is_written_and_repeats_bit_for_bit(rows: int, out_features
         results.append(out)
     assert not results[0].isnan().any()
     assert all(torch.equal(results[0], r) for r in results[1:])
-    torch.testing.assert_close(results[0].double(), _reference(x, w, b), atol=1e-5 * in_features**0.5, rtol=1e-5)
+    torch.testing.assert_close(
+        results[0].double(), _reference(x, w, b), atol=1e-5 * in_features**0.5, rtol=1e-5
+    )
 
 
 @requires_kernel
