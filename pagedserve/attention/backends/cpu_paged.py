@@ -29,11 +29,13 @@ import torch
 
 from pagedserve.attention.backends.abstract import register_backend
 from pagedserve.attention.backends.cpu_sdpa import CpuSdpaBackend, CpuSdpaMetadata
+from pagedserve.kernels.avx512_math import EXP16_SOURCE
 from pagedserve.kernels.build import load_op
 
 _EXTENSION_NAME = "pagedserve_cpu_paged_attention"
 
-_KERNEL_SOURCE = r"""
+_KERNEL_SOURCE = (
+    r"""
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -136,28 +138,9 @@ inline __m512 transpose_sum16(const __m512* v) {
                        _mm512_shuffle_f32x4(x01, x23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// exp(x) for x <= 0: 2^k * p(r), k = round(x / ln 2), |r| <= ln(2) / 2, degree-6 Taylor polynomial
-// (relative error ~2e-7); x below -87 gives ~1e-38 instead of a denormal.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145752f), x);  // ln 2 in two parts
-  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.42860677e-6f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, k);
-}
-
-inline __mmask16 first_lanes(int64_t count) {
-  return count >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1);
-}
-
+"""
+    + EXP16_SOURCE
+    + r"""
 
 // Float pointers to the chunk's rows: the cache itself for float32; 16-bit rows are widened once
 // into `buffer`, instead of once per query head of the group.
@@ -361,6 +344,7 @@ TORCH_LIBRARY_IMPL(pagedserve_cpu, CPU, m) {
   m.impl("paged_decode_attention", &paged_decode_attention);
 }
 """
+)
 
 
 @functools.cache

@@ -6,11 +6,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.kernels.cpu_fused import fused_silu_and_mul, load_fused_ops
+
 
 class SiluAndMul(nn.Module):
     """x = [gate | up] along the last dim -> silu(gate) * up."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = load_fused_ops() if x.device.type == "cpu" else None
+        if ops is not None:
+            fused = fused_silu_and_mul(ops, x)
+            if fused is not None:
+                return fused
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]).mul_(x[..., d:])
 

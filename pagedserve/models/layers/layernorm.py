@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pagedserve.kernels.cpu_fused import fused_rms_norm, load_fused_ops
 from pagedserve.models.utils import default_weight_loader, set_weight_attrs
 
 
@@ -33,6 +34,11 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        ops = load_fused_ops() if x.device.type == "cpu" else None
+        if ops is not None:
+            fused = fused_rms_norm(ops, x, self.weight, self.eps, residual)
+            if fused is not None:
+                return fused
         if residual is None:
             return self._norm(x)
         x = x + residual
