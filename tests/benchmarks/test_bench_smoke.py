@@ -187,3 +187,30 @@ def test_serve_cli_poisson_run_saves_a_result_that_compare_prints(
     assert serve.main(parser.parse_args(["--compare", saved, saved])) == 0
     printed = capsys.readouterr().out
     assert "output throughput (tok/s)" in printed and "1.00x" in printed
+
+
+@pytest.mark.slow
+def test_throughput_cli_runs_transformers_at_each_batch_size_and_rates_against_the_best(
+    make_tiny_checkpoint: Callable[..., str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pagedserve.benchmarks import throughput
+
+    model = make_tiny_checkpoint("llama")
+    args = throughput.add_cli_args(argparse.ArgumentParser()).parse_args(
+        ["--model", model, "--num-prompts", "6", "--input-len", "12", "--output-len", "5",
+         "--max-num-seqs", "4", "--hf-batch-size", "2", "6", "--quiet"]
+    )  # fmt: skip
+    assert throughput.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rates = {}
+    for line in lines:
+        name = line.split("  ")[0].strip()
+        if name in ("pagedserve", "hf bs=2", "hf bs=6"):
+            rates[name] = float(line.split("output tok/s")[0].split()[-1])
+    assert set(rates) == {"pagedserve", "hf bs=2", "hf bs=6"} and all(r > 0 for r in rates.values())
+    best = max(("hf bs=2", "hf bs=6"), key=rates.__getitem__)
+    ratio_line = [line for line in lines if line.startswith("output tok/s ratio")]
+    assert len(ratio_line) == 1 and f"best static batch, {best.removeprefix('hf bs=')}" in ratio_line[0]
+    assert float(ratio_line[0].rsplit(" ", 1)[1].rstrip("x")) == pytest.approx(
+        rates["pagedserve"] / rates[best], rel=0.01
+    )
