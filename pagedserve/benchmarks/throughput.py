@@ -2,9 +2,9 @@
 
 Prompts are random token ids with lengths drawn uniformly in mean*(1 ± range_ratio), fixed seed,
 `ignore_eos`, so both engines produce exactly the requested number of tokens. transformers runs
-the same prompts in padded static batches of `--hf-batch-size` (several sizes: each runs, and the
-ratio is taken against the fastest), generating each batch's longest
-output; only requested tokens are counted for either engine.
+the same prompts in padded static batches of `--hf-batch-size`, generating each batch's longest
+output; only requested tokens are counted for either engine. With several batch sizes each runs,
+and the ratio is taken against the fastest.
 
 Next to each figure: the compute limit. The workload's useful FLOPs (every prompt and output
 token through the model once, attention over its own context, one logits row per output token;
