@@ -22,6 +22,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
         set_weight_attrs(self.weight, {"weight_loader": default_weight_loader})
 
+    def process_weights_after_loading(self) -> None:
+        # Builds the fused kernels (also SiluAndMul's) at load time, not in the first forward.
+        if self.weight.device.type == "cpu" and self.weight.dtype == torch.float32:
+            load_fused_ops()
+
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             # One call instead of six Python-level ops; bit-identical to transformers' formula.
