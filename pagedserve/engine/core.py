@@ -38,6 +38,7 @@ from pagedserve.core.sched.scheduler import Scheduler
 from pagedserve.engine import EngineCoreOutputs, EngineCoreRequest
 from pagedserve.engine.serial_utils import MsgpackDecoder, MsgpackEncoder
 from pagedserve.executor.abstract import Executor, get_executor_class
+from pagedserve.logger import configure_logging
 from pagedserve.worker.outputs import ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
@@ -249,7 +250,7 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
     """Entry point of the engine-core process."""
     set_parent_death_signal()
     watch_parent(parent_pid)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    configure_logging()
     # SIGTERM from the client's shutdown: exit promptly (workers die with us via PDEATHSIG).
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     try:

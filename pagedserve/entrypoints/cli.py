@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import contextlib
+import os
 import sys
 
+from pagedserve.benchmarks._workload import environment
 from pagedserve.engine.arg_utils import EngineArgs
+from pagedserve.logger import LEVEL_VARIABLE, configure_logging
 
 
 def _add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -76,15 +79,19 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    configure_logging()
     parser = argparse.ArgumentParser(prog="pagedserve", description="LLM inference and serving engine")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate_parser(subparsers)
     _add_serve_parser(subparsers)
     _add_bench_parser(subparsers)
     args = parser.parse_args(argv)
+    # Benchmarks print figures: their engine processes log warnings only, unless asked otherwise.
+    level = os.environ.get(LEVEL_VARIABLE, "WARNING")
+    quiet = environment(**{LEVEL_VARIABLE: level}) if args.command == "bench" else contextlib.nullcontext()
     try:
-        return args.func(args)
+        with quiet:
+            return args.func(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,39 @@
+"""PAGEDSERVE_LOGGING_LEVEL reaches the engine-core process; `pagedserve bench` quiets it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+
+from pagedserve.logger import configure_logging
+
+
+def test_an_unknown_level_is_an_error_that_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PAGEDSERVE_LOGGING_LEVEL", "LOUD")
+    with pytest.raises(ValueError, match="PAGEDSERVE_LOGGING_LEVEL='LOUD' is not a logging level"):
+        configure_logging()
+
+
+def _generate_stderr(model: str, level: str | None) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "PAGEDSERVE_LOGGING_LEVEL"}
+    if level is not None:
+        env["PAGEDSERVE_LOGGING_LEVEL"] = level
+    proc = subprocess.run(
+        [sys.executable, "-m", "pagedserve.entrypoints.cli", "generate", "hello", "--model", model,
+         "--max-tokens", "2"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc.stderr
+
+
+@pytest.mark.slow
+def test_the_level_reaches_the_engine_core_process(make_tiny_checkpoint: Callable[..., str]) -> None:
+    model = make_tiny_checkpoint("llama")
+    assert "engine ready" in _generate_stderr(model, None)  # logged by the engine-core process
+    quiet = _generate_stderr(model, "warning")
+    assert "engine ready" not in quiet and "INFO" not in quiet
