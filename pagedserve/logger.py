@@ -14,9 +14,12 @@ LEVEL_VARIABLE = "PAGEDSERVE_LOGGING_LEVEL"
 
 
 def configure_logging() -> None:
+    """basicConfig at PAGEDSERVE_LOGGING_LEVEL; an unknown level logs a warning and uses INFO
+    (an engine-core process must not die over its log level)."""
     level = os.environ.get(LEVEL_VARIABLE, "INFO").upper()
-    if not isinstance(logging.getLevelName(level), int):
-        raise ValueError(
-            f"PAGEDSERVE_LOGGING_LEVEL={level!r} is not a logging level (DEBUG, INFO, WARNING, ...)"
+    known = isinstance(logging.getLevelName(level), int)
+    logging.basicConfig(level=level if known else "INFO", format=LOG_FORMAT)
+    if not known:
+        logging.getLogger(__name__).warning(
+            "%s=%r is not a logging level (DEBUG, INFO, WARNING, ...); using INFO", LEVEL_VARIABLE, level
         )
-    logging.basicConfig(level=level, format=LOG_FORMAT)
