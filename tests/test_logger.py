@@ -20,15 +20,13 @@ def test_an_unknown_level_is_named_in_a_warning_and_info_is_used() -> None:
     assert "PAGEDSERVE_LOGGING_LEVEL='LOUD' is not a logging level" in proc.stderr
 
 
-def _generate_stderr(model: str, level: str | None) -> str:
+def _cli_stderr(args: list[str], level: str | None) -> str:
     env = {k: v for k, v in os.environ.items() if k != "PAGEDSERVE_LOGGING_LEVEL"}
     if level is not None:
         env["PAGEDSERVE_LOGGING_LEVEL"] = level
     proc = subprocess.run(
-        [sys.executable, "-m", "pagedserve.entrypoints.cli", "generate", "hello", "--model", model,
-         "--max-tokens", "2"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [sys.executable, "-m", "pagedserve.entrypoints.cli", *args], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stderr
 
@@ -36,6 +34,10 @@ def _generate_stderr(model: str, level: str | None) -> str:
 @pytest.mark.slow
 def test_the_level_reaches_the_engine_core_process(make_tiny_checkpoint: Callable[..., str]) -> None:
     model = make_tiny_checkpoint("llama")
-    assert "engine ready" in _generate_stderr(model, None)  # logged by the engine-core process
-    quiet = _generate_stderr(model, "warning")
+    generate = ["generate", "hello", "--model", model, "--max-tokens", "2"]
+    assert "engine ready" in _cli_stderr(generate, None)  # logged by the engine-core process
+    quiet = _cli_stderr(generate, "warning")
     assert "engine ready" not in quiet and "INFO" not in quiet
+    bench = ["bench", "throughput", "--model", model, "--backend", "pagedserve", "--num-prompts", "2",
+             "--input-len", "8", "--output-len", "2"]  # fmt: skip
+    assert "engine ready" not in _cli_stderr(bench, None)
