@@ -2,10 +2,12 @@
 
 At decode batch sizes these are tiny tensors (64 tokens x 576 floats), and torch's CPU
 rms_norm runs as ~8 ops (pow, mean, add, rsqrt, mul, ...), silu-then-mul as two passes with
-an intermediate: per call that is dispatch and memory-pass overhead, not arithmetic. Measured
-with torch.profiler on SmolLM2-135M at 64 sequences, those ops took ~10% of a decode step.
-Here each is one op and one pass over its rows (as vLLM's `rms_norm`, `fused_add_rms_norm` and
-`silu_and_mul` custom ops), rows spread over the torch threads.
+an intermediate: per call that is dispatch and memory-pass overhead, not arithmetic. Here each
+is one op and one pass over its rows (as vLLM's `rms_norm`, `fused_add_rms_norm` and
+`silu_and_mul` custom ops), rows spread over the torch threads: at 64 x 576, 28 vs 70 us for
+add + norm and 41 vs 72 us for SiLU-and-mul (64 x 3072), about 2% of a SmolLM2-135M decode
+step. (torch.profiler put the torch versions near 10% of the step: its per-op cost inflates
+code made of many small ops.)
 
 Results match the torch formulas transformers uses to a few ulps (another summation order for
 the mean of squares; SiLU's exp from a polynomial with ~2e-7 relative error), never bit for bit.
