@@ -145,6 +145,98 @@ def make_tiny_checkpoint(
     return make
 
 
+# HF parameter name -> llama.cpp tensor name (the inverse of the GGUF loader's table).
+_GGUF_GLOBAL_NAMES = {
+    "model.embed_tokens": "token_embd",
+    "model.norm": "output_norm",
+    "lm_head": "output",
+}
+_GGUF_LAYER_NAMES = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+
+def _gguf_name(hf_name: str) -> str:
+    base, suffix = hf_name.rsplit(".", 1)
+    if base.startswith("model.layers."):
+        _, _, layer, rest = base.split(".", 3)
+        return f"blk.{layer}.{_GGUF_LAYER_NAMES[rest]}.{suffix}"
+    return f"{_GGUF_GLOBAL_NAMES[base]}.{suffix}"
+
+
+@pytest.fixture(scope="session")
+def make_tiny_gguf(
+    make_tiny_checkpoint: Callable[..., str], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[..., tuple[str, str]]:
+    """make_tiny_gguf(kind, qtypes) -> (gguf file, HF directory of its dequantized weights).
+
+    The tiny checkpoint of `kind` (llama, qwen2, qwen3) written as llama.cpp would (its tensor
+    names, Llama's q/k rows permuted), each 2-D weight quantized to qtypes[i % len(qtypes)]; the
+    HF directory holds exactly the values those blocks decode to, so transformers on it is the
+    float reference for the packed model. Both use the tiny checkpoint's (SmolLM2) tokenizer.
+    """
+    import gguf
+    from safetensors.torch import load_file, save_file
+
+    def make(kind: str, qtypes: list[gguf.GGMLQuantizationType]) -> tuple[str, str]:
+        hf_dir = make_tiny_checkpoint(kind)
+        config = json.loads(Path(hf_dir, "config.json").read_text())
+        weights = load_file(os.path.join(hf_dir, "model.safetensors"))
+        out = tmp_path_factory.mktemp(f"gguf_{kind}")
+        arch = kind
+        writer = gguf.GGUFWriter(str(out / f"{kind}.gguf"), arch)
+        writer.add_uint32(f"{arch}.block_count", config["num_hidden_layers"])
+        writer.add_uint32(f"{arch}.context_length", config["max_position_embeddings"])
+        writer.add_uint32(f"{arch}.embedding_length", config["hidden_size"])
+        writer.add_uint32(f"{arch}.feed_forward_length", config["intermediate_size"])
+        writer.add_uint32(f"{arch}.attention.head_count", config["num_attention_heads"])
+        writer.add_uint32(f"{arch}.attention.head_count_kv", config["num_key_value_heads"])
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        writer.add_uint32(f"{arch}.attention.key_length", head_dim)
+        writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", config.get("rms_norm_eps", 1e-6))
+        writer.add_float32(f"{arch}.rope.freq_base", float(config.get("rope_theta", 10000.0)))
+        writer.add_uint32("tokenizer.ggml.bos_token_id", config["bos_token_id"])
+        writer.add_uint32("tokenizer.ggml.eos_token_id", config["eos_token_id"])
+        dequantized = {}
+        for i, (name, tensor) in enumerate(sorted(weights.items())):
+            array = tensor.float().numpy()
+            if array.ndim == 2:
+                qtype = qtypes[i % len(qtypes)]
+                blocks = gguf.quants.quantize(array, qtype)
+                dequantized[name] = torch.from_numpy(gguf.quants.dequantize(blocks, qtype).copy())
+                if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
+                    heads = config["num_attention_heads" if ".q_proj." in name else "num_key_value_heads"]
+                    rows = blocks.shape[0]
+                    blocks = blocks.reshape(heads, 2, rows // heads // 2, -1).swapaxes(1, 2).reshape(rows, -1)
+                writer.add_tensor(_gguf_name(name), blocks, raw_dtype=qtype)
+            else:
+                dequantized[name] = tensor
+                writer.add_tensor(_gguf_name(name), array)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        reference = out / "dequantized"
+        reference.mkdir()
+        for file in os.listdir(hf_dir):
+            if not file.endswith(".safetensors"):
+                (reference / file).write_bytes(Path(hf_dir, file).read_bytes())
+        save_file(dequantized, str(reference / "model.safetensors"), metadata={"format": "pt"})
+        return str(out / f"{kind}.gguf"), str(reference)
+
+    return make
+
+
 def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """transformers' greedy generate, one prompt at a time (no padding effects)."""
     from transformers import AutoModelForCausalLM

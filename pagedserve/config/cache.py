@@ -4,6 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+# --kv-cache-dtype values (vLLM's names and the usual short forms) -> storage dtype.
+CACHE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
 
 @dataclass
 class CacheConfig:
@@ -20,11 +33,18 @@ class CacheConfig:
     # Seed of the block-hash chain's root; None = random per process (tenant isolation).
     prefix_caching_hash_seed: int | None = None
     num_gpu_blocks: int | None = None
+    # Storage dtype of the KV cache: "auto" = the model's dtype, or one of CACHE_DTYPES.
+    cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.cache_dtype != "auto" and self.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be auto or one of {sorted(CACHE_DTYPES)}, got {self.cache_dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
             raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory_bytes}")
         if self.num_gpu_blocks is not None and self.num_gpu_blocks < 2:
             raise ValueError(f"num_gpu_blocks must be at least 2, got {self.num_gpu_blocks}")
+
+    def kv_cache_torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return model_dtype if self.cache_dtype == "auto" else CACHE_DTYPES[self.cache_dtype]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -11,6 +12,8 @@ from typing import Any, Literal, get_args
 import torch
 
 from pagedserve.pooling_params import PoolingTask
+
+logger = logging.getLogger(__name__)
 
 # `task` of a model (vLLM's `--task`): what the engine is built to do with the checkpoint.
 TaskOption = Literal["auto", "generate", "embed", "classify", "score"]
@@ -155,6 +158,9 @@ class ModelConfig:
     max_model_len: int | None = None
     seed: int = 0
     task: TaskOption = "auto"
+    # vLLM's --quantization: how the weights are stored and computed. A .gguf file implies
+    # "gguf" (its blocks are used in place); None = the checkpoint's float weights.
+    quantization: str | None = None
     hf_config: SimpleNamespace = field(init=False)
     torch_dtype: torch.dtype = field(init=False)
     # Worker-side pooling tasks the loaded model serves (empty for generation).
@@ -178,6 +184,7 @@ class ModelConfig:
         cfg.setdefault("num_key_value_heads", num_heads)
         if cfg.get("head_dim") is None and num_heads:
             cfg["head_dim"] = cfg["hidden_size"] // num_heads
+        self._resolve_quantization(cfg)
         self.hf_config = SimpleNamespace(**cfg)
         self.torch_dtype = self._resolve_dtype(cfg)
         self._resolve_task(model_cls, arch)
@@ -198,6 +205,21 @@ class ModelConfig:
                 f"max_model_len={self.max_model_len} exceeds the model's "
                 f"max_position_embeddings={max_positions}"
             )
+
+    def _resolve_quantization(self, cfg: dict[str, Any]) -> None:
+        from pagedserve.quantization import QUANTIZATION_METHODS
+
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(
+                f"quantization must be one of {list(QUANTIZATION_METHODS)}, got {self.quantization!r}"
+            )
+        if self.is_gguf:
+            self.quantization = "gguf"
+            from pagedserve.models.loader.gguf import packed_layout_config
+
+            cfg.update(packed_layout_config(self.model))
+        elif self.quantization == "gguf":
+            raise ValueError(f"quantization='gguf' needs a .gguf file; {self.model!r} is not one")
 
     def _resolve_task(self, model_cls: type, arch: str) -> None:
         if self.task not in _TASK_OPTIONS:
@@ -283,10 +305,18 @@ class ModelConfig:
                 raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
             return _DTYPES[self.dtype]
         # auto: half-precision checkpoints run in bf16 where the CPU has bf16 units, else fp32.
+        # GGUF blocks meet int8-quantized activations in the kernels, whatever the dtype: their
+        # activations stay float32 (exact, and no conversions around every kernel call).
         ckpt = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
-        if ckpt in ("bfloat16", "float16") and cpu_has_native_bf16():
-            return torch.bfloat16
-        return torch.float32
+        native_bf16 = cpu_has_native_bf16()
+        if ckpt in ("bfloat16", "float16") and not self.is_gguf and native_bf16:
+            dtype, reason = torch.bfloat16, f"a {ckpt} checkpoint on a CPU with AVX-512 BF16 / AMX"
+        elif ckpt in ("bfloat16", "float16") and not self.is_gguf:
+            dtype, reason = torch.float32, f"a {ckpt} checkpoint on a CPU without AVX-512 BF16 / AMX"
+        else:
+            dtype, reason = torch.float32, "GGUF blocks" if self.is_gguf else f"a {ckpt} checkpoint"
+        logger.info("dtype auto: %s (%s)", str(dtype).removeprefix("torch."), reason)
+        return dtype
 
     @property
     def architectures(self) -> list[str]:

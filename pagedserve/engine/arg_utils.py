@@ -31,14 +31,32 @@ class EngineArgs:
         default=None, metadata={"help": "HF checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct)"}
     )
     tokenizer: str | None = dataclasses.field(default=None, metadata={"help": "tokenizer directory (default: the model's)"})
-    dtype: str = dataclasses.field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16"})
+    dtype: str = dataclasses.field(
+        default="auto",
+        metadata={
+            "help": "activation dtype: auto, float32, bfloat16 or float16 (auto: bfloat16 for a half-precision "
+            "checkpoint on a CPU with AVX-512 BF16 / AMX, else float32)"
+        },
+    )
+    quantization: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "weight format: gguf (implied by a .gguf file: its blocks are computed in place)"},
+    )
     max_model_len: int | None = dataclasses.field(
         default=None, metadata={"help": "longest sequence (prompt + output) in tokens (default: the model's)"}
     )
     seed: int = dataclasses.field(default=0, metadata={"help": "global random seed"})
     block_size: int = dataclasses.field(default=16, metadata={"help": "tokens per KV cache block"})
     kv_cache_memory: str | None = dataclasses.field(
-        default=None, metadata={"help": "KV cache size, e.g. 2GiB (default: a share of free RAM, at most 4GiB)"}
+        default=None,
+        metadata={
+            "help": "KV cache size, e.g. 2GiB (default: as much as the weights take, at least 512MiB, at "
+            "most 10%% of RAM, and never more than max_num_seqs sequences of max_model_len can use)"
+        },
+    )
+    kv_cache_dtype: str = dataclasses.field(
+        default="auto",
+        metadata={"help": "KV cache storage: auto (the model's dtype), float32, bfloat16 or float16"},
     )
     num_gpu_blocks_override: int | None = dataclasses.field(
         default=None, metadata={"help": "use exactly this many KV cache blocks (testing)"}
@@ -89,6 +107,7 @@ class EngineArgs:
             max_model_len=self.max_model_len,
             seed=self.seed,
             task=self.task,  # type: ignore[arg-type]
+            quantization=self.quantization,
         )
         model_config.verify_with_parallel_config(self.tensor_parallel_size)
         max_model_len = int(model_config.max_model_len)  # type: ignore[arg-type]
@@ -109,6 +128,7 @@ class EngineArgs:
                 enable_prefix_caching=enable_prefix_caching,
                 prefix_caching_hash_seed=self.prefix_caching_hash_seed,
                 num_gpu_blocks=self.num_gpu_blocks_override,
+                cache_dtype=self.kv_cache_dtype,
             ),
             scheduler_config=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs,

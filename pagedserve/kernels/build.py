@@ -38,8 +38,18 @@ def cpu_has(flag: str) -> bool:
     return any(flag in line.split() for line in cpu_signature().splitlines() if line.startswith("flags"))
 
 
-def library_path(name: str, source: str) -> str:
-    key = f"{source}{CFLAGS}{torch.__version__}{cpu_signature()}"
+# A kernel library's sources: one C++ text, or {file name: text} (*.cpp compiled, headers beside).
+Sources = str | dict[str, str]
+
+
+def _source_files(name: str, source: Sources) -> dict[str, str]:
+    return {f"{name}.cpp": source} if isinstance(source, str) else source
+
+
+def library_path(name: str, source: Sources) -> str:
+    files = _source_files(name, source)
+    key = "".join(f"{file}\0{text}" for file, text in sorted(files.items()))
+    key = f"{key}{CFLAGS}{torch.__version__}{cpu_signature()}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     root = os.environ.get("PAGEDSERVE_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pagedserve"
@@ -47,7 +57,7 @@ def library_path(name: str, source: str) -> str:
     return os.path.join(root, name, digest, f"{name}.so")
 
 
-def _build(name: str, source: str, library: str) -> None:
+def _build(name: str, source: Sources, library: str) -> None:
     """Compiles `source`, loads it, and leaves the library at `library` for later processes."""
     from torch.utils.cpp_extension import load
 
@@ -56,14 +66,18 @@ def _build(name: str, source: str, library: str) -> None:
     # torch's shared build directory has a lock file that a process killed mid-build leaves
     # behind, and every later process would wait on it forever.
     with tempfile.TemporaryDirectory(dir=os.path.dirname(library)) as build_dir:
-        source_file = os.path.join(build_dir, f"{name}.cpp")
-        with open(source_file, "w") as f:
-            f.write(source)
+        compiled = []
+        for file, text in _source_files(name, source).items():
+            with open(os.path.join(build_dir, file), "w") as f:
+                f.write(text)
+            if file.endswith(".cpp"):
+                compiled.append(os.path.join(build_dir, file))
         # NOTE: load(), not load_inline(): load_inline prepends torch/extension.h, which makes the
         # build ~4x slower (~35 s instead of ~10 s here).
         built = load(
             name,
-            sources=[source_file],
+            sources=compiled,
+            extra_include_paths=[build_dir],
             extra_cflags=CFLAGS,
             extra_ldflags=["-fopenmp"],
             build_directory=build_dir,
@@ -73,6 +87,18 @@ def _build(name: str, source: str, library: str) -> None:
         os.replace(built, library)
 
 
+CSRC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+
+
+def read_sources(*filenames: str) -> dict[str, str]:
+    """{file name: text} of kernel source files in pagedserve/kernels/csrc."""
+    texts = {}
+    for filename in filenames:
+        with open(os.path.join(CSRC_DIR, filename)) as f:
+            texts[filename] = f.read()
+    return texts
+
+
 def _registered_op(namespace: str, op_name: str) -> Any | None:
     try:
         return getattr(getattr(torch.ops, namespace), op_name)
@@ -80,7 +106,7 @@ def _registered_op(namespace: str, op_name: str) -> Any | None:
         return None
 
 
-def load_op(namespace: str, op_name: str, name: str, source: str, *, switch: str, what: str) -> Any | None:
+def load_op(namespace: str, op_name: str, name: str, source: Sources, *, switch: str, what: str) -> Any | None:
     """torch.ops.<namespace>.<op_name> from the library `name` built from `source`, or None.
 
     None when the environment variable `switch` is 0/false, or the library cannot be built or
@@ -94,7 +120,7 @@ def load_op(namespace: str, op_name: str, name: str, source: str, *, switch: str
     return op
 
 
-def load_op_library(name: str, source: str, what: str) -> bool:
+def load_op_library(name: str, source: Sources, what: str) -> bool:
     """Loads (building it first where needed) the op library `name`; False when it cannot be built."""
     library = library_path(name, source)
     start = time.perf_counter()

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -16,6 +17,7 @@ from torch import nn
 from pagedserve.config.model import ModelConfig
 from pagedserve.models.registry import resolve_model_cls
 from pagedserve.models.utils import materialize_meta_module
+from pagedserve.quantization import get_quantization_config, set_current_quant_config
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +51,21 @@ def iterate_safetensors_weights(model_dir: str) -> Iterator[tuple[str, torch.Ten
                 yield name, f.get_tensor(name)
 
 
-def iterate_weights(model_config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    if model_config.is_gguf:
+def iterate_weights(model_config: ModelConfig) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) pairs in the model's dtype; packed quantized weights stay as they are."""
+    if model_config.quantization == "gguf":
+        from pagedserve.models.loader.gguf import iterate_gguf_packed_weights
+
+        weights: Iterator[tuple[str, Any]] = iterate_gguf_packed_weights(model_config.model)
+    elif model_config.is_gguf:
         from pagedserve.models.loader.gguf import iterate_gguf_weights
 
-        return iterate_gguf_weights(model_config.model, dtype=model_config.torch_dtype)
-    return iterate_safetensors_weights(model_config.model)
+        weights = iterate_gguf_weights(model_config.model)
+    else:
+        weights = iterate_safetensors_weights(model_config.model)
+    dtype = model_config.torch_dtype
+    for name, tensor in weights:
+        yield name, tensor.to(dtype) if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() else tensor
 
 
 def build_meta_model(model_config: ModelConfig) -> nn.Module:
@@ -63,7 +74,10 @@ def build_meta_model(model_config: ModelConfig) -> nn.Module:
     max_position = max(
         int(getattr(model_config.hf_config, "max_position_embeddings", 0) or 0), model_config.max_model_len
     )
-    with _default_dtype(model_config.torch_dtype), torch.device("meta"):
+    quant_config = (
+        get_quantization_config(model_config.quantization) if model_config.quantization is not None else None
+    )
+    with _default_dtype(model_config.torch_dtype), torch.device("meta"), set_current_quant_config(quant_config):
         return model_cls(model_config.hf_config, max_position)
 
 
@@ -72,10 +86,9 @@ def get_model(model_config: ModelConfig, device: torch.device | str = "cpu") -> 
     materialize_meta_module(model, device)
     _, arch = resolve_model_cls(model_config.architectures)
     logger.info("loading %s weights from %s", arch, model_config.model)
-    model.load_weights(
-        (name, tensor.to(model_config.torch_dtype)) for name, tensor in iterate_weights(model_config)
-    )
-    # Prepacked copies for the CPU kernels (linear.py), made after loading: loaders see plain tensors.
+    model.load_weights(iterate_weights(model_config))
+    # Prepacked copies for the CPU kernels (linear.py) and the final layout of quantized weights,
+    # made after loading: loaders see checkpoint tensors.
     for module in model.modules():
         if hasattr(module, "process_weights_after_loading"):
             module.process_weights_after_loading()

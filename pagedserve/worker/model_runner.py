@@ -62,6 +62,7 @@ class ModelRunner:
         self.is_mamba_group: list[bool] = []
         self.input_batch = self._make_input_batch(1)
         self.kv_caches: list[torch.Tensor] = []
+        self.kv_cache_dtype = config.cache_config.kv_cache_torch_dtype(model_config.torch_dtype)
 
     def _make_input_batch(self, num_kv_cache_groups: int) -> InputBatch:
         return InputBatch(
@@ -88,7 +89,8 @@ class ModelRunner:
         self.model = model
         # Encoder-only models have no causal layer, hence no groups: their bidirectional layers
         # see each prompt whole in one step and never reuse K/V.
-        dtype_size = torch.empty((), dtype=model_config.torch_dtype).element_size()
+        self.kv_cache_dtype = self.config.cache_config.kv_cache_torch_dtype(model_config.torch_dtype)
+        dtype_size = torch.empty((), dtype=self.kv_cache_dtype).element_size()
         self.kv_cache_groups = group_kv_cache_specs(
             get_kv_cache_specs(model, self.block_size, dtype_size),
             disable_hybrid=self.config.scheduler_config.disable_hybrid_kv_cache_manager,
@@ -137,7 +139,7 @@ class ModelRunner:
         shape = self.attn_backend.get_kv_cache_shape(num_blocks, self.block_size, spec.num_kv_heads, spec.head_size)
         # zeros, not empty: padded reads of unused or null-block slots are masked, but 0 * NaN is NaN.
         self.kv_caches = [
-            torch.zeros(shape, dtype=self.config.model_config.torch_dtype, device=self.device)
+            torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
             for _ in range(self.num_kv_cache_tensors)
         ]
         layers = {layer.layer_name: layer for layer in self.attention_layers}

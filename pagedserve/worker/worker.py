@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import resource
+import sys
 
 import psutil
 import torch
+from torch import nn
 
 from pagedserve.config import EngineConfig
 from pagedserve.core.kv_cache_interface import KVCacheGroupSpec
@@ -15,9 +18,41 @@ from pagedserve.worker.outputs import ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
 
-# Default KV cache budget on CPU: this share of available RAM, at most the cap.
-_CPU_KV_CACHE_FRACTION = 0.25
-_CPU_KV_CACHE_CAP_BYTES = 4 << 30
+# Default KV cache budget on CPU: as much memory as the weights take, at least the floor, at most
+# this share of the machine's RAM (and never more than max_num_seqs x max_model_len can use): a
+# desktop serving a 0.5B model should not give GBs to a cache one chat never fills.
+_CPU_KV_CACHE_FLOOR_BYTES = 512 << 20
+_CPU_KV_CACHE_RAM_FRACTION = 0.10
+_MIB = 1 << 20
+
+
+def model_weight_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of the model's weights, of which memory-mapped from the checkpoint file). Tied and
+    shared tensors count once; GGUF blocks are views of the file."""
+    seen: set[int] = set()
+    total = mapped = 0
+
+    def add(tensor: torch.Tensor, from_file: bool) -> None:
+        nonlocal total, mapped
+        key = tensor.untyped_storage().data_ptr()
+        if key in seen or tensor.numel() == 0:
+            return
+        seen.add(key)
+        size = tensor.untyped_storage().nbytes()
+        total += size
+        mapped += size if from_file else 0
+
+    for tensor in [*model.parameters(), *model.buffers()]:
+        add(tensor, False)
+        for _, weight in getattr(tensor, "gguf_shards", None) or ():
+            add(weight.data, True)
+    return total, mapped
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 class Worker:
@@ -41,7 +76,12 @@ class Worker:
             return cache_config.num_gpu_blocks
         budget = cache_config.kv_cache_memory_bytes
         if budget is None:
-            budget = min(int(psutil.virtual_memory().available * _CPU_KV_CACHE_FRACTION), _CPU_KV_CACHE_CAP_BYTES)
+            assert self.model_runner.model is not None
+            weights, _ = model_weight_bytes(self.model_runner.model)
+            budget = min(
+                max(weights, _CPU_KV_CACHE_FLOOR_BYTES),
+                int(psutil.virtual_memory().total * _CPU_KV_CACHE_RAM_FRACTION),
+            )
         # Mamba state slots come out of the same budget, before any KV block.
         budget -= self.model_runner.state_cache_bytes()
         per_block = self.model_runner.kv_cache_bytes_per_block()
@@ -64,6 +104,22 @@ class Worker:
 
     def initialize_cache(self, num_blocks: int) -> None:
         self.model_runner.initialize_kv_cache(num_blocks)
+        assert self.model_runner.model is not None
+        weights, mapped = model_weight_bytes(self.model_runner.model)
+        kv_cache = sum(t.untyped_storage().nbytes() for t in self.model_runner.kv_caches)
+        kv_cache += self.model_runner.state_cache_bytes()
+        rss = psutil.Process().memory_info().rss
+        logger.info(
+            "memory (rank %d): weights %.0f MiB (%.0f MiB mapped from the checkpoint file), KV cache %.0f MiB "
+            "(%s), process resident %.0f MiB (peak %.0f MiB)",
+            self.rank,
+            weights / _MIB,
+            mapped / _MIB,
+            kv_cache / _MIB,
+            str(self.model_runner.kv_cache_dtype).removeprefix("torch."),
+            rss / _MIB,
+            peak_rss_bytes() / _MIB,
+        )
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(scheduler_output)

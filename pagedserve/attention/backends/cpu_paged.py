@@ -383,6 +383,9 @@ class CpuPagedBackend(CpuSdpaBackend):
         scale: float,
         sliding_window: int | None,
     ) -> None:
+        if key_cache.dtype != q.dtype:  # the kernel reads caches of the query's dtype only
+            super()._decode(q, out, key_cache, value_cache, metadata, scale, sliding_window)
+            return
         self._kernel(
             out,
             q,

@@ -215,8 +215,8 @@ class CpuSdpaBackend(AttentionBackend):
         for bucket in self._decode_buckets(metadata):
             idx, n = bucket.token_indices, bucket.token_indices.shape[0]
             # [n, blocks, block_size, Hkv, D] -> [n, Hkv, L, D]
-            k = key_cache[bucket.block_table].view(n, -1, num_kv_heads, head_size).transpose(1, 2)
-            v = value_cache[bucket.block_table].view(n, -1, num_kv_heads, head_size).transpose(1, 2)
+            k = key_cache[bucket.block_table].view(n, -1, num_kv_heads, head_size).transpose(1, 2).to(q.dtype)
+            v = value_cache[bucket.block_table].view(n, -1, num_kv_heads, head_size).transpose(1, 2).to(q.dtype)
             # Query heads h*group .. h*group+group-1 share KV head h: fold them into the query axis.
             o = F.scaled_dot_product_attention(
                 q[idx].view(n, num_kv_heads, group, head_size),
@@ -252,8 +252,10 @@ class CpuSdpaBackend(AttentionBackend):
             key_cache, value_cache = kv_cache[0], kv_cache[1]
             flat_k = key_cache.view(-1, num_kv_heads, head_size)
             flat_v = value_cache.view(-1, num_kv_heads, head_size)
-            flat_k.index_copy_(0, common.slot_mapping, k)
-            flat_v.index_copy_(0, common.slot_mapping, v)
+            # NOTE: a KV cache of another dtype (--kv-cache-dtype) stores rounded K/V; reads below
+            # convert back to the query's dtype.
+            flat_k.index_copy_(0, common.slot_mapping, k.to(flat_k.dtype))
+            flat_v.index_copy_(0, common.slot_mapping, v.to(flat_v.dtype))
         out = torch.empty_like(q)
         group = num_heads // num_kv_heads
 
@@ -271,8 +273,8 @@ class CpuSdpaBackend(AttentionBackend):
             if chunk.num_computed_tokens == 0 or kv_cache is None:
                 k_seq, v_seq = k[s:e], v[s:e]
             else:
-                k_seq = key_cache[chunk.block_ids].view(-1, num_kv_heads, head_size)[: chunk.seq_len]
-                v_seq = value_cache[chunk.block_ids].view(-1, num_kv_heads, head_size)[: chunk.seq_len]
+                k_seq = key_cache[chunk.block_ids].view(-1, num_kv_heads, head_size)[: chunk.seq_len].to(q.dtype)
+                v_seq = value_cache[chunk.block_ids].view(-1, num_kv_heads, head_size)[: chunk.seq_len].to(q.dtype)
             if common.causal:
                 mask = _prefill_mask(e - s, chunk.num_computed_tokens, chunk.seq_len, sliding_window, q.device)
                 is_causal = mask is None

@@ -26,6 +26,7 @@ from pagedserve.distributed.parallel_state import (
 )
 from pagedserve.kernels.cpu_gemm import SKINNY_MAX_ROWS, load_skinny_gemm, skinny_linear
 from pagedserve.models.utils import default_weight_loader, set_weight_attrs
+from pagedserve.quantization.base_config import LinearMethodBase, get_current_quant_config
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:
@@ -76,31 +77,73 @@ def linear(
     return F.linear(x, weight, bias)
 
 
+class UnquantizedLinearMethod(LinearMethodBase):
+    """Plain float weights [output_size, input_size], CPU-prepacked after loading (see `linear`)."""
+
+    def create_weights(
+        self, layer: nn.Module, input_size: int, output_size: int, num_shards: int, dtype: torch.dtype | None
+    ) -> None:
+        layer.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=dtype), requires_grad=False)
+        layer.packed_weight = None
+
+    def load_rows(self, layer: nn.Module, loaded: torch.Tensor, row_offset: int, shard_index: int) -> None:
+        layer.weight.data.narrow(0, row_offset, loaded.shape[0]).copy_(loaded)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        # NOTE: a copy of the weight, not a view: call again after any change to the weight.
+        layer.packed_weight = prepack_weight(layer.weight)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return linear(x, layer.weight, layer.packed_weight, bias)
+
+
 class LinearBase(nn.Module):
-    def __init__(self, input_size: int, output_size: int, bias: bool, dtype: torch.dtype | None) -> None:
+    """A linear layer whose weight is held and applied by its quantization method (plain float
+    weights without a quantization config). Subclasses slice checkpoint tensors for their rank
+    and pass the slices on with `_load_rows`."""
+
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool, dtype: torch.dtype | None, num_shards: int = 1
+    ) -> None:
         super().__init__()
         self.input_size = input_size
         self.output_size = output_size
-        self.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=dtype), requires_grad=False)
+        quant_config = get_current_quant_config()
+        self.quant_method: LinearMethodBase = (
+            UnquantizedLinearMethod() if quant_config is None else quant_config.get_linear_method()
+        )
+        self.quant_method.create_weights(self, input_size, output_size, num_shards, dtype)
         self.bias = (
             nn.Parameter(torch.empty(output_size, dtype=dtype), requires_grad=False) if bias else None
         )
-        self.packed_weight: torch.Tensor | None = None
+
+    def _load_rows(self, param: nn.Parameter, loaded: torch.Tensor, row_offset: int, shard_index: int = 0) -> None:
+        if param is self.weight:
+            self.quant_method.load_rows(self, loaded, row_offset, shard_index)
+        else:
+            param.data.narrow(0, row_offset, loaded.shape[0]).copy_(loaded)
 
     def process_weights_after_loading(self) -> None:
-        # NOTE: a copy of the weight, not a view: call again after any change to the weight.
-        self.packed_weight = prepack_weight(self.weight)
+        self.quant_method.process_weights_after_loading(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.packed_weight, self.bias)
+        return self.quant_method.apply(self, x, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool = False, dtype: torch.dtype | None = None):
         super().__init__(input_size, output_size, bias, dtype)
-        set_weight_attrs(self.weight, {"weight_loader": default_weight_loader})
+        set_weight_attrs(self.weight, {"weight_loader": self.weight_loader})
         if self.bias is not None:
             set_weight_attrs(self.bias, {"weight_loader": default_weight_loader})
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+        if tuple(loaded_weight.shape) != (self.output_size, self.input_size):
+            raise ValueError(
+                f"checkpoint tensor of shape {tuple(loaded_weight.shape)} does not fit a "
+                f"[{self.output_size}, {self.input_size}] linear layer"
+            )
+        self._load_rows(param, loaded_weight, 0)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -111,20 +154,21 @@ class ColumnParallelLinear(LinearBase):
         bias: bool = False,
         gather_output: bool = False,
         dtype: torch.dtype | None = None,
+        num_shards: int = 1,
     ) -> None:
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
-        super().__init__(input_size, _divide(output_size, self.tp_size, "output size"), bias, dtype)
+        super().__init__(input_size, _divide(output_size, self.tp_size, "output size"), bias, dtype, num_shards)
         self.gather_output = gather_output
         for p in (self.weight, self.bias):
             if p is not None:
                 set_weight_attrs(p, {"weight_loader": self.weight_loader})
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
-        rows = param.shape[0]
-        param.data.copy_(loaded_weight.narrow(0, self.tp_rank * rows, rows))
+        rows = self.output_size
+        self._load_rows(param, loaded_weight.narrow(0, self.tp_rank * rows, rows), 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = linear(x, self.weight, self.packed_weight, self.bias)
+        out = super().forward(x)
         return tensor_model_parallel_all_gather(out) if self.gather_output else out
 
 
@@ -135,7 +179,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self, input_size: int, output_sizes: list[int], bias: bool = False, dtype: torch.dtype | None = None
     ) -> None:
         self.output_sizes = output_sizes
-        super().__init__(input_size, sum(output_sizes), bias, dtype=dtype)
+        super().__init__(input_size, sum(output_sizes), bias, dtype=dtype, num_shards=len(output_sizes))
 
     def weight_loader(  # type: ignore[override]
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int | None = None
@@ -144,7 +188,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             raise ValueError("MergedColumnParallelLinear needs a shard_id for each checkpoint tensor")
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         size = self.output_sizes[shard_id] // self.tp_size
-        param.data.narrow(0, offset, size).copy_(loaded_weight.narrow(0, self.tp_rank * size, size))
+        self._load_rows(param, loaded_weight.narrow(0, self.tp_rank * size, size), offset, shard_id)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -174,7 +218,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             self.num_kv_heads = _divide(total_num_kv_heads, tp_size, "number of KV heads")
             self.num_kv_head_replicas = 1
         output_size = (self.num_heads + 2 * self.num_kv_heads) * tp_size * head_size
-        super().__init__(hidden_size, output_size, bias, dtype=dtype)
+        super().__init__(hidden_size, output_size, bias, dtype=dtype, num_shards=3)
 
     @property
     def q_size(self) -> int:
@@ -194,7 +238,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             size, rank = self.kv_size, self.tp_rank // self.num_kv_head_replicas
         else:
             raise ValueError(f"QKVParallelLinear shard_id must be q, k or v, got {shard_id!r}")
-        param.data.narrow(0, offset, size).copy_(loaded_weight.narrow(0, rank * size, size))
+        self._load_rows(param, loaded_weight.narrow(0, rank * size, size), offset, "qkv".index(shard_id))
 
 
 class RowParallelLinear(LinearBase):
@@ -214,13 +258,13 @@ class RowParallelLinear(LinearBase):
             set_weight_attrs(self.bias, {"weight_loader": default_weight_loader})
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
-        cols = param.shape[1]
-        param.data.copy_(loaded_weight.narrow(1, self.tp_rank * cols, cols))
+        cols = self.input_size
+        self._load_rows(param, loaded_weight.narrow(1, self.tp_rank * cols, cols), 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return linear(x, self.weight, self.packed_weight, self.bias)
-        out = linear(x, self.weight, self.packed_weight)
+            return self.quant_method.apply(self, x, self.bias)
+        out = self.quant_method.apply(self, x, None)
         if self.reduce_results and self.tp_size > 1:
             out = tensor_model_parallel_all_reduce(out)
         # NOTE: the bias is added after the reduction, so it is counted once, not tp times.

@@ -1,4 +1,5 @@
-"""Rotary position embeddings (the rotate-half / GPT-NeoX layout that HF Llama uses)."""
+"""Rotary position embeddings: the rotate-half (GPT-NeoX) layout HF Llama uses, or interleaved
+pairs (GPT-J; llama.cpp's order of Llama's q/k rows in GGUF files)."""
 
 from __future__ import annotations
 
@@ -41,9 +42,11 @@ class RotaryEmbedding(nn.Module):
         base: float,
         rope_scaling: dict[str, Any] | None = None,
         rotary_dim: int | None = None,
+        is_neox_style: bool = True,
     ) -> None:
         super().__init__()
         self.head_size = head_size
+        self.is_neox_style = is_neox_style
         self.rotary_dim = rotary_dim or head_size
         # float32 throughout, as transformers computes it: a float64 table would differ from
         # the reference by ~1e-6 and flip near-tied greedy choices in random test models.
@@ -82,9 +85,13 @@ class RotaryEmbedding(nn.Module):
         num_tokens = x.shape[0]
         x = x.view(num_tokens, -1, self.head_size)
         half = self.rotary_dim // 2
-        x1, x2 = x[..., :half], x[..., half : self.rotary_dim]
         out = torch.empty((num_tokens, x.shape[1], self.head_size), dtype=x.dtype, device=x.device)
-        out1, out2 = out[..., :half], out[..., half : self.rotary_dim]
+        if self.is_neox_style:  # pairs (i, i + half)
+            x1, x2 = x[..., :half], x[..., half : self.rotary_dim]
+            out1, out2 = out[..., :half], out[..., half : self.rotary_dim]
+        else:  # pairs (2i, 2i + 1)
+            x1, x2 = x[..., 0 : self.rotary_dim : 2], x[..., 1 : self.rotary_dim : 2]
+            out1, out2 = out[..., 0 : self.rotary_dim : 2], out[..., 1 : self.rotary_dim : 2]
         # [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin], written into the halves of `out`.
         torch.mul(x1, cos, out=out1)
         out1.addcmul_(x2, sin, value=-1)
@@ -110,11 +117,14 @@ def get_rope(
     base: float,
     rope_scaling: dict[str, Any] | None = None,
     rotary_dim: int | None = None,
+    is_neox_style: bool = True,
 ) -> RotaryEmbedding:
     """A RotaryEmbedding shared by every caller with the same parameters."""
     scaling_key = tuple(sorted((k, repr(v)) for k, v in (rope_scaling or {}).items()))
-    key = (head_size, max_position, float(base), scaling_key, rotary_dim)
+    key = (head_size, max_position, float(base), scaling_key, rotary_dim, is_neox_style)
     rope = _ROPE_MODULES.get(key)
     if rope is None:
-        rope = _ROPE_MODULES[key] = RotaryEmbedding(head_size, max_position, base, rope_scaling, rotary_dim)
+        rope = _ROPE_MODULES[key] = RotaryEmbedding(
+            head_size, max_position, base, rope_scaling, rotary_dim, is_neox_style
+        )
     return rope

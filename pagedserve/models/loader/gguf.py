@@ -26,6 +26,7 @@ import math
 import mmap
 import os
 import struct
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -43,10 +44,12 @@ __all__ = [
     "GGUFTensorInfo",
     "gguf_to_hf_name",
     "hf_model_type",
+    "iterate_gguf_packed_weights",
     "iterate_gguf_weights",
     "llama3_rope_divisors",
     "load_gguf_config",
     "open_gguf",
+    "packed_layout_config",
 ]
 
 _GGUF_MAGIC = b"GGUF"
@@ -498,10 +501,35 @@ def iterate_gguf_weights(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(hf_name, tensor)` for every weight, dequantized to `dtype` one tensor at a time, in
     the layout of the HF checkpoint (`lm_head.weight` only when the file has an output tensor)."""
+    for hf_name, tensor in _iterate(path, packed=False):
+        yield hf_name, tensor.to(dtype).contiguous()
+
+
+def iterate_gguf_packed_weights(path: str | os.PathLike[str]) -> Iterator[tuple[str, Any]]:
+    """Yield `(hf_name, weight)`: every 2-D tensor (linear layers, embeddings) as a
+    `GGUFWeight` over the memory-mapped file, the rest (norms, biases) as float32 tensors.
+
+    q/k rows stay in llama.cpp's order for Llama (interleaved rotary pairs, see
+    `_unpermute_rotary_rows`); `packed_layout_config` tells the model to rotate them that way.
+    """
+    yield from _iterate(path, packed=True)
+
+
+def packed_layout_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Config keys a model needs to run this file's packed weights: Llama's q/k rows are left in
+    llama.cpp's interleaved rotary order (`rope_is_neox_style` False, vLLM's `is_neox_style`)."""
+    arch = str(open_gguf(path).metadata.get("general.architecture", ""))
+    return {"rope_is_neox_style": False} if arch == "llama" else {}
+
+
+def _iterate(path: str | os.PathLike[str], packed: bool) -> Iterator[tuple[str, Any]]:
+    from pagedserve.kernels.gguf_ops import SUPPORTED_TYPES
+    from pagedserve.quantization.gguf import GGUFWeight
+
     gguf_file = open_gguf(path)
     config = load_gguf_config(path)
     arch = str(gguf_file.metadata["general.architecture"])
-    for gguf_name in gguf_file.tensors:
+    for gguf_name, info in gguf_file.tensors.items():
         if gguf_name in _CONFIG_ONLY_TENSORS:
             continue
         try:
@@ -511,9 +539,16 @@ def iterate_gguf_weights(
                 f"{gguf_file.path}: tensor {gguf_name!r} has no Hugging Face name for architecture "
                 f"{arch!r} (an unsupported variant of the model?)"
             ) from None
+        if packed and len(info.shape) == 2:
+            if info.ggml_type in SUPPORTED_TYPES:
+                data = _file_view(gguf_file.raw_tensor(gguf_name).view(np.uint8)).reshape(info.shape[0], -1)
+                yield hf_name, GGUFWeight(data, info.ggml_type, info.shape)
+            else:
+                yield hf_name, GGUFWeight.from_dense(gguf_file.dequantize(gguf_name, torch.float32))
+            continue
         # Dequantize in float32 so the corrections below are exact before the final cast.
         tensor = gguf_file.dequantize(gguf_name, torch.float32)
-        if arch == "llama":
+        if arch == "llama" and not packed:
             if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
                 tensor = _unpermute_rotary_rows(tensor, config["num_attention_heads"])
             elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
@@ -522,4 +557,15 @@ def iterate_gguf_weights(
             # llama.cpp's converter stores Gemma's RMSNorm weights as (1 + w) because its RMSNorm
             # computes x * w; HF's Gemma3RMSNorm computes x * (1 + w) from the raw w.
             tensor = tensor - 1.0
-        yield hf_name, tensor.to(dtype).contiguous()
+        yield hf_name, tensor
+
+
+def _file_view(array: np.ndarray) -> torch.Tensor:
+    """A torch view of a read-only slice of the memory-mapped file.
+
+    NOTE: torch warns that it cannot protect a read-only array from writes. Nothing writes to
+    packed weights, and the mapping is read-only: a write would fault, never change the file.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)

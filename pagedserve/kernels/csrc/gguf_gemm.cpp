@@ -1,0 +1,815 @@
+// GGUF weights used in place: y = x @ W.T with W in its packed ggml block layout.
+//
+// Ops (namespace pagedserve_gguf):
+//   gguf_linear(out, x, weights[], types[], bias?)  out[M, sum N_i] = x[M, K] @ concat_i(W_i)[.., K].T
+//   gguf_dequantize(out, weight, type)               out[N, K] float32 = W
+//   gguf_embedding(out, ids, weight, type)           out[T, K] = W[ids]
+//
+// A weight is a uint8 tensor [N, row_bytes] (rows may be strided: a column slice of a larger
+// tensor) holding ggml blocks of `type`: F32, F16, BF16 (plain values), Q4_0, Q4_1, Q5_0, Q5_1,
+// Q8_0 (32 values a block), Q4_K, Q5_K, Q6_K (256-value super-blocks of 32- or 16-value
+// sub-blocks). Several weights of one linear (q/k/v, gate/up) may have different types; their
+// outputs land side by side in `out`.
+//
+// Block-quantized weights meet int16 activations: each row of x is quantized in blocks of 32
+// (a float scale d_a = max|x| / 32767 and 32 int16: 2^-16 relative error, against llama.cpp's
+// int8 and its 2^-8, which moved SmolLM2's logprobs by up to 0.4), and a 32-value weight
+// sub-block contributes
+//
+//     d_w * d_a * sum(q_w * q_a)  +  m_w * (d_a * sum(q_a))
+//
+// with q_w the block's integers (0..15, 0..31, signed for Q8_0; Q6_K's q - 32 pre-multiplied
+// by its per-16 scales) and m_w the block's offset (-8 d, the Q4_1 min, the K-quant -dmin * m,
+// ...). The integer dot is two vpmaddwd (int16 pairs -> int32, exact for these ranges) per 32
+// values, weights widened to int16 once per tile. Plain weights meet float32 x with FMAs.
+//
+// Every (row of x, row of W) dot product runs the same instruction sequence whatever M, the
+// thread count or the other rows are, so results do not depend on the batch. Work is split over
+// output rows only.
+//
+// Without AVX2 (or on another architecture) a scalar path dequantizes each weight row and takes
+// float dot products with unquantized x: slower, and slightly more exact.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cpu_math.h"
+#include "gguf_gemm.h"
+
+namespace {
+
+enum GgmlType : int64_t {
+  kF32 = 0,
+  kF16 = 1,
+  kQ4_0 = 2,
+  kQ4_1 = 3,
+  kQ5_0 = 6,
+  kQ5_1 = 7,
+  kQ8_0 = 8,
+  kQ4_K = 12,
+  kQ5_K = 13,
+  kQ6_K = 14,
+  kBF16 = 30,
+};
+
+struct TypeInfo {
+  int64_t block;  // values per block
+  int64_t bytes;  // bytes per block
+};
+
+TypeInfo type_info(int64_t type) {
+  switch (type) {
+    case kF32: return {1, 4};
+    case kF16: return {1, 2};
+    case kBF16: return {1, 2};
+    case kQ4_0: return {32, 18};
+    case kQ4_1: return {32, 20};
+    case kQ5_0: return {32, 22};
+    case kQ5_1: return {32, 24};
+    case kQ8_0: return {32, 34};
+    case kQ4_K: return {256, 144};
+    case kQ5_K: return {256, 176};
+    case kQ6_K: return {256, 210};
+    default: TORCH_CHECK(false, "gguf: unsupported ggml type ", type);
+  }
+  return {0, 0};
+}
+
+bool is_plain(int64_t type) { return type == kF32 || type == kF16 || type == kBF16; }
+
+inline float fp16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+}
+
+inline float bf16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Q4_K / Q5_K: 8 six-bit scales and mins packed in 12 bytes.
+//   bytes 0-3: scale j (low 6 bits), bits 6-7 = high bits of scale j+4
+//   bytes 4-7: min j   (low 6 bits), bits 6-7 = high bits of min j+4
+//   bytes 8-11: low 4 bits of scale j+4 | low 4 bits of min j+4 << 4
+inline void k_scale_min(const uint8_t* s, int j, int* scale, int* min) {
+  if (j < 4) {
+    *scale = s[j] & 63;
+    *min = s[j + 4] & 63;
+  } else {
+    *scale = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
+    *min = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scalar dequantization of one row (K values): the reference every other path must agree with.
+// The float operations and their order follow gguf-py's dequantize, so results are identical.
+
+void dequantize_row(const uint8_t* w, int64_t type, int64_t K, float* out) {
+  switch (type) {
+    case kF32:
+      std::memcpy(out, w, K * sizeof(float));
+      return;
+    case kF16:
+      for (int64_t i = 0; i < K; ++i) out[i] = fp16(w + 2 * i);
+      return;
+    case kBF16:
+      for (int64_t i = 0; i < K; ++i) out[i] = bf16(w + 2 * i);
+      return;
+    default:
+      break;
+  }
+  const TypeInfo info = type_info(type);
+  for (int64_t b = 0; b < K / info.block; ++b, w += info.bytes, out += info.block) {
+    switch (type) {
+      case kQ4_0: {
+        const float d = fp16(w);
+        for (int i = 0; i < 16; ++i) {
+          out[i] = d * static_cast<float>((w[2 + i] & 0x0F) - 8);
+          out[i + 16] = d * static_cast<float>((w[2 + i] >> 4) - 8);
+        }
+        break;
+      }
+      case kQ4_1: {
+        const float d = fp16(w), m = fp16(w + 2);
+        for (int i = 0; i < 16; ++i) {
+          out[i] = d * static_cast<float>(w[4 + i] & 0x0F) + m;
+          out[i + 16] = d * static_cast<float>(w[4 + i] >> 4) + m;
+        }
+        break;
+      }
+      case kQ5_0:
+      case kQ5_1: {
+        const bool has_min = type == kQ5_1;
+        const float d = fp16(w), m = has_min ? fp16(w + 2) : 0.0f;
+        uint32_t qh;
+        std::memcpy(&qh, w + (has_min ? 4 : 2), 4);
+        const uint8_t* qs = w + (has_min ? 8 : 6);
+        for (int i = 0; i < 32; ++i) {
+          const int low = i < 16 ? (qs[i] & 0x0F) : (qs[i - 16] >> 4);
+          const int q = low | (((qh >> i) & 1) << 4);
+          out[i] = has_min ? d * static_cast<float>(q) + m : d * static_cast<float>(q - 16);
+        }
+        break;
+      }
+      case kQ8_0: {
+        const float d = fp16(w);
+        for (int i = 0; i < 32; ++i) out[i] = static_cast<float>(static_cast<int8_t>(w[2 + i])) * d;
+        break;
+      }
+      case kQ4_K:
+      case kQ5_K: {
+        const bool five = type == kQ5_K;
+        const float d = fp16(w), dmin = fp16(w + 2);
+        const uint8_t* scales = w + 4;
+        const uint8_t* qh = w + 16;
+        const uint8_t* qs = w + (five ? 48 : 16);
+        for (int j = 0; j < 8; ++j) {
+          int sc, mn;
+          k_scale_min(scales, j, &sc, &mn);
+          const float dl = d * static_cast<float>(sc), ml = dmin * static_cast<float>(mn);
+          const uint8_t* chunk = qs + 32 * (j / 2);
+          for (int l = 0; l < 32; ++l) {
+            int q = (j % 2) ? (chunk[l] >> 4) : (chunk[l] & 0x0F);
+            if (five) q |= ((qh[l] >> j) & 1) << 4;
+            out[32 * j + l] = dl * static_cast<float>(q) - ml;
+          }
+        }
+        break;
+      }
+      case kQ6_K: {
+        const uint8_t* ql = w;
+        const uint8_t* qh = w + 128;
+        const int8_t* scales = reinterpret_cast<const int8_t*>(w + 192);
+        const float d = fp16(w + 208);
+        for (int e = 0; e < 256; ++e) {
+          const int h = e / 128, r = e % 128, s = r / 32, l = r % 32;
+          const uint8_t lbyte = ql[64 * h + (r % 64)];
+          const int low = r < 64 ? (lbyte & 0x0F) : (lbyte >> 4);
+          const int high = (qh[32 * h + l] >> (2 * s)) & 3;
+          const int q = (low | (high << 4)) - 32;
+          out[e] = (d * static_cast<float>(scales[e / 16])) * static_cast<float>(q);
+        }
+        break;
+      }
+      default:
+        TORCH_CHECK(false, "gguf: unsupported ggml type ", type);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activations quantized in blocks of 32: q [M][K] int16, d [M][K/32] scale, s [M][K/32] = d*sum(q).
+
+constexpr float kActMax = 32767.0f;
+
+struct QuantizedX {
+  std::vector<int16_t> q;
+  std::vector<float> ds;  // (d, s) pairs, [M][K/32][2]
+  int64_t K = 0, blocks = 0;
+  const int16_t* row_q(int64_t m) const { return q.data() + m * K; }
+  const float* row_ds(int64_t m) const { return ds.data() + 2 * m * blocks; }
+};
+
+// One block: d = max|x| / 32767, q = round-half-even(x / d); returns sum(q).
+inline int quantize_block_scalar(const float* x, int16_t* q, float* d_out) {
+  float amax = 0.0f;
+  for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float d = amax / kActMax;
+  const float inv = d != 0.0f ? 1.0f / d : 0.0f;
+  int sum = 0;
+  for (int i = 0; i < 32; ++i) {
+    const int v = static_cast<int>(std::nearbyint(x[i] * inv));
+    q[i] = static_cast<int16_t>(std::min(32767, std::max(-32767, v)));
+    sum += q[i];
+  }
+  *d_out = d;
+  return sum;
+}
+
+#if defined(PAGEDSERVE_AVX2)
+// The same as quantize_block_scalar, 8 lanes at a time (vcvtps2dq rounds half to even too).
+inline int quantize_block(const float* x, int16_t* q, float* d_out) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 v[4];
+  __m256 m = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(x + 8 * i);
+    m = _mm256_max_ps(m, _mm256_and_ps(v[i], abs_mask));
+  }
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  const float d = _mm_cvtss_f32(h) / kActMax;
+  const __m256 inv = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+  __m256i i32[4];
+  for (int i = 0; i < 4; ++i) i32[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+  // vpackssdw interleaves 128-bit lanes; the 64-bit permute restores value order
+  for (int i = 0; i < 2; ++i) {
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(i32[2 * i], i32[2 * i + 1]), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 16 * i), packed);
+  }
+  const __m256i total = _mm256_add_epi32(_mm256_add_epi32(i32[0], i32[1]), _mm256_add_epi32(i32[2], i32[3]));
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+  *d_out = d;
+  return _mm_cvtsi128_si32(t);
+}
+#else
+inline int quantize_block(const float* x, int16_t* q, float* d_out) { return quantize_block_scalar(x, q, d_out); }
+#endif
+
+void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, QuantizedX* qx) {
+  qx->K = K;
+  qx->blocks = K / 32;
+  qx->q.resize(M * K);
+  qx->ds.resize(2 * M * qx->blocks);
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      for (int64_t b = 0; b < qx->blocks; ++b) {
+        float d;
+        const int sum = quantize_block(x + m * ldx + 32 * b, qx->q.data() + m * K + 32 * b, &d);
+        qx->ds[2 * (m * qx->blocks + b)] = d;
+        qx->ds[2 * (m * qx->blocks + b) + 1] = d * static_cast<float>(sum);
+      }
+    }
+  });
+}
+
+#if defined(PAGEDSERVE_AVX2)
+
+inline float fp16_fast(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+inline __m256i load32(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+inline __m256i widen_u8(const uint8_t* p) {
+  return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// 16 bits of `bits` -> 16 in lane i where bit i is set, else 0.
+inline __m256i fifth_bits_16(uint32_t bits) {
+  const __m256i bit = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
+                                        static_cast<int16_t>(-32768));
+  const __m256i set = _mm256_cmpeq_epi16(_mm256_and_si256(_mm256_set1_epi16(static_cast<int16_t>(bits)), bit), bit);
+  return _mm256_and_si256(set, _mm256_set1_epi16(16));
+}
+
+// 32 weight values as two int16 vectors (values 0-15, 16-31) and w = dw * q + mw as the pair
+// (dw, mw) in lanes 0-1 of `wm`: one multiply by x's (d, d * sum(q)) gives both terms' factors.
+struct Sub {
+  __m256i lo, hi;
+  __m128 wm;
+};
+
+// Two fp16 values at p -> lanes 0, 1.
+inline __m128 fp16x2(const uint8_t* p) {
+  uint32_t bits;
+  std::memcpy(&bits, p, 4);
+  return _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(bits)));
+}
+
+// (d, offset * d) for the types whose offset is a fixed multiple of d.
+inline __m128 scale_with_offset(const uint8_t* p, float offset) {
+  return _mm_mul_ps(_mm_set1_ps(fp16_fast(p)), _mm_setr_ps(1.0f, offset, 0.0f, 0.0f));
+}
+
+// Per type: values and bytes per block, 32-value sub-blocks per block, prepare(block) once per
+// block and unpack(block, j, prepared) per sub-block.
+template <int64_t T>
+struct QBlock;
+
+struct NoScales {};
+
+// Q4_0 / Q4_1: 16 bytes, values 0-15 in the low nibbles, 16-31 in the high ones.
+inline void nibbles(const uint8_t* p, __m256i* lo, __m256i* hi) {
+  const __m256i bytes = widen_u8(p);
+  *lo = _mm256_and_si256(bytes, _mm256_set1_epi16(0x0F));
+  *hi = _mm256_srli_epi16(bytes, 4);
+}
+
+template <>
+struct QBlock<kQ4_0> {
+  static constexpr int64_t kValues = 32, kBytes = 18, kSubs = 1;
+  using Scales = NoScales;
+  static Scales prepare(const uint8_t*) { return {}; }
+  static Sub unpack(const uint8_t* w, int, const Scales&) {
+    Sub s;
+    nibbles(w + 2, &s.lo, &s.hi);
+    s.wm = scale_with_offset(w, -8.0f);
+    return s;
+  }
+};
+
+template <>
+struct QBlock<kQ4_1> {
+  static constexpr int64_t kValues = 32, kBytes = 20, kSubs = 1;
+  using Scales = NoScales;
+  static Scales prepare(const uint8_t*) { return {}; }
+  static Sub unpack(const uint8_t* w, int, const Scales&) {
+    Sub s;
+    nibbles(w + 4, &s.lo, &s.hi);
+    s.wm = fp16x2(w);
+    return s;
+  }
+};
+
+template <int64_t T>
+struct QBlock5 {  // Q5_0, Q5_1: Q4 nibbles plus bit i of a 32-bit word as bit 4 of value i
+  static constexpr bool kMin = T == kQ5_1;
+  static constexpr int64_t kValues = 32, kBytes = kMin ? 24 : 22, kSubs = 1;
+  using Scales = NoScales;
+  static Scales prepare(const uint8_t*) { return {}; }
+  static Sub unpack(const uint8_t* w, int, const Scales&) {
+    Sub s;
+    nibbles(w + (kMin ? 8 : 6), &s.lo, &s.hi);
+    uint32_t qh;
+    std::memcpy(&qh, w + (kMin ? 4 : 2), 4);
+    s.lo = _mm256_or_si256(s.lo, fifth_bits_16(qh & 0xFFFF));
+    s.hi = _mm256_or_si256(s.hi, fifth_bits_16(qh >> 16));
+    s.wm = kMin ? fp16x2(w) : scale_with_offset(w, -16.0f);
+    return s;
+  }
+};
+
+template <>
+struct QBlock<kQ5_0> : QBlock5<kQ5_0> {};
+template <>
+struct QBlock<kQ5_1> : QBlock5<kQ5_1> {};
+
+template <>
+struct QBlock<kQ8_0> {
+  static constexpr int64_t kValues = 32, kBytes = 34, kSubs = 1;
+  using Scales = NoScales;
+  static Scales prepare(const uint8_t*) { return {}; }
+  static Sub unpack(const uint8_t* w, int, const Scales&) {
+    Sub s;
+    s.lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2)));
+    s.hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 18)));
+    s.wm = _mm_set_ss(fp16_fast(w));
+    return s;
+  }
+};
+
+// The 8 sub-blocks' (d * scale, -dmin * min) of a Q4_K / Q5_K super-block, as (dw, mw) pairs.
+struct KScales {
+  alignas(16) float wm[8][4];
+};
+
+template <int64_t T>
+struct QBlockK {  // Q4_K, Q5_K: sub-block j is the low (even j) or high nibbles of 32 bytes
+  static constexpr bool kFive = T == kQ5_K;
+  static constexpr int64_t kValues = 256, kBytes = kFive ? 176 : 144, kSubs = 8;
+  using Scales = KScales;
+  static Scales prepare(const uint8_t* w) {
+    const __m128 d_dmin = _mm_mul_ps(fp16x2(w), _mm_setr_ps(1.0f, -1.0f, 0.0f, 0.0f));
+    Scales scales;
+    for (int j = 0; j < 8; ++j) {
+      int sc, mn;
+      k_scale_min(w + 4, j, &sc, &mn);
+      _mm_store_ps(scales.wm[j], _mm_mul_ps(d_dmin, _mm_setr_ps(static_cast<float>(sc), static_cast<float>(mn), 0, 0)));
+    }
+    return scales;
+  }
+  static Sub unpack(const uint8_t* w, int j, const Scales& scales) {
+    const uint8_t* chunk = w + (kFive ? 48 : 16) + 32 * (j / 2);
+    const int shift = 4 * (j % 2);
+    const __m256i low4 = _mm256_set1_epi16(0x0F);
+    Sub s;
+    s.lo = _mm256_and_si256(_mm256_srli_epi16(widen_u8(chunk), shift), low4);
+    s.hi = _mm256_and_si256(_mm256_srli_epi16(widen_u8(chunk + 16), shift), low4);
+    if constexpr (kFive) {
+      const __m256i one = _mm256_set1_epi16(1);
+      s.lo = _mm256_or_si256(s.lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(widen_u8(w + 16), j), one), 4));
+      s.hi = _mm256_or_si256(s.hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(widen_u8(w + 32), j), one), 4));
+    }
+    s.wm = _mm_load_ps(scales.wm[j]);
+    return s;
+  }
+};
+
+template <>
+struct QBlock<kQ4_K> : QBlockK<kQ4_K> {};
+template <>
+struct QBlock<kQ5_K> : QBlockK<kQ5_K> {};
+
+template <>
+struct QBlock<kQ6_K> {
+  static constexpr int64_t kValues = 256, kBytes = 210, kSubs = 8;
+  using Scales = NoScales;
+  static Scales prepare(const uint8_t*) { return {}; }
+  // Sub-block j = 4h + s of half h: low 4 bits from 32 bytes of ql (s odd: the second 32; low
+  // nibbles for s < 2, high for s >= 2), bits 4-5 from qh bits 2s, 2s + 1. The int16 lanes
+  // hold (q - 32) * scale (at most 32 * 128 in magnitude), so dw is d alone.
+  static Sub unpack(const uint8_t* w, int j, const Scales&) {
+    const int h = j / 4, s4 = j % 4;
+    const uint8_t* ql = w + 64 * h + 32 * (s4 % 2);
+    const uint8_t* qh = w + 128 + 32 * h;
+    const int8_t* scales = reinterpret_cast<const int8_t*>(w + 192);
+    const __m256i low4 = _mm256_set1_epi16(0x0F), two = _mm256_set1_epi16(3), m32 = _mm256_set1_epi16(32);
+    const int lshift = s4 < 2 ? 0 : 4;
+    Sub s;
+    for (int half = 0; half < 2; ++half) {
+      const __m256i low = _mm256_and_si256(_mm256_srli_epi16(widen_u8(ql + 16 * half), lshift), low4);
+      const __m256i high = _mm256_and_si256(_mm256_srli_epi16(widen_u8(qh + 16 * half), 2 * s4), two);
+      const __m256i q = _mm256_sub_epi16(_mm256_or_si256(low, _mm256_slli_epi16(high, 4)), m32);
+      (half ? s.hi : s.lo) = _mm256_mullo_epi16(q, _mm256_set1_epi16(scales[2 * j + half]));
+    }
+    s.wm = _mm_set_ss(fp16_fast(w + 208));
+    return s;
+  }
+};
+
+// RW weight rows (w[i]) against RA rows of quantized x from row m0: y[i * RA + r].
+template <int64_t T, int RW, int RA>
+void quant_tile(const uint8_t* const* w, int64_t K, const QuantizedX& qx, int64_t m0, float* y) {
+  using B = QBlock<T>;
+  __m256 acc[RW][RA];
+  __m128 mins[RW][RA];  // lane 1: sum of mw * s
+  for (int i = 0; i < RW; ++i)
+    for (int r = 0; r < RA; ++r) {
+      acc[i][r] = _mm256_setzero_ps();
+      mins[i][r] = _mm_setzero_ps();
+    }
+  const int16_t* qa = qx.row_q(m0);
+  const float* ds = qx.row_ds(m0);
+  const int64_t ds_stride = 2 * qx.blocks;
+  for (int64_t b = 0; b < K / B::kValues; ++b) {
+    typename B::Scales scales[RW];
+    for (int i = 0; i < RW; ++i) scales[i] = B::prepare(w[i] + b * B::kBytes);
+    for (int j = 0; j < B::kSubs; ++j) {
+      const int64_t blk = b * B::kSubs + j;
+      Sub s[RW];
+      for (int i = 0; i < RW; ++i) s[i] = B::unpack(w[i] + b * B::kBytes, j, scales[i]);
+      for (int r = 0; r < RA; ++r) {
+        const int16_t* ar = qa + r * K + 32 * blk;
+        const __m256i a_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ar));
+        const __m256i a_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ar + 16));
+        const __m128 xds = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(ds + r * ds_stride + 2 * blk)));
+        for (int i = 0; i < RW; ++i) {
+          const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(s[i].lo, a_lo), _mm256_madd_epi16(s[i].hi, a_hi));
+          const __m128 factors = _mm_mul_ps(s[i].wm, xds);  // (dw * d, mw * s)
+          acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcastss_ps(factors), acc[i][r]);
+          mins[i][r] = _mm_add_ps(mins[i][r], factors);
+        }
+      }
+    }
+  }
+  for (int i = 0; i < RW; ++i)
+    for (int r = 0; r < RA; ++r)
+      y[i * RA + r] = pagedserve::hsum8(acc[i][r]) + _mm_cvtss_f32(_mm_shuffle_ps(mins[i][r], mins[i][r], 1));
+}
+
+// Plain weights (F32 / F16 / BF16) against float32 rows of x: 8 values a step.
+template <int64_t T>
+inline __m256 load8(const uint8_t* w) {
+  if constexpr (T == kF32) {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(w));
+  } else if constexpr (T == kF16) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+  } else {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
+}
+
+template <int64_t T>
+inline float load1(const uint8_t* w) {
+  if constexpr (T == kF32) {
+    float f;
+    std::memcpy(&f, w, 4);
+    return f;
+  } else if constexpr (T == kF16) {
+    return fp16_fast(w);
+  } else {
+    return bf16(w);
+  }
+}
+
+template <int64_t T, int RW, int RA>
+void plain_tile(const uint8_t* const* w, int64_t K, const float* x, int64_t ldx, float* y) {
+  constexpr int64_t size = T == kF32 ? 4 : 2;
+  __m256 acc[RW][RA];
+  for (int i = 0; i < RW; ++i)
+    for (int r = 0; r < RA; ++r) acc[i][r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 wv[RW];
+    for (int i = 0; i < RW; ++i) wv[i] = load8<T>(w[i] + k * size);
+    for (int r = 0; r < RA; ++r) {
+      const __m256 xv = _mm256_loadu_ps(x + r * ldx + k);
+      for (int i = 0; i < RW; ++i) acc[i][r] = _mm256_fmadd_ps(wv[i], xv, acc[i][r]);
+    }
+  }
+  for (int i = 0; i < RW; ++i)
+    for (int r = 0; r < RA; ++r) {
+      float sum = pagedserve::hsum8(acc[i][r]);
+      for (int64_t t = k; t < K; ++t) sum += load1<T>(w[i] + t * size) * x[r * ldx + t];
+      y[i * RA + r] = sum;
+    }
+}
+
+// One call of a tile over RW weight rows and RA rows of x, into y[RW * RA].
+struct TileArgs {
+  const uint8_t* const* w;
+  int64_t K;
+  const QuantizedX* qx;
+  const float* x;  // float32 rows of x from m0 (plain types)
+  int64_t ldx, m0;
+  float* y;
+};
+using TileFn = void (*)(const TileArgs&);
+
+template <int64_t T, int RW, int RA>
+void run_tile(const TileArgs& a) {
+  if constexpr (T == kF32 || T == kF16 || T == kBF16) {
+    plain_tile<T, RW, RA>(a.w, a.K, a.x, a.ldx, a.y);
+  } else {
+    quant_tile<T, RW, RA>(a.w, a.K, *a.qx, a.m0, a.y);
+  }
+}
+
+template <int64_t T, int RW>
+TileFn tile_for_ra(int ra) {
+  switch (ra) {
+    case 1: return &run_tile<T, RW, 1>;
+    case 2: return &run_tile<T, RW, 2>;
+    case 3: return &run_tile<T, RW, 3>;
+    default: return &run_tile<T, RW, 4>;
+  }
+}
+
+template <int64_t T>
+TileFn tile_for_shape(int rw, int ra) {
+  return rw == 2 ? tile_for_ra<T, 2>(ra) : tile_for_ra<T, 1>(ra);
+}
+
+TileFn tile_for(int64_t type, int rw, int ra) {
+  switch (type) {
+    case kF32: return tile_for_shape<kF32>(rw, ra);
+    case kF16: return tile_for_shape<kF16>(rw, ra);
+    case kBF16: return tile_for_shape<kBF16>(rw, ra);
+    case kQ4_0: return tile_for_shape<kQ4_0>(rw, ra);
+    case kQ4_1: return tile_for_shape<kQ4_1>(rw, ra);
+    case kQ5_0: return tile_for_shape<kQ5_0>(rw, ra);
+    case kQ5_1: return tile_for_shape<kQ5_1>(rw, ra);
+    case kQ8_0: return tile_for_shape<kQ8_0>(rw, ra);
+    case kQ4_K: return tile_for_shape<kQ4_K>(rw, ra);
+    case kQ5_K: return tile_for_shape<kQ5_K>(rw, ra);
+    case kQ6_K: return tile_for_shape<kQ6_K>(rw, ra);
+    default: TORCH_CHECK(false, "gguf: unsupported ggml type ", type);
+  }
+  return nullptr;
+}
+
+#endif  // PAGEDSERVE_AVX2
+
+void check_weight(const at::Tensor& w, int64_t type, int64_t K, const char* op) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 2, op,
+              ": a weight must be a CPU uint8 tensor [rows, row_bytes]");
+  TORCH_CHECK(w.stride(1) == 1, op, ": weight bytes must be contiguous within a row");
+  const TypeInfo info = type_info(type);
+  TORCH_CHECK(K % info.block == 0, op, ": K=", K, " is not a whole number of blocks of ", info.block);
+  TORCH_CHECK(w.size(1) == K / info.block * info.bytes, op, ": a row of type ", type, " and K=", K, " has ",
+              K / info.block * info.bytes, " bytes, got ", w.size(1));
+}
+
+}  // namespace
+
+namespace pagedserve {
+
+std::vector<GgufShard> gguf_shards(at::TensorList weights, at::IntArrayRef types, int64_t K, const char* op) {
+  TORCH_CHECK(weights.size() == types.size() && !weights.empty(), op, ": one type per weight");
+  std::vector<GgufShard> shards;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    check_weight(weights[i], types[i], K, op);
+    shards.push_back({weights[i].data_ptr<uint8_t>(), weights[i].stride(0), types[i], weights[i].size(0)});
+  }
+  return shards;
+}
+
+int64_t gguf_total_rows(const std::vector<GgufShard>& shards) {
+  int64_t rows = 0;
+  for (const GgufShard& s : shards) rows += s.rows;
+  return rows;
+}
+
+void gguf_gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const std::vector<GgufShard>& shards,
+               const float* bias, float* y, int64_t ldy) {
+  const int64_t N = gguf_total_rows(shards);
+  if (M == 0 || N == 0) return;
+  int64_t total_bytes = 0;
+  bool any_quantized = false;
+  std::vector<int64_t> shard_end;  // first row after shard i
+  for (const GgufShard& s : shards) {
+    total_bytes += s.rows * K / type_info(s.type).block * type_info(s.type).bytes;
+    any_quantized |= !is_plain(s.type);
+    shard_end.push_back((shard_end.empty() ? 0 : shard_end.back()) + s.rows);
+  }
+  const int64_t row_bytes = std::max<int64_t>(1, total_bytes / N);
+
+#if defined(PAGEDSERVE_AVX2)
+  QuantizedX qx;
+  if (any_quantized) quantize_rows(x, ldx, M, K, &qx);
+  // Threads split the output rows; a thread walks its rows in chunks that stay in L1/L2 while
+  // every group of (up to 4) rows of x passes over them, two weight rows per tile.
+  const int64_t grain = std::max<int64_t>(2, (32 * 1024) / row_bytes);
+  const int64_t chunk = std::max<int64_t>(8, (16 * 1024) / row_bytes);
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    float yt[8];
+    for (int64_t n0 = begin; n0 < end; n0 += chunk) {
+      const int64_t n1 = std::min(end, n0 + chunk);
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int ra = static_cast<int>(std::min<int64_t>(4, M - m0));
+        size_t s = 0;
+        for (int64_t n = n0; n < n1;) {
+          while (n >= shard_end[s]) ++s;
+          const GgufShard& sh = shards[s];
+          const int64_t local = n - (shard_end[s] - sh.rows);
+          const int rw = n + 1 < std::min(n1, shard_end[s]) ? 2 : 1;
+          const uint8_t* w[2] = {sh.data + local * sh.row_stride, sh.data + (local + rw - 1) * sh.row_stride};
+          tile_for(sh.type, rw, ra)({w, K, &qx, x + m0 * ldx, ldx, m0, yt});
+          for (int i = 0; i < rw; ++i)
+            for (int r = 0; r < ra; ++r) y[(m0 + r) * ldy + n + i] = yt[i * ra + r];
+          n += rw;
+        }
+      }
+    }
+  });
+#else
+  (void)any_quantized;
+  at::parallel_for(0, N, std::max<int64_t>(1, (32 * 1024) / row_bytes), [&](int64_t begin, int64_t end) {
+    std::vector<float> row(K);
+    size_t s = 0;
+    for (int64_t n = begin; n < end; ++n) {
+      while (n >= shard_end[s]) ++s;
+      const GgufShard& sh = shards[s];
+      dequantize_row(sh.data + (n - (shard_end[s] - sh.rows)) * sh.row_stride, sh.type, K, row.data());
+      for (int64_t m = 0; m < M; ++m) {
+        float sum = 0.0f;
+        for (int64_t k = 0; k < K; ++k) sum += row[k] * x[m * ldx + k];
+        y[m * ldy + n] = sum;
+      }
+    }
+  });
+#endif
+  if (bias != nullptr) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) y[m * ldy + n] += bias[n];
+  }
+}
+
+}  // namespace pagedserve
+
+namespace {
+
+void gguf_linear(at::Tensor& out, const at::Tensor& x, at::TensorList weights, at::IntArrayRef types,
+                 const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "gguf_linear: x must be [M, K] with contiguous rows");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "gguf_linear: x must be float32 or bfloat16");
+  const int64_t M = x.size(0), K = x.size(1);
+  const std::vector<pagedserve::GgufShard> shards = pagedserve::gguf_shards(weights, types, K, "gguf_linear");
+  const int64_t N = pagedserve::gguf_total_rows(shards);
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == N && out.is_contiguous() &&
+                  out.scalar_type() == x.scalar_type(),
+              "gguf_linear: out must be a contiguous [M, N] tensor of x's dtype");
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
+                "gguf_linear: bias must be a contiguous float32 [N]");
+    bp = bias->data_ptr<float>();
+  }
+  if (out.scalar_type() == at::kFloat) {
+    pagedserve::gguf_gemm(x.data_ptr<float>(), x.stride(0), M, K, shards, bp, out.data_ptr<float>(), N);
+    return;
+  }
+  const at::Tensor xf = x.to(at::kFloat);
+  std::vector<float> y(M * N);
+  pagedserve::gguf_gemm(xf.data_ptr<float>(), xf.stride(0), M, K, shards, bp, y.data(), N);
+  c10::BFloat16* o = out.data_ptr<c10::BFloat16>();
+  for (int64_t i = 0; i < M * N; ++i) o[i] = c10::BFloat16(y[i]);
+}
+
+void gguf_dequantize(at::Tensor& out, const at::Tensor& weight, int64_t type) {
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.scalar_type() == at::kFloat,
+              "gguf_dequantize: out must be a contiguous float32 [N, K]");
+  const int64_t N = out.size(0), K = out.size(1);
+  check_weight(weight, type, K, "gguf_dequantize");
+  TORCH_CHECK(weight.size(0) == N, "gguf_dequantize: out has ", N, " rows, the weight ", weight.size(0));
+  const uint8_t* w = weight.data_ptr<uint8_t>();
+  const int64_t stride = weight.stride(0);
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) dequantize_row(w + n * stride, type, K, o + n * K);
+  });
+}
+
+void gguf_embedding(at::Tensor& out, const at::Tensor& ids, const at::Tensor& weight, int64_t type) {
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous(), "gguf_embedding: out must be a contiguous [T, K]");
+  TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16,
+              "gguf_embedding: out must be float32 or bfloat16");
+  TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong && ids.size(0) == out.size(0),
+              "gguf_embedding: ids must be int64 [T]");
+  const int64_t T = out.size(0), K = out.size(1), V = weight.size(0);
+  check_weight(weight, type, K, "gguf_embedding");
+  at::Tensor idc = ids.contiguous();
+  const int64_t* id = idc.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(id[t] >= 0 && id[t] < V, "gguf_embedding: token id ", id[t], " out of range");
+  const uint8_t* w = weight.data_ptr<uint8_t>();
+  const int64_t stride = weight.stride(0);
+  const bool is_f32 = out.scalar_type() == at::kFloat;
+  at::parallel_for(0, T, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {
+    std::vector<float> row(is_f32 ? 0 : K);
+    for (int64_t t = begin; t < end; ++t) {
+      if (is_f32) {
+        dequantize_row(w + id[t] * stride, type, K, out.data_ptr<float>() + t * K);
+      } else {
+        dequantize_row(w + id[t] * stride, type, K, row.data());
+        c10::BFloat16* o = out.data_ptr<c10::BFloat16>() + t * K;
+        for (int64_t k = 0; k < K; ++k) o[k] = c10::BFloat16(row[k]);
+      }
+    }
+  });
+}
+
+bool has_avx2_path() {
+#if defined(PAGEDSERVE_AVX2)
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(pagedserve_gguf, m) {
+  m.def("gguf_linear(Tensor(a!) out, Tensor x, Tensor[] weights, int[] types, Tensor? bias) -> ()");
+  m.def("gguf_dequantize(Tensor(a!) out, Tensor weight, int type) -> ()");
+  m.def("gguf_embedding(Tensor(a!) out, Tensor ids, Tensor weight, int type) -> ()");
+  m.def("gguf_has_simd() -> bool", &has_avx2_path);
+}
+
+TORCH_LIBRARY_IMPL(pagedserve_gguf, CPU, m) {
+  m.impl("gguf_linear", &gguf_linear);
+  m.impl("gguf_dequantize", &gguf_dequantize);
+  m.impl("gguf_embedding", &gguf_embedding);
+}

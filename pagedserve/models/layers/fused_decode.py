@@ -1,0 +1,174 @@
+"""Decode steps of Llama-family decoder layers as one C++ call per layer.
+
+At decode batch sizes an eager decoder layer is ~20 torch ops whose dispatch costs more than
+their arithmetic (SmolLM2-135M: 30 layers, ~600 ops a token). `FusedDecodeLayer` runs the same
+layer (norms, QKV, q/k norms, RoPE, KV-cache write, attention, o_proj, residuals, gate/up,
+SiLU-and-mul, down) as `llama_decode_layer` in kernels/csrc/decode_layer.cpp, on the layer's own
+weights (GGUF blocks or float32 rows, read in place) and KV cache.
+
+It runs only where it computes what the eager layer computes: float32 activations, one
+tensor-parallel rank, every token of the step a decode (prefill chunks run eagerly), and the
+csrc library built. PAGEDSERVE_FUSED_DECODE=0 keeps every step eager (for debugging).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagedserve.attention.backends.cpu_sdpa import CpuSdpaMetadata
+from pagedserve.attention.forward_context import get_forward_context
+from pagedserve.kernels.library import load_csrc_op
+from pagedserve.models.layers.activation import SiluAndMul
+from pagedserve.models.layers.linear import LinearBase, UnquantizedLinearMethod
+from pagedserve.quantization.gguf import GGUFLinearMethod, GGUFWeight
+
+
+@functools.cache
+def _decode_layer_op() -> Any | None:
+    if os.environ.get("PAGEDSERVE_FUSED_DECODE", "1").lower() in ("0", "false"):
+        return None
+    op = load_csrc_op(
+        "pagedserve_decode", "llama_decode_layer", switch="PAGEDSERVE_FUSED_DECODE", what="CPU kernels"
+    )
+    return None if op is None else op.default
+
+
+@dataclass(slots=True)
+class DecodeStep:
+    """One KV-cache group's inputs of a step whose every token is a decode (token t of request r
+    at `token_indices[r]`)."""
+
+    slot_mapping: torch.Tensor  # [T] int64
+    token_indices: torch.Tensor  # [T] int64
+    block_table: torch.Tensor  # [T, blocks] int32
+    seq_lens: torch.Tensor  # [T] int64
+
+
+def decode_step(group_id: int) -> DecodeStep | None:
+    """The current forward's decode inputs for a KV-cache group, or None if any token of the step
+    is not a decode (or the backend's metadata is not the CPU one)."""
+    metadata = get_forward_context().attn_metadata[group_id]
+    if (
+        not isinstance(metadata, CpuSdpaMetadata)
+        or metadata.prefills
+        or metadata.prompt_buckets is not None
+        or metadata.num_decodes != metadata.common.num_actual_tokens
+        or metadata.num_decodes == 0
+    ):
+        return None
+    block_table = metadata.decode_block_table
+    if block_table.dtype != torch.int32 or block_table.stride(-1) != 1:
+        block_table = block_table.to(torch.int32).contiguous()
+    return DecodeStep(
+        metadata.common.slot_mapping, metadata.decode_token_indices, block_table, metadata.decode_seq_lens
+    )
+
+
+def _weights(linear: LinearBase) -> tuple[list[torch.Tensor], list[int], torch.Tensor | None] | None:
+    """(weight rows, ggml types, float32 bias) of a linear layer as the kernel reads them."""
+    method = linear.quant_method
+    bias = getattr(linear, "bias", None)
+    if isinstance(method, GGUFLinearMethod):
+        return linear.gguf_data, linear.gguf_types, linear.gguf_bias
+    if isinstance(method, UnquantizedLinearMethod) and linear.weight.dtype == torch.float32:
+        weight = GGUFWeight.from_dense(linear.weight.detach())
+        return [weight.data], [int(weight.qtype)], None if bias is None else bias.detach().float()
+    return None
+
+
+class FusedDecodeLayer:
+    """A LlamaDecoderLayer (or subclass) bound to the fused decode op."""
+
+    def __init__(self, layer: nn.Module, op: Any, constants: tuple[Any, ...]) -> None:
+        self.attn = layer.self_attn.attn
+        self._op = op
+        self._constants = constants
+
+    @classmethod
+    def from_layer(cls, layer: nn.Module) -> FusedDecodeLayer | None:
+        """The fused form of `layer`, or None where it would not compute the same thing."""
+        op = _decode_layer_op()
+        attention, mlp = layer.self_attn, layer.mlp
+        rope = attention.rotary_emb
+        if (
+            op is None
+            or getattr(attention.qkv_proj, "tp_size", 1) != 1
+            or not isinstance(mlp.act_fn, SiluAndMul)
+            or layer.input_layernorm.weight.dtype != torch.float32
+            or rope.cos_sin_cache.dtype != torch.float32
+        ):
+            return None
+        parts = [_weights(attention.qkv_proj), _weights(attention.o_proj)]
+        parts += [_weights(mlp.gate_up_proj), _weights(mlp.down_proj)]
+        if any(part is None for part in parts):
+            return None
+        (
+            (qkv, qkv_types, qkv_bias),
+            (o, o_types, o_bias),
+            (gate_up, gu_types, gu_bias),
+            (down, down_types, down_bias),
+        ) = parts  # type: ignore[misc]
+        q_norm = attention.q_norm.weight.detach() if attention.qk_norm else None
+        k_norm = attention.k_norm.weight.detach() if attention.qk_norm else None
+        attn = attention.attn
+        constants = (
+            layer.input_layernorm.weight.detach(),
+            layer.post_attention_layernorm.weight.detach(),
+            float(layer.input_layernorm.eps),
+            qkv,
+            qkv_types,
+            qkv_bias,
+            q_norm,
+            k_norm,
+            o,
+            o_types,
+            o_bias,
+            gate_up,
+            gu_types,
+            gu_bias,
+            down,
+            down_types,
+            down_bias,
+            rope.cos_sin_cache,
+            rope.is_neox_style,
+            attn.num_heads,
+            attn.num_kv_heads,
+            attn.head_size,
+            float(attn.scale),
+            int(attn.sliding_window or 0),
+        )
+        return cls(layer, op, constants)
+
+    def __call__(
+        self,
+        residual: torch.Tensor,
+        hidden: torch.Tensor,
+        add_hidden: bool,
+        positions: torch.Tensor,
+        step: DecodeStep,
+    ) -> torch.Tensor:
+        """residual += hidden (if add_hidden); returns the layer's MLP output (the next hidden)."""
+        return self._op(
+            residual,
+            hidden,
+            add_hidden,
+            positions,
+            step.slot_mapping,
+            step.token_indices,
+            step.block_table,
+            step.seq_lens,
+            self.attn.kv_cache,
+            *self._constants,
+        )
+
+
+def fuse_decoder_layers(layers: nn.ModuleList) -> list[FusedDecodeLayer] | None:
+    """Every layer fused, or None if any cannot be (the model then stays eager)."""
+    fused = [FusedDecodeLayer.from_layer(layer) for layer in layers]
+    return None if any(f is None for f in fused) else fused  # type: ignore[return-value]
