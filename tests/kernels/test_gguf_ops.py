@@ -150,3 +150,19 @@ def test_fallback_without_the_kernel_agrees(monkeypatch: pytest.MonkeyPatch) -> 
     dense = reference(weight, T.Q4_0)
     assert ((with_kernel.double() - without.double()).abs() <= error_bound(x, dense) + 1e-5).all()
     assert torch.equal(gguf_ops.dequantize(weight, T.Q4_0, 256).double(), dense)
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q5_1, T.Q6_K], ids=lambda t: t.name)
+def test_large_batches_dequantize_and_match_float32_with_plain_weights_in_place(qtype: GGMLQuantizationType) -> None:
+    # From 96 rows of x on, weight rows are dequantized into a buffer and multiplied by BLAS:
+    # float32 activations, so the result is the float32 product of the dequantized weights.
+    quantized = random_weight(qtype, 70, 256, seed=3)
+    plain = torch.randn(20, 256)
+    weights = [quantized, GGUFWeight.from_dense(plain).data, quantized[10:30]]
+    types = [qtype, T.F32, qtype]
+    dense = torch.cat([reference(quantized, qtype), plain.double(), reference(quantized, qtype)[10:30]])
+    bias = torch.randn(dense.shape[0])
+    x = torch.randn(130, 256)
+    y = gguf_ops.linear(x, weights, types, bias).double()
+    expected = x.double() @ dense.T + bias.double()
+    assert ((y - expected).abs() <= 1e-5 * (x.double().abs() @ dense.abs().T) + 1e-5).all()

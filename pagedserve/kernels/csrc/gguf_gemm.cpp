@@ -32,6 +32,8 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -652,10 +654,62 @@ int64_t gguf_total_rows(const std::vector<GgufShard>& shards) {
   return rows;
 }
 
+// From this many rows of x on, dequantizing weight rows into a float32 buffer and running the
+// BLAS GEMM (MKL) beats the int16 tiles: measured 1.2-1.7x at 128-512 rows, even at 64.
+constexpr int64_t kDequantMinRows = 96;
+// Weight rows dequantized at a time: a buffer of about 4 MB.
+constexpr int64_t kDequantBufferBytes = 4 << 20;
+
+}  // namespace pagedserve
+
+namespace {
+
+// y[:, rows] = x @ W[rows]^T for large M: each shard's rows go through a float32 buffer (plain
+// float32 weights are used in place) and at::mm_out, which runs MKL on all torch threads.
+void dequant_gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const std::vector<pagedserve::GgufShard>& shards,
+                  float* y, int64_t ldy) {
+  const at::TensorOptions f32 = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor xt = at::from_blob(const_cast<float*>(x), {M, K}, {ldx, 1}, f32);
+  const int64_t chunk = std::max<int64_t>(16, pagedserve::kDequantBufferBytes / (K * 4));
+  std::vector<float> buffer;
+  int64_t column = 0;
+  for (const pagedserve::GgufShard& s : shards) {
+    for (int64_t r0 = 0; r0 < s.rows; r0 += chunk) {
+      const int64_t rows = std::min(chunk, s.rows - r0);
+      const uint8_t* w = s.data + r0 * s.row_stride;
+      at::Tensor wt;
+      if (s.type == kF32 && s.row_stride % 4 == 0) {
+        wt = at::from_blob(const_cast<uint8_t*>(w), {rows, K}, {s.row_stride / 4, 1}, f32);
+      } else {
+        buffer.resize(rows * K);
+        at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / K), [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) dequantize_row(w + r * s.row_stride, s.type, K, buffer.data() + r * K);
+        });
+        wt = at::from_blob(buffer.data(), {rows, K}, f32);
+      }
+      at::Tensor out = at::from_blob(y + column, {M, rows}, {ldy, 1}, f32);
+      at::mm_out(out, xt, wt.t());
+      column += rows;
+    }
+  }
+}
+
+}  // namespace
+
+namespace pagedserve {
+
 void gguf_gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const std::vector<GgufShard>& shards,
                const float* bias, float* y, int64_t ldy) {
   const int64_t N = gguf_total_rows(shards);
   if (M == 0 || N == 0) return;
+  if (M >= kDequantMinRows) {
+    dequant_gemm(x, ldx, M, K, shards, y, ldy);
+    if (bias != nullptr) {
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) y[m * ldy + n] += bias[n];
+    }
+    return;
+  }
   int64_t total_bytes = 0;
   bool any_quantized = false;
   std::vector<int64_t> shard_end;  // first row after shard i
