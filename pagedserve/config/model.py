@@ -163,6 +163,10 @@ class ModelConfig:
     quantization: str | None = None
     hf_config: SimpleNamespace = field(init=False)
     torch_dtype: torch.dtype = field(init=False)
+    # Storage dtype of the float linear and embedding weights: torch_dtype, except a half-precision
+    # checkpoint computed in float32 on a CPU without bf16 units (dtype auto): its weights stay in
+    # their half dtype, converted row by row inside the kernels (half the memory and bandwidth).
+    weight_dtype: torch.dtype = field(init=False)
     # Worker-side pooling tasks the loaded model serves (empty for generation).
     pooling_tasks: tuple[PoolingTask, ...] = field(init=False, default=())
     # Bidirectional attention over whole prompts, no KV cache (BERT-style encoders).
@@ -187,6 +191,11 @@ class ModelConfig:
         self._resolve_quantization(cfg)
         self.hf_config = SimpleNamespace(**cfg)
         self.torch_dtype = self._resolve_dtype(cfg)
+        ckpt = _DTYPES.get(str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"), torch.float32)
+        half_weights = (
+            self.dtype == "auto" and self.torch_dtype == torch.float32 and ckpt != torch.float32 and not self.is_gguf
+        )
+        self.weight_dtype = ckpt if half_weights else self.torch_dtype
         self._resolve_task(model_cls, arch)
 
         max_positions_fn = getattr(model_cls, "max_positions", None)
@@ -312,7 +321,8 @@ class ModelConfig:
         if ckpt in ("bfloat16", "float16") and not self.is_gguf and native_bf16:
             dtype, reason = torch.bfloat16, f"a {ckpt} checkpoint on a CPU with AVX-512 BF16 / AMX"
         elif ckpt in ("bfloat16", "float16") and not self.is_gguf:
-            dtype, reason = torch.float32, f"a {ckpt} checkpoint on a CPU without AVX-512 BF16 / AMX"
+            dtype = torch.float32
+            reason = f"a {ckpt} checkpoint on a CPU without AVX-512 BF16 / AMX; its weights stay {ckpt}"
         else:
             dtype, reason = torch.float32, "GGUF blocks" if self.is_gguf else f"a {ckpt} checkpoint"
         logger.info("dtype auto: %s (%s)", str(dtype).removeprefix("torch."), reason)

@@ -42,11 +42,12 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
-    from pagedserve.benchmarks import embed, overhead, prefix_caching, serve, throughput
+    from pagedserve.benchmarks import embed, latency, overhead, prefix_caching, serve, throughput
 
     parser = subparsers.add_parser("bench", help="benchmarks")
     bench = parser.add_subparsers(dest="bench_command", required=True)
     throughput.add_cli_args(bench.add_parser("throughput", help="offline throughput vs transformers"))
+    latency.add_cli_args(bench.add_parser("latency", help="decode step of one small batch vs the bandwidth limit"))
     overhead.add_cli_args(bench.add_parser("overhead", help="engine time vs the ideal forward+sample loop"))
     serve.add_cli_args(bench.add_parser("serve", help="load generator for OpenAI-compatible servers"))
     prefix_caching.add_cli_args(

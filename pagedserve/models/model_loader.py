@@ -74,9 +74,13 @@ def build_meta_model(model_config: ModelConfig) -> nn.Module:
     max_position = max(
         int(getattr(model_config.hf_config, "max_position_embeddings", 0) or 0), model_config.max_model_len
     )
-    quant_config = (
-        get_quantization_config(model_config.quantization) if model_config.quantization is not None else None
-    )
+    quant_config = None
+    if model_config.quantization is not None:
+        quant_config = get_quantization_config(model_config.quantization)
+    elif model_config.weight_dtype != model_config.torch_dtype:
+        from pagedserve.quantization.gguf import HalfWeightsConfig
+
+        quant_config = HalfWeightsConfig(model_config.weight_dtype)
     with _default_dtype(model_config.torch_dtype), torch.device("meta"), set_current_quant_config(quant_config):
         return model_cls(model_config.hf_config, max_position)
 

@@ -33,6 +33,7 @@ class GGUFWeight:
     data: torch.Tensor
     qtype: GGMLQuantizationType
     shape: tuple[int, int]  # logical (rows, columns)
+    from_file: bool = False  # `data` is a view of the memory-mapped checkpoint
 
     @classmethod
     def from_dense(cls, tensor: torch.Tensor) -> GGUFWeight:
@@ -52,14 +53,14 @@ class GGUFWeight:
 
     def narrow(self, dim: int, start: int, length: int) -> GGUFWeight:
         if dim == 0:
-            return GGUFWeight(self.data.narrow(0, start, length), self.qtype, (length, self.shape[1]))
+            return GGUFWeight(self.data.narrow(0, start, length), self.qtype, (length, self.shape[1]), self.from_file)
         if dim != 1:
             raise IndexError(f"a GGUF weight has 2 dims, not {dim + 1}")
         block_size, type_size = GGML_QUANT_SIZES[self.qtype]
         if start % block_size or length % block_size:
             return GGUFWeight.from_dense(self.dequantize().narrow(1, start, length))
         data = self.data.narrow(1, start // block_size * type_size, length // block_size * type_size)
-        return GGUFWeight(data, self.qtype, (self.shape[0], length))
+        return GGUFWeight(data, self.qtype, (self.shape[0], length), self.from_file)
 
 
 def as_gguf_weight(loaded: GGUFWeight | torch.Tensor) -> GGUFWeight:
@@ -156,3 +157,44 @@ class GGUFConfig(QuantizationConfig):
 
     def get_embedding_method(self) -> EmbeddingMethodBase:
         return GGUFEmbeddingMethod()
+
+
+class HalfWeightsLinearMethod(GGUFLinearMethod):
+    """Float checkpoint weights stored as BF16/F16 rows, computed by the same kernels."""
+
+    def __init__(self, storage_dtype: torch.dtype) -> None:
+        self.storage_dtype = storage_dtype
+
+    def load_rows(self, layer: nn.Module, loaded: GGUFWeight | torch.Tensor, row_offset: int, shard_index: int) -> None:
+        if isinstance(loaded, torch.Tensor):
+            loaded = GGUFWeight.from_dense(loaded.to(self.storage_dtype))
+        super().load_rows(layer, loaded, row_offset, shard_index)
+
+
+class HalfWeightsEmbeddingMethod(GGUFEmbeddingMethod):
+    def __init__(self, storage_dtype: torch.dtype) -> None:
+        self.storage_dtype = storage_dtype
+
+    def load_rows(self, layer: nn.Module, loaded: GGUFWeight | torch.Tensor) -> None:
+        if isinstance(loaded, torch.Tensor):
+            loaded = GGUFWeight.from_dense(loaded.to(self.storage_dtype))
+        super().load_rows(layer, loaded)
+
+
+class HalfWeightsConfig(QuantizationConfig):
+    """A bf16/fp16 checkpoint computed in float32 on a CPU without bf16 units: its linear and
+    embedding weights stay in the half dtype (ModelConfig.weight_dtype) instead of doubling in
+    size; the kernels widen each row as they read it. Not a user-facing --quantization."""
+
+    name = "half_weights"
+
+    def __init__(self, storage_dtype: torch.dtype) -> None:
+        if storage_dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"half weights are bfloat16 or float16, not {storage_dtype}")
+        self.storage_dtype = storage_dtype
+
+    def get_linear_method(self) -> LinearMethodBase:
+        return HalfWeightsLinearMethod(self.storage_dtype)
+
+    def get_embedding_method(self) -> EmbeddingMethodBase:
+        return HalfWeightsEmbeddingMethod(self.storage_dtype)

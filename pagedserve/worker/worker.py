@@ -45,7 +45,7 @@ def model_weight_bytes(model: nn.Module) -> tuple[int, int]:
     for tensor in [*model.parameters(), *model.buffers()]:
         add(tensor, False)
         for _, weight in getattr(tensor, "gguf_shards", None) or ():
-            add(weight.data, True)
+            add(weight.data, weight.from_file)
     return total, mapped
 
 

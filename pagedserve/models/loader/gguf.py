@@ -542,7 +542,7 @@ def _iterate(path: str | os.PathLike[str], packed: bool) -> Iterator[tuple[str, 
         if packed and len(info.shape) == 2:
             if info.ggml_type in SUPPORTED_TYPES:
                 data = _file_view(gguf_file.raw_tensor(gguf_name).view(np.uint8)).reshape(info.shape[0], -1)
-                yield hf_name, GGUFWeight(data, info.ggml_type, info.shape)
+                yield hf_name, GGUFWeight(data, info.ggml_type, info.shape, from_file=True)
             else:
                 yield hf_name, GGUFWeight.from_dense(gguf_file.dequantize(gguf_name, torch.float32))
             continue
