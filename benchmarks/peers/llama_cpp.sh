@@ -28,11 +28,13 @@
 # over all slots, llama-server's -c; default NP * CTX_PER_SEQ), CTX_PER_SEQ (default 1024),
 # F32_GGUF (where convert/convert-hf write; serve it with MODEL_GGUF=$F32_GGUF).
 #
-# Quantized vs f32: by default llama-server runs the GGUF's own quantized kernels (Q4_1, Q4_K, ...),
-# which is the comparison a llama.cpp user would make. pagedserve dequantises GGUF weights and
-# computes in float32 on the CPU, so for a same-arithmetic comparison convert the file to f32 and
-# serve that. Both conversions were checked to give bitwise-identical f32 tensors (all 272), equal
-# to what pagedserve's loader dequantises; `convert` is the quick one (seconds, no Python).
+# Quantized vs f32: by default llama-server runs the GGUF's own quantized blocks (Q4_1, Q4_K, ...),
+# as a llama.cpp user would, and so does pagedserve given the same .gguf file (its GGUF
+# quantization computes on the blocks in place): serve the same file in both. `convert` /
+# `convert-hf` are for comparing dense float32 arithmetic (e.g. against pagedserve or vLLM on a
+# dequantised float32 checkpoint). Both conversions were checked to give bitwise-identical f32
+# tensors (all 272), equal to what pagedserve's loader dequantises; `convert` is the quick one
+# (seconds, no Python).
 set -euo pipefail
 
 VERSION=0.3.36
