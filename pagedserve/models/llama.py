@@ -15,12 +15,7 @@ from torch import nn
 from pagedserve.attention.layer import Attention
 from pagedserve.distributed.parallel_state import get_tp_size
 from pagedserve.models.layers.activation import SiluAndMul
-from pagedserve.models.layers.fused_decode import (
-    DecodeStep,
-    FusedDecodeLayer,
-    decode_step,
-    fuse_decoder_layers,
-)
+from pagedserve.models.layers.fused_decode import FusedDecoder, decode_step
 from pagedserve.models.layers.layernorm import RMSNorm
 from pagedserve.models.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from pagedserve.models.layers.rotary_embedding import get_rope
@@ -137,30 +132,22 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
         # Built on the first forward, once the layers' weights are in their final layout.
-        self._fused_layers: list[FusedDecodeLayer] | None = None
-        self._fused_layers_built = False
+        self._fused: FusedDecoder | None = None
+        self._fused_built = False
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden_states = self.embed_tokens(input_ids)
-        if not self._fused_layers_built:
-            self._fused_layers, self._fused_layers_built = fuse_decoder_layers(self.layers), True
-        if self._fused_layers is not None:
+        if not self._fused_built:
+            self._fused, self._fused_built = FusedDecoder.build(self.layers), True
+        if self._fused is not None:
             step = decode_step(self.layers[0].self_attn.attn.kv_cache_group_id)
             if step is not None:
-                return self._fused_decode(hidden_states, positions, step)
+                hidden_states, residual = self._fused(hidden_states, positions, step)
+                hidden_states, _ = self.norm(hidden_states, residual)
+                return hidden_states
         residual = None
         for layer in self.layers:
             hidden_states, residual = layer(positions, hidden_states, residual)
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
-
-    def _fused_decode(self, embeddings: torch.Tensor, positions: torch.Tensor, step: DecodeStep) -> torch.Tensor:
-        # NOTE: the embedding output is a fresh tensor: it becomes the residual stream, updated in
-        # place layer after layer.
-        residual = hidden_states = embeddings
-        assert self._fused_layers is not None
-        for i, layer in enumerate(self._fused_layers):
-            hidden_states = layer(residual, hidden_states, i > 0, positions, step)
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 

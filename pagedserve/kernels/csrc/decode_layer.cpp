@@ -1,8 +1,12 @@
-// One Llama-family decoder layer (Llama, Mistral, Qwen2, Qwen3) for a decode step, as one op.
+// Llama-family decoder layers (Llama, Mistral, Qwen2, Qwen3) for a decode step, in C++.
 //
 //   llama_decode_layer(residual!, hidden, add_hidden, positions, slot_mapping, token_indices,
 //                      block_table, seq_lens, kv_cache!, <the layer's weights and sizes>) -> out
+//   DecodeModel: add_layer(<weights and sizes>) once per layer at load; then per step
+//                forward(residual!, positions, slot_mapping, token_indices, block_table, seq_lens,
+//                        kv_caches!) -> out: every layer in one parallel region
 //
+// Each layer computes
 //   residual += hidden (unless add_hidden is false: the first layer's residual is the embedding)
 //   x = rms_norm(residual) * input_norm
 //   q, k, v = x @ Wqkv^T (+ bias); per-head q/k RMSNorm (Qwen3); RoPE at `positions`
@@ -14,12 +18,17 @@
 // Every token is a decode: token t is request token_indices[r]'s one new token, at position
 // seq_lens[r] - 1 (so T == number of requests). Each linear runs gguf_gemm on its weights as
 // stored (GGUF blocks, or plain F32/F16/BF16 rows); everything else is float32, with the KV cache
-// in float32, bfloat16 or float16. Running the layer as one call instead of ~20 torch ops is the
-// point: at decode batch sizes the eager layer spends more time dispatching than computing.
+// in float32, bfloat16 or float16. At decode batch sizes an eager layer spends more time
+// dispatching ~20 torch ops than computing; and every parallel op forks the thread team again,
+// which costs tens of microseconds in a VM (a sleeping thread is woken by an inter-processor
+// interrupt). DecodeModel.forward therefore runs all layers in one OpenMP region: the threads
+// split each phase's rows and meet at a barrier between phases (9 per layer).
 
 #include <ATen/Parallel.h>
+#include <omp.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -32,14 +41,6 @@
 namespace {
 
 using pagedserve::GgufShard;
-
-// Scratch buffers reused across calls (one set per thread that calls the op).
-std::vector<float>& scratch(int which, size_t size) {
-  thread_local std::vector<float> buffers[6];
-  std::vector<float>& buffer = buffers[which];
-  if (buffer.size() < size) buffer.resize(size);
-  return buffer;
-}
 
 // y = x * rsqrt(mean(x^2) + eps) * w over one row of n values.
 void rms_norm_row(const float* x, const float* w, int64_t n, float eps, float* y) {
@@ -179,65 +180,317 @@ void attend(const AttendWork& w, const C* k_cache, const C* v_cache, std::vector
   }
 }
 
-template <typename C>
-void write_and_attend(const at::Tensor& kv_cache, const float* qkv, int64_t qkv_stride, const at::Tensor& slot_mapping,
-                      const at::Tensor& token_indices, const at::Tensor& block_table, const at::Tensor& seq_lens,
-                      int64_t num_heads, int64_t num_kv_heads, int64_t D, double scale, int64_t sliding_window,
-                      float* attn_out) {
-  const int64_t T = slot_mapping.size(0);
-  const int64_t block_size = kv_cache.size(2);
-  C* k_cache = kv_cache.data_ptr<C>();
-  C* v_cache = k_cache + kv_cache.stride(0);
-  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
-  const int64_t q_size = num_heads * D, kv_size = num_kv_heads * D;
-  for (int64_t t = 0; t < T; ++t) {
-    const float* k = qkv + t * qkv_stride + q_size;
-    const float* v = k + kv_size;
-    C* kd = k_cache + slots[t] * kv_size;
-    C* vd = v_cache + slots[t] * kv_size;
-    for (int64_t i = 0; i < kv_size; ++i) {
-      kd[i] = static_cast<C>(k[i]);
-      vd[i] = static_cast<C>(v[i]);
-    }
-  }
-  const int64_t num_reqs = token_indices.size(0), group = num_heads / num_kv_heads;
-  const int64_t* tokens = token_indices.data_ptr<int64_t>();
-  const int64_t* lens = seq_lens.data_ptr<int64_t>();
-  const int32_t* table = block_table.data_ptr<int32_t>();
-  const int64_t table_stride = block_table.stride(0);
-  const int64_t items = num_reqs * num_kv_heads;
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t r = item / num_kv_heads, h = item % num_kv_heads, t = tokens[r];
-      const int64_t seq_len = lens[r];
-      const int64_t first = sliding_window > 0 ? std::max<int64_t>(0, seq_len - sliding_window) : 0;
-      const AttendWork work{qkv + t * qkv_stride + h * group * D,
-                            attn_out + t * q_size + h * group * D,
-                            table + r * table_stride,
-                            first,
-                            seq_len - first,
-                            group,
-                            D,
-                            block_size,
-                            h,
-                            num_kv_heads,
-                            static_cast<float>(scale)};
-      attend<C>(work, k_cache, v_cache, scores);
-    }
-  });
-}
+// One layer's weights and shapes, as both entry points receive them.
+struct LayerWeights {
+  const float* input_norm;
+  const float* post_norm;
+  float eps;
+  std::vector<GgufShard> qkv, o, gate_up, down;
+  const float *qkv_bias, *o_bias, *gate_up_bias, *down_bias, *q_norm, *k_norm;  // null if absent
+  const float* cos_sin;
+  int64_t num_positions, rotary_dim;
+  bool neox;
+  int64_t hidden, num_heads, num_kv_heads, head_dim, intermediate;
+  float scale;
+  int64_t sliding_window;
+  std::vector<at::Tensor> keep_alive;  // the tensors behind the pointers above
 
-const float* optional_f32(const c10::optional<at::Tensor>& t, int64_t numel, const char* name) {
+  int64_t q_size() const { return num_heads * head_dim; }
+  int64_t kv_size() const { return num_kv_heads * head_dim; }
+  int64_t qkv_size() const { return q_size() + 2 * kv_size(); }
+};
+
+const float* optional_f32(const c10::optional<at::Tensor>& t, int64_t numel, const char* name, LayerWeights* lw) {
   if (!t.has_value()) return nullptr;
-  TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == numel, "llama_decode_layer: ",
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == numel, "llama decode layer: ",
               name, " must be a contiguous float32 tensor of ", numel, " values");
+  lw->keep_alive.push_back(*t);
   return t->data_ptr<float>();
 }
 
-void check_f32(const at::Tensor& t, int64_t numel, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == numel, "llama_decode_layer: ", name,
-              " must be a contiguous float32 tensor of ", numel, " values");
+const float* required_f32(const at::Tensor& t, int64_t numel, const char* name, LayerWeights* lw) {
+  return optional_f32(c10::optional<at::Tensor>(t), numel, name, lw);
+}
+
+std::vector<GgufShard> shards_of(at::TensorList weights, at::IntArrayRef types, int64_t K, const char* name,
+                                 LayerWeights* lw) {
+  for (const at::Tensor& t : weights) lw->keep_alive.push_back(t);
+  return pagedserve::gguf_shards(weights, types, K, name);
+}
+
+LayerWeights make_layer(const at::Tensor& input_norm, const at::Tensor& post_norm, double eps, at::TensorList qkv_w,
+                        at::IntArrayRef qkv_types, const c10::optional<at::Tensor>& qkv_bias,
+                        const c10::optional<at::Tensor>& q_norm, const c10::optional<at::Tensor>& k_norm,
+                        at::TensorList o_w, at::IntArrayRef o_types, const c10::optional<at::Tensor>& o_bias,
+                        at::TensorList gate_up_w, at::IntArrayRef gate_up_types,
+                        const c10::optional<at::Tensor>& gate_up_bias, at::TensorList down_w,
+                        at::IntArrayRef down_types, const c10::optional<at::Tensor>& down_bias,
+                        const at::Tensor& cos_sin, bool neox, int64_t num_heads, int64_t num_kv_heads,
+                        int64_t head_dim, double scale, int64_t sliding_window) {
+  LayerWeights lw;
+  const int64_t H = input_norm.numel(), D = head_dim;
+  TORCH_CHECK(D > 0 && D <= 512, "llama decode layer: head_dim must be in 1..512");
+  TORCH_CHECK(num_heads > 0 && num_kv_heads > 0 && num_heads % num_kv_heads == 0,
+              "llama decode layer: heads must be a positive multiple of KV heads");
+  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.dim() == 2 && cos_sin.is_contiguous() &&
+                  cos_sin.size(1) % 2 == 0 && cos_sin.size(1) <= D,
+              "llama decode layer: cos_sin must be float32 [positions, rotary_dim]");
+  lw.hidden = H;
+  lw.num_heads = num_heads;
+  lw.num_kv_heads = num_kv_heads;
+  lw.head_dim = D;
+  lw.eps = static_cast<float>(eps);
+  lw.scale = static_cast<float>(scale);
+  lw.sliding_window = sliding_window;
+  lw.neox = neox;
+  lw.input_norm = required_f32(input_norm, H, "input_norm", &lw);
+  lw.post_norm = required_f32(post_norm, H, "post_norm", &lw);
+  lw.qkv = shards_of(qkv_w, qkv_types, H, "llama decode layer qkv", &lw);
+  lw.o = shards_of(o_w, o_types, lw.q_size(), "llama decode layer o_proj", &lw);
+  TORCH_CHECK(pagedserve::gguf_total_rows(lw.qkv) == lw.qkv_size(), "llama decode layer: qkv weights have ",
+              pagedserve::gguf_total_rows(lw.qkv), " rows, expected ", lw.qkv_size());
+  TORCH_CHECK(pagedserve::gguf_total_rows(lw.o) == H, "llama decode layer: o_proj must have hidden rows");
+  lw.gate_up = shards_of(gate_up_w, gate_up_types, H, "llama decode layer gate_up", &lw);
+  const int64_t I2 = pagedserve::gguf_total_rows(lw.gate_up);
+  TORCH_CHECK(I2 > 0 && I2 % 2 == 0, "llama decode layer: gate_up rows must be even");
+  lw.intermediate = I2 / 2;
+  lw.down = shards_of(down_w, down_types, lw.intermediate, "llama decode layer down", &lw);
+  TORCH_CHECK(pagedserve::gguf_total_rows(lw.down) == H, "llama decode layer: down_proj must have hidden rows");
+  lw.qkv_bias = optional_f32(qkv_bias, lw.qkv_size(), "qkv_bias", &lw);
+  lw.o_bias = optional_f32(o_bias, H, "o_bias", &lw);
+  lw.gate_up_bias = optional_f32(gate_up_bias, I2, "gate_up_bias", &lw);
+  lw.down_bias = optional_f32(down_bias, H, "down_bias", &lw);
+  lw.q_norm = optional_f32(q_norm, D, "q_norm", &lw);
+  lw.k_norm = optional_f32(k_norm, D, "k_norm", &lw);
+  lw.keep_alive.push_back(cos_sin);
+  lw.cos_sin = cos_sin.data_ptr<float>();
+  lw.num_positions = cos_sin.size(0);
+  lw.rotary_dim = cos_sin.size(1);
+  return lw;
+}
+
+// The step's decode inputs (shared by every layer), checked once.
+struct StepInputs {
+  int64_t T;
+  const int64_t* positions;
+  const int64_t* slots;
+  const int64_t* tokens;
+  const int64_t* seq_lens;
+  const int32_t* block_table;
+  int64_t table_stride;
+};
+
+StepInputs step_inputs(int64_t T, const at::Tensor& positions, const at::Tensor& slot_mapping,
+                       const at::Tensor& token_indices, const at::Tensor& block_table, const at::Tensor& seq_lens) {
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.numel() == T,
+              "llama decode: positions must be int64 [T]");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() && slot_mapping.numel() == T,
+              "llama decode: slot_mapping must be int64 [T]");
+  TORCH_CHECK(token_indices.scalar_type() == at::kLong && token_indices.is_contiguous() && token_indices.numel() == T &&
+                  seq_lens.scalar_type() == at::kLong && seq_lens.is_contiguous() && seq_lens.numel() == T,
+              "llama decode: every token must be a decode (token_indices, seq_lens: int64 [T])");
+  TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.dim() == 2 && block_table.stride(1) == 1 &&
+                  block_table.size(0) == T,
+              "llama decode: block_table must be int32 [T, blocks] with contiguous rows");
+  const int64_t* tokens = token_indices.data_ptr<int64_t>();
+  for (int64_t r = 0; r < T; ++r) TORCH_CHECK(tokens[r] >= 0 && tokens[r] < T, "llama decode: bad token index");
+  return {T,
+          positions.data_ptr<int64_t>(),
+          slot_mapping.data_ptr<int64_t>(),
+          tokens,
+          seq_lens.data_ptr<int64_t>(),
+          block_table.data_ptr<int32_t>(),
+          block_table.stride(0)};
+}
+
+void check_cache(const at::Tensor& kv_cache, const LayerWeights& lw) {
+  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2 && kv_cache.size(3) == lw.num_kv_heads &&
+                  kv_cache.size(4) == lw.head_dim && kv_cache.is_contiguous(),
+              "llama decode: kv_cache must be a contiguous [2, blocks, block_size, kv_heads, head_dim]");
+  const at::ScalarType dtype = kv_cache.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "llama decode: KV cache must be float32, bfloat16 or float16");
+}
+
+// Rows [t_begin, t_end) of the attention phase's items: q/k norms and RoPE of request r's query
+// heads of KV head h and of its key head, K/V into the cache, then attention. Items (r, h) are
+// independent: each touches only its heads of qkv, its cache slot, its output heads.
+template <typename C>
+void attend_items(const LayerWeights& lw, const StepInputs& in, at::Tensor& kv_cache, float* qkv, float* attn,
+                  int64_t item_begin, int64_t item_end, std::vector<float>& scores) {
+  const int64_t D = lw.head_dim, group = lw.num_heads / lw.num_kv_heads;
+  const int64_t q_size = lw.q_size(), kv_size = lw.kv_size(), qkv_size = lw.qkv_size();
+  const int64_t half = lw.rotary_dim / 2, block_size = kv_cache.size(2);
+  C* k_cache = kv_cache.data_ptr<C>();
+  C* v_cache = k_cache + kv_cache.stride(0);
+  float head[512];
+  for (int64_t item = item_begin; item < item_end; ++item) {
+    const int64_t r = item / lw.num_kv_heads, h = item % lw.num_kv_heads, t = in.tokens[r];
+    float* row = qkv + t * qkv_size;
+    const int64_t pos = in.positions[t];  // checked in run_layers: no exception may leave the region
+    const float* cos = lw.cos_sin + pos * lw.rotary_dim;
+    const float* sin = cos + half;
+    auto prepare = [&](float* x, const float* norm_w) {
+      if (norm_w != nullptr) {
+        rms_norm_row(x, norm_w, D, lw.eps, head);
+        std::copy(head, head + D, x);
+      }
+      rope_head(x, cos, sin, lw.rotary_dim, lw.neox);
+    };
+    for (int64_t g = 0; g < group; ++g) prepare(row + (h * group + g) * D, lw.q_norm);
+    float* k = row + q_size + h * D;
+    const float* v = row + q_size + kv_size + h * D;
+    prepare(k, lw.k_norm);
+    C* kd = k_cache + in.slots[t] * kv_size + h * D;
+    C* vd = v_cache + in.slots[t] * kv_size + h * D;
+    for (int64_t i = 0; i < D; ++i) {
+      kd[i] = static_cast<C>(k[i]);
+      vd[i] = static_cast<C>(v[i]);
+    }
+    const int64_t seq_len = in.seq_lens[r];
+    const int64_t first = lw.sliding_window > 0 ? std::max<int64_t>(0, seq_len - lw.sliding_window) : 0;
+    const AttendWork work{row + h * group * D,  attn + t * q_size + h * group * D, in.block_table + r * in.table_stride,
+                          first,                seq_len - first,                   group,
+                          D,                    block_size,                        h,
+                          lw.num_kv_heads,      lw.scale};
+    attend<C>(work, k_cache, v_cache, scores);
+  }
+}
+
+void attend_items_any(const LayerWeights& lw, const StepInputs& in, at::Tensor& kv_cache, float* qkv, float* attn,
+                      int64_t item_begin, int64_t item_end, std::vector<float>& scores) {
+  switch (kv_cache.scalar_type()) {
+    case at::kFloat:
+      attend_items<float>(lw, in, kv_cache, qkv, attn, item_begin, item_end, scores);
+      break;
+    case at::kBFloat16:
+      attend_items<c10::BFloat16>(lw, in, kv_cache, qkv, attn, item_begin, item_end, scores);
+      break;
+    default:
+      attend_items<c10::Half>(lw, in, kv_cache, qkv, attn, item_begin, item_end, scores);
+  }
+}
+
+// [begin, end) of `n` items for thread `tid` of `nt`, in multiples of `align`.
+std::pair<int64_t, int64_t> share(int64_t n, int tid, int nt, int64_t align = 1) {
+  const int64_t units = (n + align - 1) / align;
+  const int64_t begin = units * tid / nt * align, end = units * (tid + 1) / nt * align;
+  return {std::min(begin, n), std::min(end, n)};
+}
+
+// Buffers of one step (shared by the threads of the parallel region).
+struct StepBuffers {
+  std::vector<float> x, qkv, attn, o, gate_up, act;
+  pagedserve::GgufActivations qx;
+
+  void resize(int64_t T, const LayerWeights& lw) {
+    x.resize(T * lw.hidden);
+    qkv.resize(T * lw.qkv_size());
+    attn.resize(T * lw.q_size());
+    o.resize(T * lw.hidden);
+    gate_up.resize(T * 2 * lw.intermediate);
+    act.resize(T * lw.intermediate);
+  }
+};
+
+// One layer on the calling thread `tid` of `nt` inside a parallel region. `hidden` (the previous
+// layer's output) is added to `residual` first unless add_hidden is false; `out` receives this
+// layer's output. Every phase ends at a barrier: its outputs are read by all threads next.
+void layer_in_region(const LayerWeights& lw, const StepInputs& in, float* residual, const float* hidden,
+                     bool add_hidden, at::Tensor& kv_cache, float* out, StepBuffers& b, int tid, int nt,
+                     std::vector<float>& scores) {
+  const int64_t T = in.T, H = lw.hidden, I = lw.intermediate, I2 = 2 * I;
+  auto barrier = [] {
+#pragma omp barrier
+  };
+  // rows of x for a GEMM with K columns: quantized by row shares
+  auto quantize = [&](const float* x, int64_t K, const std::vector<GgufShard>& shards) {
+    if (!pagedserve::gguf_needs_activations(shards)) return;
+    if (tid == 0) b.qx.resize(T, K);
+    barrier();
+    const auto [m0, m1] = share(T, tid, nt);
+    pagedserve::gguf_quantize_rows(x, K, m0, m1, &b.qx);
+    barrier();
+  };
+  auto gemm = [&](const float* x, int64_t K, const std::vector<GgufShard>& shards, const float* bias, float* y,
+                  int64_t N) {
+    const auto [n0, n1] = share(N, tid, nt, 2);
+    pagedserve::gguf_gemm_rows(x, K, b.qx, T, K, shards, n0, n1, bias, y, N);
+    barrier();
+  };
+  const auto [t0, t1] = share(T, tid, nt);
+  for (int64_t t = t0; t < t1; ++t) {
+    float* res = residual + t * H;
+    if (add_hidden)
+      for (int64_t i = 0; i < H; ++i) res[i] += hidden[t * H + i];
+    rms_norm_row(res, lw.input_norm, H, lw.eps, b.x.data() + t * H);
+  }
+  barrier();
+  quantize(b.x.data(), H, lw.qkv);
+  gemm(b.x.data(), H, lw.qkv, lw.qkv_bias, b.qkv.data(), lw.qkv_size());
+
+  const auto [i0, i1] = share(T * lw.num_kv_heads, tid, nt);
+  attend_items_any(lw, in, kv_cache, b.qkv.data(), b.attn.data(), i0, i1, scores);
+  barrier();
+  quantize(b.attn.data(), lw.q_size(), lw.o);
+  gemm(b.attn.data(), lw.q_size(), lw.o, lw.o_bias, b.o.data(), H);
+
+  for (int64_t t = t0; t < t1; ++t) {
+    float* res = residual + t * H;
+    for (int64_t i = 0; i < H; ++i) res[i] += b.o[t * H + i];
+    rms_norm_row(res, lw.post_norm, H, lw.eps, b.x.data() + t * H);
+  }
+  barrier();
+  quantize(b.x.data(), H, lw.gate_up);
+  gemm(b.x.data(), H, lw.gate_up, lw.gate_up_bias, b.gate_up.data(), I2);
+
+  for (int64_t t = t0; t < t1; ++t)
+    silu_and_mul_row(b.gate_up.data() + t * I2, b.gate_up.data() + t * I2 + I, I, b.act.data() + t * I);
+  barrier();
+  quantize(b.act.data(), I, lw.down);
+  gemm(b.act.data(), I, lw.down, lw.down_bias, out, H);
+}
+
+// Layers [0, L) of a step in one parallel region; returns the last layer's output.
+at::Tensor run_layers(const std::vector<LayerWeights>& layers, at::Tensor& residual, const at::Tensor* first_hidden,
+                      const StepInputs& in, std::vector<at::Tensor>& kv_caches) {
+  const int64_t T = in.T, H = layers.front().hidden;
+  TORCH_CHECK(residual.dim() == 2 && residual.size(0) == T && residual.size(1) == H &&
+                  residual.scalar_type() == at::kFloat && residual.is_contiguous(),
+              "llama decode: residual must be a contiguous float32 [T, hidden]");
+  TORCH_CHECK(kv_caches.size() == layers.size(), "llama decode: one KV cache per layer");
+  for (size_t l = 0; l < layers.size(); ++l) {
+    check_cache(kv_caches[l], layers[l]);
+    for (int64_t t = 0; t < T; ++t)
+      TORCH_CHECK(in.positions[t] >= 0 && in.positions[t] < layers[l].num_positions, "llama decode: position ",
+                  in.positions[t], " out of range");
+  }
+  const float* first = nullptr;
+  if (first_hidden != nullptr) {
+    TORCH_CHECK(first_hidden->sizes() == residual.sizes() && first_hidden->scalar_type() == at::kFloat &&
+                    first_hidden->is_contiguous(),
+                "llama decode: hidden must match residual");
+    first = first_hidden->data_ptr<float>();
+  }
+  StepBuffers b;
+  for (const LayerWeights& lw : layers) {  // every layer's sizes are the same in these models
+    TORCH_CHECK(lw.hidden == H, "llama decode: layers of different widths");
+    b.resize(T, lw);
+  }
+  at::Tensor outs[2] = {at::empty({T, H}, residual.options()), at::empty({T, H}, residual.options())};
+  float* res = residual.data_ptr<float>();
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), 64)));
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<float> scores;
+    const int tid = omp_get_thread_num(), threads = omp_get_num_threads();
+    for (size_t l = 0; l < layers.size(); ++l) {
+      const float* hidden = l == 0 ? first : outs[(l - 1) % 2].data_ptr<float>();
+      layer_in_region(layers[l], in, res, hidden, hidden != nullptr, kv_caches[l], outs[l % 2].data_ptr<float>(), b,
+                      tid, threads, scores);
+    }
+  }
+  return outs[(layers.size() - 1) % 2];
 }
 
 at::Tensor llama_decode_layer(at::Tensor& residual, const at::Tensor& hidden, bool add_hidden, const at::Tensor& positions,
@@ -252,123 +505,43 @@ at::Tensor llama_decode_layer(at::Tensor& residual, const at::Tensor& hidden, bo
                               at::IntArrayRef down_types, const c10::optional<at::Tensor>& down_bias,
                               const at::Tensor& cos_sin, bool neox, int64_t num_heads, int64_t num_kv_heads,
                               int64_t head_dim, double scale, int64_t sliding_window) {
-  const int64_t T = residual.size(0), H = residual.size(1), D = head_dim;
-  TORCH_CHECK(residual.dim() == 2 && residual.scalar_type() == at::kFloat && residual.is_contiguous(),
-              "llama_decode_layer: residual must be a contiguous float32 [T, hidden]");
-  TORCH_CHECK(!add_hidden || (hidden.sizes() == residual.sizes() && hidden.scalar_type() == at::kFloat &&
-                              hidden.is_contiguous()),
-              "llama_decode_layer: hidden must match residual");
-  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.numel() == T,
-              "llama_decode_layer: positions must be int64 [T]");
-  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() && slot_mapping.numel() == T,
-              "llama_decode_layer: slot_mapping must be int64 [T]");
-  TORCH_CHECK(token_indices.scalar_type() == at::kLong && token_indices.is_contiguous() && token_indices.numel() == T &&
-                  seq_lens.scalar_type() == at::kLong && seq_lens.is_contiguous() && seq_lens.numel() == T,
-              "llama_decode_layer: every token must be a decode (token_indices, seq_lens: int64 [T])");
-  TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.dim() == 2 && block_table.stride(1) == 1 &&
-                  block_table.size(0) == T,
-              "llama_decode_layer: block_table must be int32 [T, blocks] with contiguous rows");
-  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2 && kv_cache.size(3) == num_kv_heads &&
-                  kv_cache.size(4) == D && kv_cache.stride(4) == 1 && kv_cache.stride(3) == D &&
-                  kv_cache.stride(2) == num_kv_heads * D && kv_cache.stride(1) == kv_cache.size(2) * num_kv_heads * D,
-              "llama_decode_layer: kv_cache must be a contiguous-row [2, blocks, block_size, kv_heads, head_dim]");
-  TORCH_CHECK(num_heads % num_kv_heads == 0, "llama_decode_layer: heads must be a multiple of KV heads");
-  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.dim() == 2 && cos_sin.is_contiguous() &&
-                  cos_sin.size(1) % 2 == 0 && cos_sin.size(1) <= D,
-              "llama_decode_layer: cos_sin must be float32 [positions, rotary_dim]");
-  check_f32(input_norm, H, "input_norm");
-  check_f32(post_norm, H, "post_norm");
-  const int64_t q_size = num_heads * D, kv_size = num_kv_heads * D, qkv_size = q_size + 2 * kv_size;
-
-  const std::vector<GgufShard> qkv_shards = pagedserve::gguf_shards(qkv_w, qkv_types, H, "llama_decode_layer qkv");
-  const std::vector<GgufShard> o_shards = pagedserve::gguf_shards(o_w, o_types, q_size, "llama_decode_layer o_proj");
-  TORCH_CHECK(pagedserve::gguf_total_rows(qkv_shards) == qkv_size, "llama_decode_layer: qkv weights have ",
-              pagedserve::gguf_total_rows(qkv_shards), " rows, expected ", qkv_size);
-  TORCH_CHECK(pagedserve::gguf_total_rows(o_shards) == H, "llama_decode_layer: o_proj must have hidden rows");
-  TORCH_CHECK(!gate_up_w.empty(), "llama_decode_layer: no gate_up weights");
-  const int64_t I2 = [&] {
-    int64_t rows = 0;
-    for (const at::Tensor& t : gate_up_w) rows += t.size(0);
-    return rows;
-  }();
-  TORCH_CHECK(I2 % 2 == 0, "llama_decode_layer: gate_up rows must be even");
-  const int64_t I = I2 / 2;
-  const std::vector<GgufShard> gate_up_shards =
-      pagedserve::gguf_shards(gate_up_w, gate_up_types, H, "llama_decode_layer gate_up");
-  const std::vector<GgufShard> down_shards = pagedserve::gguf_shards(down_w, down_types, I, "llama_decode_layer down");
-  TORCH_CHECK(pagedserve::gguf_total_rows(down_shards) == H, "llama_decode_layer: down_proj must have hidden rows");
-  const float* qkv_b = optional_f32(qkv_bias, qkv_size, "qkv_bias");
-  const float* o_b = optional_f32(o_bias, H, "o_bias");
-  const float* gu_b = optional_f32(gate_up_bias, I2, "gate_up_bias");
-  const float* down_b = optional_f32(down_bias, H, "down_bias");
-  const float* qn = optional_f32(q_norm, D, "q_norm");
-  const float* kn = optional_f32(k_norm, D, "k_norm");
-
-  float* res = residual.data_ptr<float>();
-  if (add_hidden) {
-    const float* h = hidden.data_ptr<float>();
-    for (int64_t i = 0; i < T * H; ++i) res[i] += h[i];
-  }
-  float* x = scratch(0, T * H).data();
-  const float* in_w = input_norm.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t) rms_norm_row(res + t * H, in_w, H, static_cast<float>(eps), x + t * H);
-
-  float* qkv = scratch(1, T * qkv_size).data();
-  pagedserve::gguf_gemm(x, H, T, H, qkv_shards, qkv_b, qkv, qkv_size);
-
-  const int64_t rotary_dim = cos_sin.size(1), half = rotary_dim / 2;
-  const float* table = cos_sin.data_ptr<float>();
-  const int64_t* pos = positions.data_ptr<int64_t>();
-  std::vector<float> head(D);
-  for (int64_t t = 0; t < T; ++t) {
-    TORCH_CHECK(pos[t] >= 0 && pos[t] < cos_sin.size(0), "llama_decode_layer: position ", pos[t], " out of range");
-    const float* cos = table + pos[t] * rotary_dim;
-    const float* sin = cos + half;
-    float* row = qkv + t * qkv_size;
-    for (int64_t h = 0; h < num_heads + num_kv_heads; ++h) {
-      float* x_head = row + h * D;
-      const float* norm_w = h < num_heads ? qn : kn;
-      if (norm_w != nullptr) {
-        rms_norm_row(x_head, norm_w, D, static_cast<float>(eps), head.data());
-        std::copy(head.begin(), head.end(), x_head);
-      }
-      rope_head(x_head, cos, sin, rotary_dim, neox);
-    }
-  }
-
-  float* attn = scratch(2, T * q_size).data();
-  switch (kv_cache.scalar_type()) {
-    case at::kFloat:
-      write_and_attend<float>(kv_cache, qkv, qkv_size, slot_mapping, token_indices, block_table, seq_lens, num_heads,
-                              num_kv_heads, D, scale, sliding_window, attn);
-      break;
-    case at::kBFloat16:
-      write_and_attend<c10::BFloat16>(kv_cache, qkv, qkv_size, slot_mapping, token_indices, block_table, seq_lens,
-                                      num_heads, num_kv_heads, D, scale, sliding_window, attn);
-      break;
-    case at::kHalf:
-      write_and_attend<c10::Half>(kv_cache, qkv, qkv_size, slot_mapping, token_indices, block_table, seq_lens,
-                                  num_heads, num_kv_heads, D, scale, sliding_window, attn);
-      break;
-    default:
-      TORCH_CHECK(false, "llama_decode_layer: KV cache must be float32, bfloat16 or float16");
-  }
-
-  float* o = scratch(3, T * H).data();
-  pagedserve::gguf_gemm(attn, q_size, T, q_size, o_shards, o_b, o, H);
-  for (int64_t i = 0; i < T * H; ++i) res[i] += o[i];
-  const float* post_w = post_norm.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t) rms_norm_row(res + t * H, post_w, H, static_cast<float>(eps), x + t * H);
-
-  float* gate_up = scratch(4, T * I2).data();
-  pagedserve::gguf_gemm(x, H, T, H, gate_up_shards, gu_b, gate_up, I2);
-  float* act = scratch(5, T * I).data();
-  for (int64_t t = 0; t < T; ++t) silu_and_mul_row(gate_up + t * I2, gate_up + t * I2 + I, I, act + t * I);
-
-  at::Tensor out = at::empty({T, H}, residual.options());
-  pagedserve::gguf_gemm(act, I, T, I, down_shards, down_b, out.data_ptr<float>(), H);
-  return out;
+  const std::vector<LayerWeights> layers = {make_layer(
+      input_norm, post_norm, eps, qkv_w, qkv_types, qkv_bias, q_norm, k_norm, o_w, o_types, o_bias, gate_up_w,
+      gate_up_types, gate_up_bias, down_w, down_types, down_bias, cos_sin, neox, num_heads, num_kv_heads, head_dim,
+      scale, sliding_window)};
+  const StepInputs in = step_inputs(residual.size(0), positions, slot_mapping, token_indices, block_table, seq_lens);
+  std::vector<at::Tensor> caches = {kv_cache};
+  return run_layers(layers, residual, add_hidden ? &hidden : nullptr, in, caches);
 }
+
+// Every layer of a model, built once at load; `forward` runs a whole decode step.
+struct DecodeModel : torch::CustomClassHolder {
+  std::vector<LayerWeights> layers;
+
+  void add_layer(const at::Tensor& input_norm, const at::Tensor& post_norm, double eps, std::vector<at::Tensor> qkv_w,
+                 std::vector<int64_t> qkv_types, const c10::optional<at::Tensor>& qkv_bias,
+                 const c10::optional<at::Tensor>& q_norm, const c10::optional<at::Tensor>& k_norm,
+                 std::vector<at::Tensor> o_w, std::vector<int64_t> o_types, const c10::optional<at::Tensor>& o_bias,
+                 std::vector<at::Tensor> gate_up_w, std::vector<int64_t> gate_up_types,
+                 const c10::optional<at::Tensor>& gate_up_bias, std::vector<at::Tensor> down_w,
+                 std::vector<int64_t> down_types, const c10::optional<at::Tensor>& down_bias,
+                 const at::Tensor& cos_sin, bool neox, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                 double scale, int64_t sliding_window) {
+    layers.push_back(make_layer(input_norm, post_norm, eps, qkv_w, qkv_types, qkv_bias, q_norm, k_norm, o_w, o_types,
+                                o_bias, gate_up_w, gate_up_types, gate_up_bias, down_w, down_types, down_bias, cos_sin,
+                                neox, num_heads, num_kv_heads, head_dim, scale, sliding_window));
+  }
+
+  // residual: the embeddings on entry, the residual stream after the last layer on exit; returns
+  // the last layer's output (the model adds it to the residual in its final norm).
+  at::Tensor forward(at::Tensor residual, const at::Tensor& positions, const at::Tensor& slot_mapping,
+                     const at::Tensor& token_indices, const at::Tensor& block_table, const at::Tensor& seq_lens,
+                     std::vector<at::Tensor> kv_caches) {
+    TORCH_CHECK(!layers.empty(), "DecodeModel: no layers");
+    const StepInputs in = step_inputs(residual.size(0), positions, slot_mapping, token_indices, block_table, seq_lens);
+    return run_layers(layers, residual, nullptr, in, kv_caches);
+  }
+};
 
 }  // namespace
 
@@ -381,6 +554,11 @@ TORCH_LIBRARY(pagedserve_decode, m) {
       "int[] gate_up_types, Tensor? gate_up_bias, Tensor[] down, int[] down_types, Tensor? down_bias, "
       "Tensor cos_sin, bool neox, int num_heads, int num_kv_heads, int head_dim, float scale, "
       "int sliding_window) -> Tensor");
+  m.class_<DecodeModel>("DecodeModel")
+      .def(torch::init<>())
+      .def("add_layer", &DecodeModel::add_layer)
+      .def("forward", &DecodeModel::forward)
+      .def("num_layers", [](const c10::intrusive_ptr<DecodeModel>& self) { return static_cast<int64_t>(self->layers.size()); });
 }
 
 TORCH_LIBRARY_IMPL(pagedserve_decode, CPU, m) { m.impl("llama_decode_layer", &llama_decode_layer); }

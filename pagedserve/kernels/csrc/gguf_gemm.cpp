@@ -215,17 +215,11 @@ void dequantize_row(const uint8_t* w, int64_t type, int64_t K, float* out) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Activations quantized in blocks of 32: q [M][K] int16, d [M][K/32] scale, s [M][K/32] = d*sum(q).
+// Activations quantized in blocks of 32 (pagedserve::GgufActivations).
+
+using QuantizedX = pagedserve::GgufActivations;
 
 constexpr float kActMax = 32767.0f;
-
-struct QuantizedX {
-  std::vector<int16_t> q;
-  std::vector<float> ds;  // (d, s) pairs, [M][K/32][2]
-  int64_t K = 0, blocks = 0;
-  const int16_t* row_q(int64_t m) const { return q.data() + m * K; }
-  const float* row_ds(int64_t m) const { return ds.data() + 2 * m * blocks; }
-};
 
 // One block: d = max|x| / 32767, q = round-half-even(x / d); returns sum(q).
 inline int quantize_block_scalar(const float* x, int16_t* q, float* d_out) {
@@ -276,22 +270,31 @@ inline int quantize_block(const float* x, int16_t* q, float* d_out) {
 inline int quantize_block(const float* x, int16_t* q, float* d_out) { return quantize_block_scalar(x, q, d_out); }
 #endif
 
-void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, QuantizedX* qx) {
-  qx->K = K;
-  qx->blocks = K / 32;
-  qx->q.resize(M * K);
-  qx->ds.resize(2 * M * qx->blocks);
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      for (int64_t b = 0; b < qx->blocks; ++b) {
-        float d;
-        const int sum = quantize_block(x + m * ldx + 32 * b, qx->q.data() + m * K + 32 * b, &d);
-        qx->ds[2 * (m * qx->blocks + b)] = d;
-        qx->ds[2 * (m * qx->blocks + b) + 1] = d * static_cast<float>(sum);
-      }
-    }
-  });
+}  // namespace
+
+namespace pagedserve {
+
+void GgufActivations::resize(int64_t num_rows, int64_t num_columns) {
+  K = num_columns;
+  blocks = num_columns / 32;
+  q.resize(num_rows * K);
+  ds.resize(2 * num_rows * blocks);
 }
+
+void gguf_quantize_rows(const float* x, int64_t ldx, int64_t m_begin, int64_t m_end, GgufActivations* qx) {
+  for (int64_t m = m_begin; m < m_end; ++m) {
+    for (int64_t b = 0; b < qx->blocks; ++b) {
+      float d;
+      const int sum = quantize_block(x + m * ldx + 32 * b, qx->q.data() + m * qx->K + 32 * b, &d);
+      qx->ds[2 * (m * qx->blocks + b)] = d;
+      qx->ds[2 * (m * qx->blocks + b) + 1] = d * static_cast<float>(sum);
+    }
+  }
+}
+
+}  // namespace pagedserve
+
+namespace {
 
 #if defined(PAGEDSERVE_AVX2)
 
@@ -663,10 +666,7 @@ int64_t gguf_total_rows(const std::vector<GgufShard>& shards) {
   return rows;
 }
 
-// From this many rows of x on, dequantizing weight rows into a float32 buffer and running the
-// BLAS GEMM (MKL) beats the int16 tiles: measured 1.2-1.7x at 128-512 rows, even at 64.
-constexpr int64_t kDequantMinRows = 96;
-// Weight rows dequantized at a time: a buffer of about 4 MB.
+// Weight rows dequantized at a time (M >= kDequantMinRows): a buffer of about 4 MB.
 constexpr int64_t kDequantBufferBytes = 4 << 20;
 
 }  // namespace pagedserve
@@ -707,6 +707,76 @@ void dequant_gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const std::
 
 namespace pagedserve {
 
+bool gguf_needs_activations(const std::vector<GgufShard>& shards) {
+  for (const GgufShard& s : shards)
+    if (!is_plain(s.type)) return true;
+  return false;
+}
+
+int64_t gguf_row_bytes(const std::vector<GgufShard>& shards, int64_t K) {
+  int64_t total_bytes = 0, rows = 0;
+  for (const GgufShard& s : shards) {
+    total_bytes += s.rows * K / type_info(s.type).block * type_info(s.type).bytes;
+    rows += s.rows;
+  }
+  return std::max<int64_t>(1, total_bytes / std::max<int64_t>(rows, 1));
+}
+
+void gguf_gemm_rows(const float* x, int64_t ldx, const GgufActivations& qx, int64_t M, int64_t K,
+                    const std::vector<GgufShard>& shards, int64_t n_begin, int64_t n_end, const float* bias, float* y,
+                    int64_t ldy) {
+  if (n_begin >= n_end || M == 0) return;
+  // the shard holding row n: rows [first_row[s], first_row[s] + shards[s].rows)
+  size_t s = 0;
+  int64_t first_row = 0;
+  auto seek = [&](int64_t n) {
+    while (n >= first_row + shards[s].rows) first_row += shards[s++].rows;
+  };
+#if defined(PAGEDSERVE_AVX2)
+  // Rows are walked in chunks that stay in L1/L2 while every group of (up to 4) rows of x passes
+  // over them, two weight rows per tile.
+  const int64_t chunk = std::max<int64_t>(8, (16 * 1024) / gguf_row_bytes(shards, K));
+  float yt[8];
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += chunk) {
+    const int64_t n1 = std::min(n_end, n0 + chunk);
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int ra = static_cast<int>(std::min<int64_t>(4, M - m0));
+      s = 0;
+      first_row = 0;
+      for (int64_t n = n0; n < n1;) {
+        seek(n);
+        const GgufShard& sh = shards[s];
+        const int64_t shard_end = first_row + sh.rows, local = n - first_row;
+        const int rw = n + 1 < std::min(n1, shard_end) ? 2 : 1;
+        const uint8_t* w[2] = {sh.data + local * sh.row_stride, sh.data + (local + rw - 1) * sh.row_stride};
+        const int64_t prefetch = n + 2 * rw <= std::min(n_end, shard_end) ? rw * sh.row_stride : 0;
+        tile_for(sh.type, rw, ra)({w, prefetch, K, &qx, x + m0 * ldx, ldx, m0, yt});
+        for (int i = 0; i < rw; ++i)
+          for (int r = 0; r < ra; ++r) y[(m0 + r) * ldy + n + i] = yt[i * ra + r];
+        n += rw;
+      }
+    }
+  }
+#else
+  (void)qx;
+  std::vector<float> row(K);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    seek(n);
+    const GgufShard& sh = shards[s];
+    dequantize_row(sh.data + (n - first_row) * sh.row_stride, sh.type, K, row.data());
+    for (int64_t m = 0; m < M; ++m) {
+      float sum = 0.0f;
+      for (int64_t k = 0; k < K; ++k) sum += row[k] * x[m * ldx + k];
+      y[m * ldy + n] = sum;
+    }
+  }
+#endif
+  if (bias != nullptr) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = n_begin; n < n_end; ++n) y[m * ldy + n] += bias[n];
+  }
+}
+
 void gguf_gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const std::vector<GgufShard>& shards,
                const float* bias, float* y, int64_t ldy) {
   const int64_t N = gguf_total_rows(shards);
@@ -719,66 +789,17 @@ void gguf_gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const std::vec
     }
     return;
   }
-  int64_t total_bytes = 0;
-  bool any_quantized = false;
-  std::vector<int64_t> shard_end;  // first row after shard i
-  for (const GgufShard& s : shards) {
-    total_bytes += s.rows * K / type_info(s.type).block * type_info(s.type).bytes;
-    any_quantized |= !is_plain(s.type);
-    shard_end.push_back((shard_end.empty() ? 0 : shard_end.back()) + s.rows);
+  GgufActivations qx;
+  if (gguf_needs_activations(shards)) {
+    qx.resize(M, K);
+    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K),
+                     [&](int64_t begin, int64_t end) { gguf_quantize_rows(x, ldx, begin, end, &qx); });
   }
-  const int64_t row_bytes = std::max<int64_t>(1, total_bytes / N);
-
-#if defined(PAGEDSERVE_AVX2)
-  QuantizedX qx;
-  if (any_quantized) quantize_rows(x, ldx, M, K, &qx);
-  // Threads split the output rows; a thread walks its rows in chunks that stay in L1/L2 while
-  // every group of (up to 4) rows of x passes over them, two weight rows per tile.
-  const int64_t grain = std::max<int64_t>(2, (32 * 1024) / row_bytes);
-  const int64_t chunk = std::max<int64_t>(8, (16 * 1024) / row_bytes);
+  // Threads split the output rows, at least ~32 KB of weights each.
+  const int64_t grain = std::max<int64_t>(2, (32 * 1024) / gguf_row_bytes(shards, K));
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    float yt[8];
-    for (int64_t n0 = begin; n0 < end; n0 += chunk) {
-      const int64_t n1 = std::min(end, n0 + chunk);
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int ra = static_cast<int>(std::min<int64_t>(4, M - m0));
-        size_t s = 0;
-        for (int64_t n = n0; n < n1;) {
-          while (n >= shard_end[s]) ++s;
-          const GgufShard& sh = shards[s];
-          const int64_t local = n - (shard_end[s] - sh.rows);
-          const int rw = n + 1 < std::min(n1, shard_end[s]) ? 2 : 1;
-          const uint8_t* w[2] = {sh.data + local * sh.row_stride, sh.data + (local + rw - 1) * sh.row_stride};
-          const int64_t prefetch = n + 2 * rw <= std::min(end, shard_end[s]) ? rw * sh.row_stride : 0;
-          tile_for(sh.type, rw, ra)({w, prefetch, K, &qx, x + m0 * ldx, ldx, m0, yt});
-          for (int i = 0; i < rw; ++i)
-            for (int r = 0; r < ra; ++r) y[(m0 + r) * ldy + n + i] = yt[i * ra + r];
-          n += rw;
-        }
-      }
-    }
+    gguf_gemm_rows(x, ldx, qx, M, K, shards, begin, end, bias, y, ldy);
   });
-#else
-  (void)any_quantized;
-  at::parallel_for(0, N, std::max<int64_t>(1, (32 * 1024) / row_bytes), [&](int64_t begin, int64_t end) {
-    std::vector<float> row(K);
-    size_t s = 0;
-    for (int64_t n = begin; n < end; ++n) {
-      while (n >= shard_end[s]) ++s;
-      const GgufShard& sh = shards[s];
-      dequantize_row(sh.data + (n - (shard_end[s] - sh.rows)) * sh.row_stride, sh.type, K, row.data());
-      for (int64_t m = 0; m < M; ++m) {
-        float sum = 0.0f;
-        for (int64_t k = 0; k < K; ++k) sum += row[k] * x[m * ldx + k];
-        y[m * ldy + n] = sum;
-      }
-    }
-  });
-#endif
-  if (bias != nullptr) {
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) y[m * ldy + n] += bias[n];
-  }
 }
 
 }  // namespace pagedserve

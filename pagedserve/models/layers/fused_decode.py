@@ -82,93 +82,100 @@ def _weights(linear: LinearBase) -> tuple[list[torch.Tensor], list[int], torch.T
     return None
 
 
-class FusedDecodeLayer:
-    """A LlamaDecoderLayer (or subclass) bound to the fused decode op."""
+# From this many decodes on, each layer's GEMMs run MKL (see kernels/csrc/gguf_gemm.h,
+# kDequantMinRows): one op per layer, each GEMM its own parallel region, instead of one region
+# for the whole step.
+_PER_LAYER_MIN_TOKENS = 96
 
-    def __init__(self, layer: nn.Module, op: Any, constants: tuple[Any, ...]) -> None:
-        self.attn = layer.self_attn.attn
-        self._op = op
+
+def _layer_constants(layer: nn.Module) -> tuple[Any, ...] | None:
+    """A decoder layer's weights and sizes as the C++ entry points take them, or None where the
+    fused layer would not compute what the eager one does."""
+    attention, mlp = layer.self_attn, layer.mlp
+    rope = attention.rotary_emb
+    if (
+        getattr(attention.qkv_proj, "tp_size", 1) != 1
+        or not isinstance(mlp.act_fn, SiluAndMul)
+        or layer.input_layernorm.weight.dtype != torch.float32
+        or rope.cos_sin_cache.dtype != torch.float32
+    ):
+        return None
+    parts = [_weights(attention.qkv_proj), _weights(attention.o_proj)]
+    parts += [_weights(mlp.gate_up_proj), _weights(mlp.down_proj)]
+    if any(part is None for part in parts):
+        return None
+    (
+        (qkv, qkv_types, qkv_bias),
+        (o, o_types, o_bias),
+        (gate_up, gu_types, gu_bias),
+        (down, down_types, down_bias),
+    ) = parts  # type: ignore[misc]
+    attn = attention.attn
+    return (
+        layer.input_layernorm.weight.detach(),
+        layer.post_attention_layernorm.weight.detach(),
+        float(layer.input_layernorm.eps),
+        qkv,
+        qkv_types,
+        qkv_bias,
+        attention.q_norm.weight.detach() if attention.qk_norm else None,
+        attention.k_norm.weight.detach() if attention.qk_norm else None,
+        o,
+        o_types,
+        o_bias,
+        gate_up,
+        gu_types,
+        gu_bias,
+        down,
+        down_types,
+        down_bias,
+        rope.cos_sin_cache,
+        rope.is_neox_style,
+        attn.num_heads,
+        attn.num_kv_heads,
+        attn.head_size,
+        float(attn.scale),
+        int(attn.sliding_window or 0),
+    )
+
+
+class FusedDecoder:
+    """A model's decoder layers (LlamaDecoderLayer or subclasses) bound to the fused decode.
+
+    Up to _PER_LAYER_MIN_TOKENS decodes, one `DecodeModel.forward` call runs every layer in one
+    parallel region; from there on, one `llama_decode_layer` call per layer.
+    """
+
+    def __init__(self, layers: nn.ModuleList, constants: list[tuple[Any, ...]], op: Any) -> None:
+        self._attention = [layer.self_attn.attn for layer in layers]
         self._constants = constants
+        self._layer_op = op
+        self._model = torch.classes.pagedserve_decode.DecodeModel()
+        for layer_constants in constants:
+            self._model.add_layer(*layer_constants)
 
     @classmethod
-    def from_layer(cls, layer: nn.Module) -> FusedDecodeLayer | None:
-        """The fused form of `layer`, or None where it would not compute the same thing."""
+    def build(cls, layers: nn.ModuleList) -> FusedDecoder | None:
+        """The fused form of `layers`, or None if any layer cannot be fused (the model stays eager)."""
         op = _decode_layer_op()
-        attention, mlp = layer.self_attn, layer.mlp
-        rope = attention.rotary_emb
-        if (
-            op is None
-            or getattr(attention.qkv_proj, "tp_size", 1) != 1
-            or not isinstance(mlp.act_fn, SiluAndMul)
-            or layer.input_layernorm.weight.dtype != torch.float32
-            or rope.cos_sin_cache.dtype != torch.float32
-        ):
+        if op is None:
             return None
-        parts = [_weights(attention.qkv_proj), _weights(attention.o_proj)]
-        parts += [_weights(mlp.gate_up_proj), _weights(mlp.down_proj)]
-        if any(part is None for part in parts):
+        constants = [_layer_constants(layer) for layer in layers]
+        if any(c is None for c in constants):
             return None
-        (
-            (qkv, qkv_types, qkv_bias),
-            (o, o_types, o_bias),
-            (gate_up, gu_types, gu_bias),
-            (down, down_types, down_bias),
-        ) = parts  # type: ignore[misc]
-        q_norm = attention.q_norm.weight.detach() if attention.qk_norm else None
-        k_norm = attention.k_norm.weight.detach() if attention.qk_norm else None
-        attn = attention.attn
-        constants = (
-            layer.input_layernorm.weight.detach(),
-            layer.post_attention_layernorm.weight.detach(),
-            float(layer.input_layernorm.eps),
-            qkv,
-            qkv_types,
-            qkv_bias,
-            q_norm,
-            k_norm,
-            o,
-            o_types,
-            o_bias,
-            gate_up,
-            gu_types,
-            gu_bias,
-            down,
-            down_types,
-            down_bias,
-            rope.cos_sin_cache,
-            rope.is_neox_style,
-            attn.num_heads,
-            attn.num_kv_heads,
-            attn.head_size,
-            float(attn.scale),
-            int(attn.sliding_window or 0),
-        )
-        return cls(layer, op, constants)
+        return cls(layers, constants, op)  # type: ignore[arg-type]
 
     def __call__(
-        self,
-        residual: torch.Tensor,
-        hidden: torch.Tensor,
-        add_hidden: bool,
-        positions: torch.Tensor,
-        step: DecodeStep,
-    ) -> torch.Tensor:
-        """residual += hidden (if add_hidden); returns the layer's MLP output (the next hidden)."""
-        return self._op(
-            residual,
-            hidden,
-            add_hidden,
-            positions,
-            step.slot_mapping,
-            step.token_indices,
-            step.block_table,
-            step.seq_lens,
-            self.attn.kv_cache,
-            *self._constants,
-        )
-
-
-def fuse_decoder_layers(layers: nn.ModuleList) -> list[FusedDecodeLayer] | None:
-    """Every layer fused, or None if any cannot be (the model then stays eager)."""
-    fused = [FusedDecodeLayer.from_layer(layer) for layer in layers]
-    return None if any(f is None for f in fused) else fused  # type: ignore[return-value]
+        self, embeddings: torch.Tensor, positions: torch.Tensor, step: DecodeStep
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (last layer's output, residual stream). `embeddings` must be a fresh tensor: it
+        becomes the residual stream, updated in place."""
+        residual = embeddings
+        kv_caches = [attention.kv_cache for attention in self._attention]
+        inputs = (positions, step.slot_mapping, step.token_indices, step.block_table, step.seq_lens)
+        if residual.shape[0] < _PER_LAYER_MIN_TOKENS:
+            return self._model.forward(residual, *inputs, kv_caches), residual
+        hidden = residual
+        for i, (kv_cache, layer_constants) in enumerate(zip(kv_caches, self._constants)):
+            hidden = self._layer_op(residual, hidden, i > 0, *inputs, kv_cache, *layer_constants)
+        return hidden, residual
