@@ -91,8 +91,22 @@ class AsyncLLM:
         return not self.errored
 
     async def check_health(self) -> None:
+        """Raises EngineDeadError once the engine core is dead, after failing every request in
+        flight (the output handler may not have noticed yet, or may not be running)."""
+        if self.dead_error is None and not self.engine_core.proc.is_alive():
+            self._set_dead(
+                EngineDeadError(f"the engine-core process died (exit code {self.engine_core.proc.exitcode})")
+            )
         if self.errored:
             raise self.dead_error or EngineDeadError()
+
+    def _set_dead(self, error: EngineDeadError) -> None:
+        """Fails every request and utility call in flight with `error`; later calls raise it."""
+        if self.dead_error is not None:
+            return
+        self.dead_error = error
+        self.output_processor.propagate_error(error)
+        self.engine_core.fail_pending_utilities(error)
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
@@ -147,14 +161,15 @@ class AsyncLLM:
 
     def generate(
         self,
-        prompt: PromptType,
+        prompt: PromptType | EngineCoreRequest,
         sampling_params: SamplingParams,
         request_id: str,
         priority: int = 0,
         cache_salt: str | None = None,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Yields the request's outputs until it finishes. Closing or cancelling the consumer
-        aborts the request in the engine."""
+        aborts the request in the engine. `prompt` may be a request the Processor already built
+        (see `add_request`)."""
         if not isinstance(sampling_params, SamplingParams):
             raise TypeError(f"generate takes SamplingParams, got {type(sampling_params).__name__}; use encode")
         return self._stream_outputs(request_id, prompt, sampling_params, priority, cache_salt, RequestOutput)
@@ -298,7 +313,17 @@ class AsyncLLM:
 
     async def abort(self, request_id: str | list[str]) -> None:
         request_ids = [request_id] if isinstance(request_id, str) else list(request_id)
-        engine_ids = self.output_processor.abort_requests(request_ids)
+        engine_ids, aborted = self.output_processor.abort_requests(request_ids)
+        if aborted:
+            # The engine core reports nothing for a request it is told to abort: count it here.
+            iteration = IterationStats(
+                num_prompt_tokens=sum(
+                    a.num_prompt_tokens for a in aborted if a.metrics.first_token_time is not None
+                ),
+                finished_requests=aborted,
+            )
+            for stat_logger in self.stat_loggers:
+                stat_logger.record(None, iteration)
         if engine_ids and not self.errored:
             await self.engine_core.abort_requests_async(engine_ids)
 
@@ -337,9 +362,7 @@ class AsyncLLM:
             raise
         except Exception as e:
             logger.error("the engine core is dead: %s", e)
-            self.dead_error = e if isinstance(e, EngineDeadError) else EngineDeadError(str(e))
-            self.output_processor.propagate_error(self.dead_error)
-            self.engine_core.fail_pending_utilities(self.dead_error)
+            self._set_dead(e if isinstance(e, EngineDeadError) else EngineDeadError(str(e)))
 
     def shutdown(self) -> None:
         if self.output_handler is not None:

@@ -162,7 +162,8 @@ class EngineCoreProc(EngineCore):
         self.input_address = input_address
         self.input_queue: queue.Queue[tuple[bytes, Any]] = queue.Queue()
         self.output_queue: queue.Queue[tuple[bytes, Any] | None] = queue.Queue()
-        self._stats_stale = False
+        # Whether the frontend has the stats of the engine's current idle period (True: no work).
+        self._idle_stats_sent = True
         super().__init__(config)
 
     def run(self) -> None:
@@ -196,11 +197,15 @@ class EngineCoreProc(EngineCore):
                 or (stats is not None and (stats.prefix_cache_queries or stats.num_preemptions))
             ):
                 self.output_queue.put((OUTPUTS, outputs))
-            elif self._stats_stale and not self.has_unfinished_requests():
-                # An abort emptied the engine: no step will report it, so send the stats now
-                # (otherwise gauges such as KV usage keep their last busy value).
-                self.output_queue.put((OUTPUTS, EngineCoreOutputs(scheduler_stats=self.scheduler.make_stats())))
-            self._stats_stale = False
+            # NOTE: when the engine runs out of work (requests finished or aborted, possibly by
+            # steps that sent nothing) no later step reports it: send the idle stats once, or
+            # gauges such as running requests and KV usage keep their last busy values.
+            idle = not self.has_unfinished_requests()
+            if idle and not self._idle_stats_sent:
+                self.output_queue.put(
+                    (OUTPUTS, EngineCoreOutputs(scheduler_stats=self.scheduler.make_stats()))
+                )
+            self._idle_stats_sent = idle
 
     def _process_input_queue(self) -> None:
         # Block only when there is nothing to run; otherwise drain what arrived and go on.
@@ -214,7 +219,6 @@ class EngineCoreProc(EngineCore):
             self.add_request(payload)
         elif kind == ABORT:
             self.abort_requests(payload)
-            self._stats_stale = True
         elif kind == UTILITY:
             call_id, method, args = payload
             try:

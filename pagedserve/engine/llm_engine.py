@@ -68,7 +68,8 @@ class LLMEngine:
             self.engine_core.add_request(child)
 
     def abort_request(self, request_ids: list[str]) -> None:
-        self.engine_core.abort_requests(self.output_processor.abort_requests(request_ids))
+        engine_ids, _ = self.output_processor.abort_requests(request_ids)
+        self.engine_core.abort_requests(engine_ids)
 
     def has_unfinished_requests(self) -> bool:
         return self.output_processor.has_unfinished_requests()

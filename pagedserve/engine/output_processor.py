@@ -238,8 +238,14 @@ class OutputProcessor:
         queue: OutputQueue | None = None,
     ) -> None:
         request_id = request.request_id
-        if request_id in self.request_states:
-            raise ValueError(f"request id {request_id} is already running")
+        # A user's id names one running request: an n=1 request, or the parent of n children.
+        user_request_id = request_id if parent_req is None else parent_req.request_id
+        if (
+            request_id in self.request_states
+            or self.parent_requests.get(user_request_id, parent_req) is not parent_req
+            or (parent_req is not None and user_request_id in self.request_states)
+        ):
+            raise ValueError(f"request id {user_request_id!r} is already running")
         state = RequestState.from_new_request(
             self.tokenizer,
             self._decode_cache,
@@ -370,10 +376,12 @@ class OutputProcessor:
                 )
             )
 
-    def abort_requests(self, request_ids: Iterable[str]) -> list[str]:
-        """Forgets the requests (a parent id stands for its unfinished children) and returns the
-        engine-core request ids to abort. Requests with a queue get a final "abort" output."""
+    def abort_requests(self, request_ids: Iterable[str]) -> tuple[list[str], list[FinishedRequestStats]]:
+        """Forgets the requests (a parent id stands for its unfinished children). Requests with a
+        queue get a final "abort" output. -> (the engine-core request ids to abort, the aborted
+        requests' stats; filled only with log_stats)."""
         request_ids_to_abort: list[str] = []
+        finished_requests: list[FinishedRequestStats] = []
         touched_parents: dict[str, ParentRequest] = {}
         for request_id in request_ids:
             if request_id in self.request_states:
@@ -389,11 +397,21 @@ class OutputProcessor:
                     continue
                 request_ids_to_abort.append(child_id)
                 self._finish_aborted(state, touched_parents)
+                if state.metrics is not None:
+                    finished_requests.append(
+                        FinishedRequestStats(
+                            request_id=child_id,
+                            finish_reason=FinishReason.ABORT,
+                            num_prompt_tokens=len(state.prompt_token_ids),
+                            num_generation_tokens=state.metrics.num_generation_tokens,
+                            metrics=state.metrics,
+                        )
+                    )
 
         request_outputs: list[AnyRequestOutput] = []
         for parent in touched_parents.values():
             self._emit_parent_output(parent, request_outputs)
-        return request_ids_to_abort
+        return request_ids_to_abort, finished_requests
 
     def propagate_error(self, error: Exception) -> None:
         """Hands `error` to every request that waits on a queue (the engine core died)."""

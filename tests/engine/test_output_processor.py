@@ -370,9 +370,10 @@ def test_abort_parent_maps_to_its_unfinished_children(tokenizer: PreTrainedToken
     processor = OutputProcessor(tokenizer, log_stats=False)
     _add_parent(processor, tokenizer, 3)
     processor.process_outputs([EngineCoreOutput("1_p", [905], finish_reason=FinishReason.LENGTH)])
-    assert sorted(processor.abort_requests(["p", "unknown"])) == ["0_p", "2_p"]
+    engine_ids, _ = processor.abort_requests(["p", "unknown"])
+    assert sorted(engine_ids) == ["0_p", "2_p"]
     assert not processor.has_unfinished_requests() and not processor.parent_requests
-    assert processor.abort_requests(["p"]) == []
+    assert processor.abort_requests(["p"]) == ([], [])
 
 
 def test_outputs_go_to_the_queue_when_one_is_given(tokenizer: PreTrainedTokenizerBase) -> None:
@@ -392,14 +393,21 @@ def test_aborting_a_queued_request_puts_a_final_abort_output(tokenizer: PreTrain
     processor.add_request(make_request(tokenizer), PROMPT, queue=queue)
     processor.process_outputs([EngineCoreOutput("req-0", [905])])
     queue.get_nowait()
-    assert processor.abort_requests(["req-0"]) == ["req-0"]
+    engine_ids, aborted = processor.abort_requests(["req-0"])
+    assert engine_ids == ["req-0"]
+    # The metrics count it: an abort with its prompt and the one token it generated.
+    num_prompt_tokens = len(tokenizer.encode(PROMPT, add_special_tokens=False))
+    assert [
+        (a.request_id, a.finish_reason, a.num_prompt_tokens, a.num_generation_tokens) for a in aborted
+    ] == [("req-0", FinishReason.ABORT, num_prompt_tokens, 1)]
     out = queue.get_nowait()
     assert out.finished and out.outputs[0].finish_reason == "abort"
     assert out.outputs[0].token_ids == [905]
 
     parent_queue: asyncio.Queue = asyncio.Queue()
     _add_parent(processor, tokenizer, 2, queue=parent_queue, output_kind=RequestOutputKind.FINAL_ONLY)
-    assert sorted(processor.abort_requests(["p"])) == ["0_p", "1_p"]
+    engine_ids, aborted = processor.abort_requests(["p"])
+    assert sorted(engine_ids) == sorted(a.request_id for a in aborted) == ["0_p", "1_p"]
     out = parent_queue.get_nowait()
     assert out.request_id == "p" and out.finished
     assert [c.finish_reason for c in out.outputs] == ["abort", "abort"]
@@ -480,3 +488,20 @@ def test_duplicate_request_id_is_rejected(tokenizer: PreTrainedTokenizerBase) ->
     processor.add_request(make_request(tokenizer), PROMPT)
     with pytest.raises(ValueError, match="already running"):
         processor.add_request(make_request(tokenizer), PROMPT)
+
+
+def test_a_running_request_id_cannot_be_added_again(tokenizer: PreTrainedTokenizerBase) -> None:
+    processor = OutputProcessor(tokenizer, log_stats=False)
+    processor.add_request(make_request(tokenizer, "x"), PROMPT)
+    _add_parent(processor, tokenizer, 2)
+    for request in (make_request(tokenizer, "x"), make_request(tokenizer, "p")):
+        with pytest.raises(ValueError, match="already running"):
+            processor.add_request(request, PROMPT)
+    # n > 1 under an id that runs already (as a plain request or as another parent).
+    for request_id in ("x", "p"):
+        request = make_request(tokenizer, request_id, n=2)
+        assert request.sampling_params is not None
+        parent = ParentRequest(request_id, request.sampling_params)
+        with pytest.raises(ValueError, match="already running"):
+            processor.add_request(parent.make_child_requests(request)[0], PROMPT, parent, 0)
+    assert processor.get_num_unfinished_requests() == 3

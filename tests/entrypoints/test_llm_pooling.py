@@ -184,7 +184,7 @@ def test_output_processor_delivers_one_pooling_output_per_request_to_its_queue()
             ]
         )
         assert result.request_outputs == [] and [s.request_id for s in result.finished_requests] == ["done"]
-        assert processor.abort_requests(["aborted"]) == ["aborted"]
+        assert processor.abort_requests(["aborted"])[0] == ["aborted"]
         assert not processor.has_unfinished_requests()
         return [queue.get_nowait() for _ in range(queue.qsize())]
 
