@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import enum
+import math
 from typing import Literal
 
 import msgspec
 
 _SAMPLING_EPS = 1e-5
+# OpenAI allows up to 2 and vLLM has no bound; 100 keeps every sensible use and refuses values such as
+# 1e308 that only a client's bug sends.
+MAX_TEMPERATURE = 100.0
+# Integers cross to the engine core through msgspec, which encodes at most 64 bits.
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+_INT_FIELDS = (
+    "n",
+    "top_k",
+    "max_tokens",
+    "min_tokens",
+    "logprobs",
+    "prompt_logprobs",
+    "truncate_prompt_tokens",
+)
 
 
 class RequestOutputKind(enum.IntEnum):
@@ -75,6 +90,12 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
         def bad(field: str, value: object, allowed: str) -> ValueError:
             return ValueError(f"SamplingParams.{field} must be {allowed}, got {value!r}")
 
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not INT64_MIN <= value <= INT64_MAX:
+                raise bad(name, value, "a 64-bit integer")
+        if self.seed is not None and not 0 <= self.seed <= INT64_MAX:
+            raise bad("seed", self.seed, "in [0, 2**63 - 1]")
         if self.n < 1:
             raise bad("n", self.n, "at least 1")
         if not -2.0 <= self.presence_penalty <= 2.0:
@@ -83,8 +104,9 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
             raise bad("frequency_penalty", self.frequency_penalty, "in [-2, 2]")
         if not 0.0 < self.repetition_penalty <= 2.0:
             raise bad("repetition_penalty", self.repetition_penalty, "in (0, 2]")
-        if self.temperature < 0.0:
-            raise bad("temperature", self.temperature, "non-negative")
+        # NOTE: written so that NaN fails: every comparison with NaN is False.
+        if not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+            raise bad("temperature", self.temperature, f"in [0, {MAX_TEMPERATURE:g}]")
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", self.top_p, "in (0, 1]")
         if self.top_k < 0:
@@ -145,7 +167,9 @@ class BeamSearchParams(msgspec.Struct, omit_defaults=True, kw_only=True):
             raise bad("beam_width", self.beam_width, "at least 1")
         if self.max_tokens < 1:
             raise bad("max_tokens", self.max_tokens, "at least 1")
-        if self.temperature < 0.0:
-            raise bad("temperature", self.temperature, "non-negative")
+        if not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+            raise bad("temperature", self.temperature, f"in [0, {MAX_TEMPERATURE:g}]")
+        if math.isnan(self.length_penalty):
+            raise bad("length_penalty", self.length_penalty, "a number")
         if self.early_stopping not in (True, False, "never"):
             raise bad("early_stopping", self.early_stopping, 'True, False or "never"')

@@ -19,7 +19,7 @@ from pagedserve.config.model import ModelConfig
 from pagedserve.config.scheduler import SchedulerConfig
 from pagedserve.engine import EngineCoreRequest
 from pagedserve.pooling_params import PoolingParams, PoolingTask
-from pagedserve.sampling_params import SamplingParams
+from pagedserve.sampling_params import INT64_MAX, INT64_MIN, SamplingParams
 
 
 class TextPrompt(TypedDict, total=False):
@@ -47,6 +47,11 @@ def parse_prompt(prompt: PromptType) -> tuple[str | None, list[int] | None]:
     if isinstance(prompt, list | tuple) and all(isinstance(t, int) for t in prompt):
         return None, list(prompt)
     raise ValueError(f"a prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+
+def _check_priority(priority: int) -> None:
+    if not INT64_MIN <= priority <= INT64_MAX:
+        raise ValueError(f"priority must be a 64-bit integer, got {priority}")
 
 
 class Processor:
@@ -79,6 +84,7 @@ class Processor:
         cache_salt: str | None = None,
     ) -> tuple[EngineCoreRequest, str | None]:
         """-> (the request for the engine core, the prompt's text when known)."""
+        _check_priority(priority)
         if isinstance(params, PoolingParams):
             return self._process_pooling_inputs(request_id, prompt, params, arrival_time, priority, cache_salt)
         if not isinstance(params, SamplingParams):
@@ -211,6 +217,7 @@ class Processor:
     ) -> tuple[EngineCoreRequest, None]:
         """A cross-encoder request: both texts tokenized as one pair (`[CLS] a [SEP] b [SEP]`
         for BERT, token type 1 from the second text on where the model has token types)."""
+        _check_priority(priority)
         if not self.model_config.is_cross_encoder:
             raise ValueError(
                 "scoring a text pair in one sequence needs a cross-encoder (a classifier with one "
@@ -292,6 +299,10 @@ class Processor:
         params.all_stop_token_ids = stop_ids + (
             [self.eos_token_id] if self.eos_token_id is not None and not params.ignore_eos else []
         )
+        if params.top_k > self.vocab_size:
+            raise ValueError(
+                f"top_k must be at most the vocabulary size ({self.vocab_size}), got {params.top_k}"
+            )
         for name, ids in (("stop_token_ids", params.stop_token_ids or []), ("allowed_token_ids", params.allowed_token_ids or [])):
             if any(t < 0 or t >= self.vocab_size for t in ids):
                 raise ValueError(f"{name} must be token ids in [0, {self.vocab_size})")

@@ -75,8 +75,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     from pagedserve.entrypoints.openai.api_server import run_server
 
-    asyncio.run(run_server(args))
-    return 0
+    return asyncio.run(run_server(args))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ import os
 from pagedserve.engine.arg_utils import EngineArgs
 
 API_KEY_ENV = "PAGEDSERVE_API_KEY"
+DEFAULT_MAX_REQUEST_BODY_BYTES = 8 << 20
 
 
 def make_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -31,7 +32,8 @@ def make_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     server.add_argument(
         "--api-key",
         default=os.environ.get(API_KEY_ENV),
-        help=f"require `Authorization: Bearer <key>` on /v1 endpoints (default: ${API_KEY_ENV})",
+        help=f"require `Authorization: Bearer <key>` on every route except /health, /metrics, /version and "
+        f"the API docs (default: ${API_KEY_ENV})",
     )
     server.add_argument(
         "--chat-template",
@@ -39,7 +41,38 @@ def make_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="chat template (a Jinja file, or the template itself) replacing the tokenizer's",
     )
     server.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="accept a `chat_template` in requests (a Jinja template runs as code on the server)",
+    )
+    server.add_argument(
         "--response-role", default="assistant", help="role of the generated message in chat responses"
+    )
+    server.add_argument(
+        "--max-n",
+        type=int,
+        default=128,
+        help="most sequences a request may ask for per prompt: `n`, or `best_of` (the beam width) with "
+        "use_beam_search",
+    )
+    server.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        default=None,
+        help="most characters of prompt text in one request (all its prompts or messages), refused before "
+        "tokenization (default: 16 per token of the context, at least 1,000,000)",
+    )
+    server.add_argument(
+        "--max-request-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BODY_BYTES,
+        help="larger request bodies are refused with 413 before they are read in full (default: 8 MiB)",
+    )
+    server.add_argument(
+        "--keep-alive-on-engine-death",
+        action="store_true",
+        help="keep serving (503 on every request) when the engine core dies, instead of exiting with "
+        "status 1 so that a supervisor restarts the server",
     )
     server.add_argument(
         "--uvicorn-log-level",
@@ -82,6 +115,10 @@ def validate_parsed_serve_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--port must be in [1, 65535], got {args.port}")
     if args.served_model_name is not None and not all(args.served_model_name):
         raise ValueError("--served-model-name values must be non-empty")
+    for flag in ("max_n", "max_prompt_chars", "max_request_body_bytes"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
 
 
 def load_chat_template(chat_template: str | None) -> str | None:

@@ -4,40 +4,90 @@ Field names, defaults and response shapes follow OpenAI's API reference; vLLM's 
 fields (`top_k`, `min_p`, `ignore_eos`, ...) are accepted on completions and chat as vLLM does.
 The pooling endpoints (/v1/embeddings, /classify, /score, /rerank) follow vLLM's shapes.
 Requests tolerate unknown fields (clients such as load generators send their own) and the server
-logs them; a known field with a value of the wrong type is a 400.
+logs them; a known field with a value of the wrong type is a 400. Types are strict, as in OpenAI's
+API: `"max_tokens": "4"` or `4.0` is not an integer, `NaN` and `Infinity` are not numbers, and
+every integer fits the 64 bits the engine serialises it in.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     SerializerFunctionWrapHandler,
+    Tag,
     model_serializer,
     model_validator,
 )
 
 from pagedserve.pooling_params import PoolingParams, PoolingTask
-from pagedserve.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
+from pagedserve.sampling_params import (
+    INT64_MAX,
+    INT64_MIN,
+    BeamSearchParams,
+    RequestOutputKind,
+    SamplingParams,
+)
 
-# Torch generators take 64-bit seeds.
-_SEED_MIN = -(1 << 63)
-_SEED_MAX = (1 << 63) - 1
 # Largest `logprobs` / `top_logprobs` a request may ask for (vLLM's default max_logprobs).
 MAX_LOGPROBS = 20
+# Longest client `request_id` (body field or x-request-id header); it is echoed back and logged.
+MAX_REQUEST_ID_CHARS = 256
+
+# Every integer of a request may reach the engine core, which takes 64 bits: a larger one is a 400
+# here, not a 500 there.
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+# Torch generators take 64-bit seeds; a negative one (llama.cpp's "random") is refused, not guessed.
+Seed = Annotated[int, Field(ge=0, le=INT64_MAX)]
 
 
 def random_uuid() -> str:
     return uuid.uuid4().hex
 
 
+def check_request_id(request_id: str) -> str:
+    """A client's request id: printable (it is logged and echoed in a header) and short."""
+    if not 1 <= len(request_id) <= MAX_REQUEST_ID_CHARS:
+        raise ValueError(f"must have 1 to {MAX_REQUEST_ID_CHARS} characters, got {len(request_id)}")
+    if not request_id.isprintable():
+        raise ValueError("must be printable: no line breaks or other control characters")
+    return request_id
+
+
+RequestId = Annotated[str, AfterValidator(check_request_id)]
+
+
+def _prompt_kind(value: Any) -> str:
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, list) and value and isinstance(value[0], str):
+        return "list[str]"
+    if isinstance(value, list) and value and isinstance(value[0], list):
+        return "list[list[int]]"
+    return "list[int]"
+
+
+# One text, a list of texts, one token-id prompt or a list of them. The member is picked by the
+# value's shape: a plain union validates a list against every member in turn, which took 5 s for a
+# list of 3 million strings.
+Prompts = Annotated[
+    Annotated[str, Tag("str")]
+    | Annotated[list[str], Tag("list[str]")]
+    | Annotated[list[Int64], Tag("list[int]")]
+    | Annotated[list[list[Int64]], Tag("list[list[int]]")],
+    Discriminator(_prompt_kind),
+]
+
+
 class OpenAIBaseModel(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
     def unknown_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
@@ -104,8 +154,8 @@ class _SamplingRequestFields(OpenAIBaseModel):
     frequency_penalty: float | None = 0.0
     presence_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
-    n: int = 1
-    seed: int | None = Field(default=None, ge=_SEED_MIN, le=_SEED_MAX)
+    n: Int64 = 1
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -114,22 +164,22 @@ class _SamplingRequestFields(OpenAIBaseModel):
     user: str | None = None
 
     # vLLM's extras
-    top_k: int | None = None
+    top_k: Int64 | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
-    min_tokens: int = 0
+    min_tokens: Int64 = 0
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    stop_token_ids: list[int] | None = None
-    allowed_token_ids: list[int] | None = None
+    stop_token_ids: list[Int64] | None = None
+    allowed_token_ids: list[Int64] | None = None
     bad_words: list[str] | None = None
-    truncate_prompt_tokens: int | None = Field(default=None, ge=1)
-    prompt_logprobs: int | None = None
+    truncate_prompt_tokens: int | None = Field(default=None, ge=1, le=INT64_MAX)
+    prompt_logprobs: Int64 | None = None
     cache_salt: str | None = None
-    priority: int = 0
-    request_id: str | None = None
+    priority: Int64 = 0
+    request_id: RequestId | None = None
     return_tokens_as_token_ids: bool | None = None
 
     def check_request(self) -> None:
@@ -204,16 +254,17 @@ def _param_of_params_error(message: str, prefix: str) -> str | None:
 
 
 class CompletionRequest(_SamplingRequestFields):
-    # Smart-mode union: a list of ints is one token prompt, a list of lists many.
-    prompt: list[int] | list[list[int]] | str | list[str]
-    best_of: int | None = None
+    # A list of ints is one token prompt, a list of lists many.
+    prompt: Prompts
+    best_of: Int64 | None = None
     echo: bool | None = False
-    logprobs: int | None = None
-    max_tokens: int | None = 16
+    logprobs: Int64 | None = None
+    max_tokens: Int64 | None = 16
     suffix: str | None = None
     add_special_tokens: bool = True
 
-    # vLLM's beam search extras: `n` is the beam width and every beam is returned.
+    # vLLM's beam search extras: the beam width is `best_of` (default `n`), and the `n` best beams
+    # are returned.
     use_beam_search: bool = False
     length_penalty: float = 1.0
     early_stopping: bool | Literal["never"] = False
@@ -224,18 +275,37 @@ class CompletionRequest(_SamplingRequestFields):
             raise OpenAIRequestError("suffix is not supported", param="suffix")
         if self.use_beam_search:
             if self.n < 1:
-                raise OpenAIRequestError(f"n (the beam width) must be at least 1, got {self.n}", param="n")
+                raise OpenAIRequestError(f"n must be at least 1, got {self.n}", param="n")
+            if self.best_of is not None and self.best_of < self.n:
+                raise OpenAIRequestError(
+                    f"best_of (the beam width) must be at least n={self.n}, got {self.best_of}",
+                    param="best_of",
+                )
             for name in ("logprobs", "prompt_logprobs"):
                 if getattr(self, name) is not None:
                     raise OpenAIRequestError(f"{name} is not supported with use_beam_search", param=name)
             if self.max_tokens == 0:
-                raise OpenAIRequestError("max_tokens must be at least 1 with use_beam_search", param="max_tokens")
-        if self.best_of is not None and self.best_of != self.n:
-            raise OpenAIRequestError("best_of is not supported (it must be unset or equal n)", param="best_of")
+                raise OpenAIRequestError(
+                    "max_tokens must be at least 1 with use_beam_search", param="max_tokens"
+                )
+        elif self.best_of is not None and self.best_of != self.n:
+            raise OpenAIRequestError(
+                "best_of is supported with use_beam_search only (otherwise it must be unset or equal n)",
+                param="best_of",
+            )
         if self.max_tokens is not None and self.max_tokens < 0:
             raise OpenAIRequestError(f"max_tokens must be non-negative, got {self.max_tokens}", param="max_tokens")
         if self.max_tokens == 0 and not self.echo:
-            raise OpenAIRequestError("max_tokens must be at least 1 (0 is allowed only with echo)", param="max_tokens")
+            raise OpenAIRequestError(
+                "max_tokens must be at least 1 (0 is allowed only with echo)", param="max_tokens"
+            )
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences the engine runs per prompt: the beams of a beam search, else `n`."""
+        if self.use_beam_search and self.best_of is not None:
+            return self.best_of
+        return self.n
 
     @property
     def echo_without_generation(self) -> bool:
@@ -249,11 +319,11 @@ class CompletionRequest(_SamplingRequestFields):
         return self._build_sampling_params(max_tokens, self.logprobs, prompt_logprobs)
 
     def to_beam_search_params(self, max_tokens: int) -> BeamSearchParams:
-        """`n` beams, greedy unless `temperature` is set; the other sampling fields (stop, top_p,
-        penalties, ...) do not apply to beam search and are ignored, as in vLLM."""
+        """`num_sequences` beams, greedy unless `temperature` is set; the other sampling fields (stop,
+        top_p, penalties, ...) do not apply to beam search and are ignored, as in vLLM."""
         try:
             return BeamSearchParams(
-                beam_width=self.n,
+                beam_width=self.num_sequences,
                 max_tokens=max_tokens,
                 ignore_eos=self.ignore_eos,
                 temperature=self.temperature if self.temperature is not None else 0.0,
@@ -330,26 +400,46 @@ class ChatCompletionContentPartOther(OpenAIBaseModel):
     type: str
 
 
+# OpenAI's roles ("function" is its deprecated name for "tool").
+ChatRole = Literal["system", "developer", "user", "assistant", "tool", "function"]
+
+
 class ChatCompletionMessageParam(OpenAIBaseModel):
-    role: str
+    role: ChatRole
     content: str | list[ChatCompletionContentPartText | ChatCompletionContentPartOther] | None = None
     name: str | None = None
+
+    @model_validator(mode="after")
+    def _check_content(self) -> ChatCompletionMessageParam:
+        # As OpenAI: only an assistant message that calls tools may go without content.
+        calls_tools = bool(
+            (self.model_extra or {}).get("tool_calls") or (self.model_extra or {}).get("function_call")
+        )
+        if self.content is None and not (self.role == "assistant" and calls_tools):
+            raise ValueError(
+                f"a {self.role} message needs content (only an assistant message with tool_calls may omit it)"
+            )
+        return self
+
+    def text(self) -> str:
+        """The message's text: its content, or its text parts joined by newlines."""
+        if isinstance(self.content, list):
+            return "\n".join(
+                part.text for part in self.content if isinstance(part, ChatCompletionContentPartText)
+            )
+        return self.content or ""
 
     def to_template_dict(self) -> dict[str, Any]:
         """The message as the chat template sees it: text parts joined into one string."""
         message = self.model_dump(exclude_none=True)
         if isinstance(self.content, list):
-            texts: list[str] = []
             for part in self.content:
                 if not isinstance(part, ChatCompletionContentPartText):
                     raise OpenAIRequestError(
                         f"message content parts of type {part.type!r} are not supported (text only)",
                         param="messages",
                     )
-                texts.append(part.text)
-            message["content"] = "\n".join(texts)
-        elif self.content is None:
-            message["content"] = ""
+        message["content"] = self.text()
         return message
 
 
@@ -357,12 +447,16 @@ class ResponseFormat(OpenAIBaseModel):
     type: str
 
 
+# Chat and /tokenize take the same conversation, and refuse an empty one alike.
+Messages = Annotated[list[ChatCompletionMessageParam], Field(min_length=1)]
+
+
 class ChatCompletionRequest(_SamplingRequestFields):
-    messages: list[ChatCompletionMessageParam]
+    messages: Messages
     logprobs: bool | None = False
-    top_logprobs: int | None = 0
-    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
-    max_completion_tokens: int | None = None
+    top_logprobs: Int64 | None = 0
+    max_tokens: Int64 | None = None  # deprecated by OpenAI in favour of max_completion_tokens
+    max_completion_tokens: Int64 | None = None
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -377,8 +471,6 @@ class ChatCompletionRequest(_SamplingRequestFields):
 
     def check_request(self) -> None:
         super().check_request()
-        if not self.messages:
-            raise OpenAIRequestError("messages must contain at least one message", param="messages")
         if self.top_logprobs and not self.logprobs:
             raise OpenAIRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
@@ -485,8 +577,8 @@ class ChatCompletionStreamResponse(BaseModel):
 
 
 # A str is one text, a list of str many texts, a list of ints one token-id prompt, a list of
-# lists many (smart-mode union, as for completions).
-PoolingInput = list[int] | list[list[int]] | str | list[str]
+# lists many (as for completions).
+PoolingInput = Prompts
 
 
 class PoolingUsageInfo(BaseModel):
@@ -500,9 +592,9 @@ class _PoolingRequestFields(OpenAIBaseModel):
     model: str | None = None
     user: str | None = None
     # -1: truncate to max_model_len; None: a prompt over max_model_len is a 400.
-    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
-    priority: int = 0
-    request_id: str | None = None
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1, le=INT64_MAX)
+    priority: Int64 = 0
+    request_id: RequestId | None = None
 
     def _build_pooling_params(self, **fields: Any) -> PoolingParams:
         try:
@@ -516,7 +608,7 @@ class EmbeddingRequest(_PoolingRequestFields):
 
     input: PoolingInput
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
+    dimensions: Int64 | None = None
     add_special_tokens: bool = True
     normalize: bool | None = None
 
@@ -605,7 +697,7 @@ class RerankRequest(_ScoringRequestFields):
     query: str
     documents: list[str]
     # 0: every document.
-    top_n: int = Field(default=0, ge=0)
+    top_n: int = Field(default=0, ge=0, le=INT64_MAX)
 
 
 class RerankDocument(BaseModel):
@@ -675,7 +767,7 @@ class TokenizeCompletionRequest(OpenAIBaseModel):
 
 class TokenizeChatRequest(OpenAIBaseModel):
     model: str | None = None
-    messages: list[ChatCompletionMessageParam]
+    messages: Messages
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = False
@@ -691,8 +783,17 @@ class TokenizeChatRequest(OpenAIBaseModel):
         return self
 
 
-# A body with "messages" is a chat request; pydantic picks the member that validates.
-TokenizeRequest = TokenizeChatRequest | TokenizeCompletionRequest
+def _tokenize_request_kind(value: Any) -> str:
+    chat = isinstance(value, TokenizeChatRequest) or (isinstance(value, dict) and "messages" in value)
+    return "chat-request" if chat else "completion-request"
+
+
+# A body with "messages" is a chat request, and a bad one is reported as such (a plain union would
+# add "prompt: Field required" to every error in its messages).
+TokenizeRequest = Annotated[
+    Annotated[TokenizeChatRequest, Tag("chat-request")] | Annotated[TokenizeCompletionRequest, Tag("completion-request")],
+    Discriminator(_tokenize_request_kind),
+]
 
 
 class TokenizeResponse(BaseModel):
@@ -704,7 +805,7 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeRequest(OpenAIBaseModel):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[Int64]
 
 
 class DetokenizeResponse(BaseModel):

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 
+from pagedserve.engine import EngineCoreRequest
 from pagedserve.entrypoints.openai.protocol import (
     ChatCompletionLogProb,
     ChatCompletionLogProbs,
@@ -39,6 +40,7 @@ from pagedserve.entrypoints.openai.serving_engine import (
 )
 from pagedserve.entrypoints.openai.serving_models import OpenAIServingModels
 from pagedserve.outputs import Logprob, RequestOutput
+from pagedserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from pagedserve.engine.async_llm import AsyncLLM
@@ -51,45 +53,27 @@ class OpenAIServingChat(OpenAIServing):
         models: OpenAIServingModels,
         *,
         response_role: str = "assistant",
-        log_requests: bool = True,
-        chat_template: str | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(engine_client, models, log_requests=log_requests, chat_template=chat_template)
+        """`kwargs`: OpenAIServing's options."""
+        super().__init__(engine_client, models, **kwargs)
         self.response_role = response_role
 
     async def create_chat_completion(
         self, request: ChatCompletionRequest, raw_request: Request | None = None
     ) -> ChatCompletionResponse | AsyncGenerator[str, None]:
         """A full response, or (stream=True) an async generator of server-sent events."""
-        self.models.check_model(request.model)
+        response_id = self._accept(request, raw_request, "chatcmpl")
         request.check_request()
-        self._check_engine_alive()
-        self._warn_unknown_fields(request)
-        response_id = f"chatcmpl-{self._base_request_id(raw_request, request.request_id)}"
-        prompt_text = self._apply_chat_template(
-            request.messages,
-            chat_template=request.chat_template,
-            add_generation_prompt=request.add_generation_prompt,
-            continue_final_message=request.continue_final_message,
-            tools=request.tools,
-            chat_template_kwargs=request.chat_template_kwargs,
-        )
-        token_ids = self._tokenize_text(prompt_text, request.add_special_tokens, request.truncate_prompt_tokens)
-        prompt = PromptInput(token_ids, prompt_text)
-        param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
-        max_tokens = self._resolve_max_tokens(len(token_ids), request.requested_max_tokens, param, "messages")
-        params = request.to_sampling_params(max_tokens)
+        self._check_num_sequences(request.n, "n")
+        self._check_chat_request(request)
         engine_request_id = self._engine_request_id(response_id, 0)
-        self._validate_engine_inputs(engine_request_id, prompt, params, request.priority, request.cache_salt)
+        prompt, params, engine_request = await self._in_tokenizer_thread(
+            self._build_request, request, engine_request_id
+        )
         self._log_request(response_id, [prompt], params)
 
-        generator = self.engine_client.generate(
-            prompt.to_engine_prompt(),
-            params,
-            engine_request_id,
-            priority=request.priority,
-            cache_salt=request.cache_salt,
-        )
+        generator = self.engine_client.generate(engine_request, params, engine_request_id)
         merged = merge_async_iterators(generator)
         model_name = self.models.model_name()
         created = int(time.time())
@@ -104,6 +88,24 @@ class OpenAIServingChat(OpenAIServing):
         if final_output is None:
             raise OpenAIRequestError("the request was aborted", status_code=500, err_type="server_error")
         return self.request_output_to_chat_response(final_output, request, response_id, created, model_name)
+
+    def _build_request(
+        self, request: ChatCompletionRequest, engine_request_id: str
+    ) -> tuple[PromptInput, SamplingParams, EngineCoreRequest]:
+        """Renders, tokenizes and validates the conversation (in the tokenizer thread).
+        -> (the prompt, its params, the validated request to submit)."""
+        prompt_text = self._apply_chat_template(request)
+        token_ids = self._tokenize_text(
+            prompt_text, request.add_special_tokens, request.truncate_prompt_tokens
+        )
+        prompt = PromptInput(token_ids, prompt_text)
+        param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+        max_tokens = self._resolve_max_tokens(len(token_ids), request.requested_max_tokens, param, "messages")
+        params = request.to_sampling_params(max_tokens)
+        engine_request = self._validate_engine_inputs(
+            engine_request_id, prompt, params, request.priority, request.cache_salt
+        )
+        return prompt, params, engine_request
 
     def request_output_to_chat_response(
         self,

@@ -8,7 +8,7 @@ logits with `activation: false`, equal to `LLM.classify`'s.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 
@@ -26,10 +26,9 @@ if TYPE_CHECKING:
 
 
 class ServingClassification(OpenAIServing):
-    def __init__(
-        self, engine_client: AsyncLLM, models: OpenAIServingModels, *, log_requests: bool = True
-    ) -> None:
-        super().__init__(engine_client, models, log_requests=log_requests)
+    def __init__(self, engine_client: AsyncLLM, models: OpenAIServingModels, **kwargs: Any) -> None:
+        """`kwargs`: OpenAIServing's options."""
+        super().__init__(engine_client, models, **kwargs)
         id2label = getattr(engine_client.model_config.hf_config, "id2label", None) or {}
         # config.json keys are strings ("0": "LABEL_0").
         self.id2label: dict[int, str] = {int(index): str(label) for index, label in id2label.items()}

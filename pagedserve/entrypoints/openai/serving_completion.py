@@ -7,9 +7,10 @@ the prompt's; the first prompt token has no logprob (null), as in OpenAI's API.
 logprobs: the engine cannot generate zero tokens, so one token is generated and dropped, and
 `usage.completion_tokens` is 0 since nothing generated is returned.
 
-`use_beam_search` (vLLM's extra) runs `AsyncLLM.beam_search` per prompt with `n` beams; the n
-choices of a prompt are its beams, best first. A stream sends each beam whole, once the search
-ends; logprobs and prompt_logprobs are refused (400), as the beams carry none.
+`use_beam_search` (vLLM's extra) runs `AsyncLLM.beam_search` per prompt with `best_of` beams
+(default `n`); the n choices of a prompt are its n best beams, best first. A stream sends each
+beam whole, once the search ends; logprobs and prompt_logprobs are refused (400), as the beams
+carry none.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import AsyncGenerator, Sequence
 
 from starlette.requests import Request
 
+from pagedserve.engine import EngineCoreRequest
 from pagedserve.entrypoints.openai.protocol import (
     CompletionLogProbs,
     CompletionRequest,
@@ -54,11 +56,56 @@ class OpenAIServingCompletion(OpenAIServing):
         self, request: CompletionRequest, raw_request: Request | None = None
     ) -> CompletionResponse | AsyncGenerator[str, None]:
         """A full response, or (stream=True) an async generator of server-sent events."""
-        self.models.check_model(request.model)
+        response_id = self._accept(request, raw_request, "cmpl")
         request.check_request()
-        self._check_engine_alive()
-        self._warn_unknown_fields(request)
-        response_id = f"cmpl-{self._base_request_id(raw_request, request.request_id)}"
+        self._check_num_sequences(request.num_sequences, "best_of" if request.best_of is not None else "n")
+        self._check_prompt_chars(request.prompt, "prompt")
+        prompts, requests = await self._in_tokenizer_thread(self._build_requests, request, response_id)
+        self._log_request(response_id, prompts, requests[0][2])  # type: ignore[arg-type]
+
+        generators = [
+            self.engine_client.beam_search(
+                prompt.to_engine_prompt(),
+                engine_request_id,
+                params,
+                priority=request.priority,
+                cache_salt=request.cache_salt,
+            )
+            if isinstance(params, BeamSearchParams)
+            else self.engine_client.generate(engine_request, params, engine_request_id)
+            for engine_request_id, prompt, params, engine_request in requests
+        ]
+        merged = merge_async_iterators(*generators)
+        model_name = self.models.model_name()
+        created = int(time.time())
+        if request.stream:
+            return self.completion_stream_generator(
+                request, prompts, merged, response_id, created, model_name
+            )
+        final_outputs: list[RequestOutput | None] = [None] * len(prompts)
+        try:
+            async for index, request_output in merged:
+                final_outputs[index] = request_output
+        except Exception as e:
+            raise self.error_from_exception(e) from e
+        if any(output is None for output in final_outputs):
+            raise OpenAIRequestError("the request was aborted", status_code=500, err_type="server_error")
+        return self.request_outputs_to_completion_response(
+            final_outputs,
+            prompts,
+            request,
+            response_id,
+            created,
+            model_name,  # type: ignore[arg-type]
+        )
+
+    def _build_requests(
+        self, request: CompletionRequest, response_id: str
+    ) -> tuple[
+        list[PromptInput], list[tuple[str, PromptInput, SamplingParams | BeamSearchParams, EngineCoreRequest]]
+    ]:
+        """Tokenizes and validates every prompt (in the tokenizer thread). -> (the prompts, and per
+        prompt: engine request id, prompt, params, and the validated request to submit)."""
         prompts = self._prompts_from_request(request)
         requests = []
         for index, prompt in enumerate(prompts):
@@ -73,49 +120,16 @@ class OpenAIServingCompletion(OpenAIServing):
                 params = request.to_beam_search_params(max_tokens)
                 # Each beam search step runs prompt + beam as a plain request: check the prompt so.
                 step_params = SamplingParams(max_tokens=max_tokens)
-                self._validate_engine_inputs(
+                engine_request = self._validate_engine_inputs(
                     engine_request_id, prompt, step_params, request.priority, request.cache_salt
                 )
             else:
                 params = request.to_sampling_params(max_tokens)
-                self._validate_engine_inputs(engine_request_id, prompt, params, request.priority, request.cache_salt)
-            requests.append((engine_request_id, prompt, params))
-        self._log_request(response_id, prompts, requests[0][2])  # type: ignore[arg-type]
-
-        generators = [
-            self.engine_client.beam_search(
-                prompt.to_engine_prompt(),
-                engine_request_id,
-                params,
-                priority=request.priority,
-                cache_salt=request.cache_salt,
-            )
-            if isinstance(params, BeamSearchParams)
-            else self.engine_client.generate(
-                prompt.to_engine_prompt(),
-                params,
-                engine_request_id,
-                priority=request.priority,
-                cache_salt=request.cache_salt,
-            )
-            for engine_request_id, prompt, params in requests
-        ]
-        merged = merge_async_iterators(*generators)
-        model_name = self.models.model_name()
-        created = int(time.time())
-        if request.stream:
-            return self.completion_stream_generator(request, prompts, merged, response_id, created, model_name)
-        final_outputs: list[RequestOutput | None] = [None] * len(prompts)
-        try:
-            async for index, request_output in merged:
-                final_outputs[index] = request_output
-        except Exception as e:
-            raise self.error_from_exception(e) from e
-        if any(output is None for output in final_outputs):
-            raise OpenAIRequestError("the request was aborted", status_code=500, err_type="server_error")
-        return self.request_outputs_to_completion_response(
-            final_outputs, prompts, request, response_id, created, model_name  # type: ignore[arg-type]
-        )
+                engine_request = self._validate_engine_inputs(
+                    engine_request_id, prompt, params, request.priority, request.cache_salt
+                )
+            requests.append((engine_request_id, prompt, params, engine_request))
+        return prompts, requests
 
     def _prompts_from_request(self, request: CompletionRequest) -> list[PromptInput]:
         prompt = request.prompt
@@ -162,8 +176,11 @@ class OpenAIServingCompletion(OpenAIServing):
             num_prompt_tokens += len(request_output.prompt_token_ids)
             num_cached_tokens += request_output.num_cached_tokens
             prompt_logprobs = request_output.prompt_logprobs
-            for output in sorted(request_output.outputs, key=lambda o: o.index):
-                token_ids, top_logprobs, text = self._choice_contents(request, prompt, prompt_logprobs, output)
+            # A beam search's outputs are its best_of beams, best first; the n best are returned.
+            for output in sorted(request_output.outputs, key=lambda o: o.index)[: request.n]:
+                token_ids, top_logprobs, text = self._choice_contents(
+                    request, prompt, prompt_logprobs, output
+                )
                 if not request.echo_without_generation:
                     num_generated_tokens += len(output.token_ids)
                 logprobs = None
@@ -287,6 +304,8 @@ class OpenAIServingCompletion(OpenAIServing):
                 if request_output.prompt_logprobs:
                     prompt_logprobs[prompt_index].extend(request_output.prompt_logprobs)
                 for output in request_output.outputs:
+                    if output.index >= n:
+                        continue  # a beam beyond the n best
                     choice_index = prompt_index * n + output.index
                     token_ids: list[int] = output.token_ids
                     step_logprobs: Sequence[dict[int, Logprob] | None] | None = output.logprobs

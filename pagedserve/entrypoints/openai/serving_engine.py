@@ -1,16 +1,24 @@
-"""OpenAIServing: what every endpoint handler shares — model check, request ids, prompt
-tokenization and validation, chat templates, running pooling requests, and the engine client.
+"""OpenAIServing: what every endpoint handler shares — model check, request ids, request limits,
+prompt tokenization and validation, chat templates, running pooling requests, and the engine client.
 
 Endpoint classes (completions, chat, tokenization, and the pooling endpoints) subclass it. They
 raise `OpenAIRequestError` for anything the client got wrong; the app turns it into OpenAI's error
 shape with its status code.
+
+Tokenization, chat-template rendering and the Processor's validation of a request run in one
+tokenizer thread (`_in_tokenizer_thread`), never on the event loop: a 5 MB prompt takes seconds to
+tokenize. The fast tokenizer releases the GIL while it works, so the loop keeps serving meanwhile.
+One thread, shared by every handler, because a Hugging Face tokenizer must not be reconfigured
+(truncation) by one thread while another encodes with it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -18,13 +26,15 @@ from starlette.requests import Request
 
 from pagedserve.engine.exceptions import EngineDeadError
 from pagedserve.entrypoints.openai.protocol import (
-    ChatCompletionMessageParam,
+    ChatCompletionRequest,
     ClassificationRequest,
     EmbeddingRequest,
     OpenAIBaseModel,
     OpenAIRequestError,
     PoolingInput,
     PoolingUsageInfo,
+    TokenizeChatRequest,
+    check_request_id,
     random_uuid,
 )
 from pagedserve.entrypoints.openai.serving_models import OpenAIServingModels
@@ -45,6 +55,25 @@ T = TypeVar("T")
 _RESERVED_TEMPLATE_KWARGS = frozenset(
     {"conversation", "tokenize", "return_dict", "add_generation_prompt", "continue_final_message", "chat_template"}
 )
+
+
+# Processor errors about these name the request field of the same name.
+_REQUEST_PARAMS = frozenset({*SamplingParams.__struct_fields__, "priority", "cache_salt"})
+
+# Unknown request fields are logged by name: at most this many names, each cut to this length.
+_MAX_LOGGED_UNKNOWN_FIELDS = 8
+_MAX_LOGGED_FIELD_NAME_CHARS = 64
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask of the server (`--max-n`, `--max-prompt-chars`)."""
+
+    # Sequences per prompt: `n`, or the beam width of a beam search.
+    max_n: int = 128
+    # Characters of prompt text in one request (all its prompts, or all its messages); checked
+    # before anything is tokenized. None: no limit.
+    max_prompt_chars: int | None = None
 
 
 @dataclass(slots=True)
@@ -69,13 +98,36 @@ class OpenAIServing:
         *,
         log_requests: bool = True,
         chat_template: str | None = None,
+        limits: RequestLimits | None = None,
+        tokenizer_executor: Executor | None = None,
+        trust_request_chat_template: bool = False,
     ) -> None:
+        """`tokenizer_executor` must run one task at a time and be shared by every handler of the
+        server (default: a thread of this handler's own)."""
         self.engine_client = engine_client
         self.models = models
         self.log_requests = log_requests
         self.chat_template = chat_template
+        self.limits = limits or RequestLimits()
+        self.trust_request_chat_template = trust_request_chat_template
+        self.tokenizer_executor = tokenizer_executor or ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
         self.tokenizer = engine_client.tokenizer
         self.max_model_len = int(engine_client.model_config.max_model_len)  # type: ignore[arg-type]
+
+    async def _in_tokenizer_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in the tokenizer thread. Cancelling the caller (a client that left) drops
+        a call that has not started yet."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self.tokenizer_executor, functools.partial(fn, *args)
+        )
+
+    def _accept(self, request: Any, raw_request: Request | None, id_prefix: str) -> str:
+        """The checks every engine request shares (served model, live engine), and the unknown
+        fields logged. -> the response id."""
+        self.models.check_model(request.model)
+        self._check_engine_alive()
+        self._warn_unknown_fields(request)
+        return f"{id_prefix}-{self._base_request_id(raw_request, request.request_id)}"
 
     def _check_engine_alive(self) -> None:
         """A dead engine is a 503 up front, so that a stream never starts only to fail."""
@@ -95,13 +147,42 @@ class OpenAIServing:
         if raw_request is not None:
             header = raw_request.headers.get("x-request-id")
             if header:
-                return header
+                try:
+                    return check_request_id(header)
+                except ValueError as e:
+                    raise OpenAIRequestError(f"x-request-id: {e}", param="x-request-id") from None
         return default or random_uuid()
 
     @staticmethod
     def _engine_request_id(response_id: str, prompt_index: int) -> str:
-        # NOTE: clients reuse x-request-id values; the engine needs ids unique among running requests.
-        return f"{response_id}-{prompt_index}-{random_uuid()[:8]}"
+        # NOTE: clients reuse request ids, even concurrently; the engine needs ids unique among
+        # running requests, so a random part follows the client's.
+        return f"{response_id}-{prompt_index}-{random_uuid()[:16]}"
+
+    # ------------------------------------------------------------------------------ limits
+
+    def _check_num_sequences(self, num_sequences: int, param: str) -> None:
+        max_n = self.limits.max_n
+        if num_sequences > max_n:
+            raise OpenAIRequestError(
+                f"{param} must be at most {max_n} (the server's --max-n), got {num_sequences}", param=param
+            )
+
+    def _check_prompt_chars(self, prompts: str | Sequence[Any], param: str) -> None:
+        """Refuses a request whose prompt text (a text, or the texts among `prompts`) is over
+        `--max-prompt-chars`, before any of it is tokenized."""
+        limit = self.limits.max_prompt_chars
+        if limit is None:
+            return
+        texts = [prompts] if isinstance(prompts, str) else prompts
+        num_chars = sum(len(text) for text in texts if isinstance(text, str))
+        if num_chars > limit:
+            raise OpenAIRequestError(
+                f"the request has {num_chars} characters of prompt text, more than the server's limit of "
+                f"{limit} (--max-prompt-chars)",
+                param=param,
+                code="prompt_too_long",
+            )
 
     # ------------------------------------------------------------------------------ prompts
 
@@ -144,22 +225,31 @@ class OpenAIServing:
         params: SamplingParams,
         priority: int,
         cache_salt: str | None,
-    ) -> None:
+    ) -> EngineCoreRequest:
         """Runs the engine's own validation (vocabulary range, stop ids, ...) before anything is
         submitted, so that a bad prompt among several never leaves a half-started request behind
-        and a stream never starts with an error the client should have had as a 400."""
+        and a stream never starts with an error the client should have had as a 400.
+        -> the request to submit (the event loop then never tokenizes, e.g. `bad_words`)."""
         try:
-            self.engine_client.processor.process_inputs(
+            request, _ = self.engine_client.processor.process_inputs(
                 request_id, prompt.to_engine_prompt(), params, priority=priority, cache_salt=cache_salt
             )
         except ValueError as e:
-            raise OpenAIRequestError(str(e)) from e
+            # The Processor's messages start with the parameter they are about ("top_k must be ...").
+            name = str(e).split(" ", 1)[0]
+            raise OpenAIRequestError(str(e), param=name if name in _REQUEST_PARAMS else None) from e
+        return request
 
     @staticmethod
     def _warn_unknown_fields(request: OpenAIBaseModel) -> None:
         unknown = request.unknown_fields()
-        if unknown:
-            logger.warning("ignoring unknown request fields: %s", ", ".join(unknown))
+        if not unknown:
+            return
+        # NOTE: field names are the client's: repr() escapes line breaks that would forge log lines.
+        names = [repr(name[:_MAX_LOGGED_FIELD_NAME_CHARS]) for name in unknown[:_MAX_LOGGED_UNKNOWN_FIELDS]]
+        if len(unknown) > len(names):
+            names.append(f"and {len(unknown) - len(names)} more")
+        logger.warning("ignoring unknown request fields: %s", ", ".join(names))
 
     def _log_request(self, request_id: str, prompts: list[PromptInput], params: SamplingParams) -> None:
         if self.log_requests:
@@ -250,44 +340,59 @@ class OpenAIServing:
     ) -> tuple[str, list[PoolingRequestOutput[PoolingOutput]], PoolingUsageInfo]:
         """The shared path of /v1/embeddings and /classify: checks, one engine request per
         input, and usage. -> (response id, outputs in input order, usage)."""
-        self.models.check_model(request.model)
-        self._check_engine_alive()
-        self._warn_unknown_fields(request)
-        response_id = f"{id_prefix}-{self._base_request_id(raw_request, request.request_id)}"
-        prompts = self._pooling_prompts(request.input, request.add_special_tokens)
-        requests = self._build_pooling_requests(response_id, prompts, request.to_pooling_params(), request.priority)
+        response_id = self._accept(request, raw_request, id_prefix)
+        inputs = request.input
+        self._check_prompt_chars(inputs, "input")
+        params = request.to_pooling_params()
+
+        def build() -> list[EngineCoreRequest]:
+            prompts = self._pooling_prompts(inputs, request.add_special_tokens)
+            return self._build_pooling_requests(response_id, prompts, params, request.priority)
+
+        requests = await self._in_tokenizer_thread(build)
         outputs = await self._run_pooling_requests(requests)
         num_prompt_tokens = sum(len(output.prompt_token_ids) for output in outputs)
         return response_id, outputs, PoolingUsageInfo(prompt_tokens=num_prompt_tokens, total_tokens=num_prompt_tokens)
 
     # ------------------------------------------------------------------------ chat template
 
-    def _apply_chat_template(
-        self,
-        messages: list[ChatCompletionMessageParam],
-        *,
-        chat_template: str | None,
-        add_generation_prompt: bool,
-        continue_final_message: bool,
-        tools: list[dict[str, Any]] | None,
-        chat_template_kwargs: dict[str, Any] | None,
-    ) -> str:
-        template = chat_template or self.chat_template or getattr(self.tokenizer, "chat_template", None)
+    def _check_chat_request(self, request: ChatCompletionRequest | TokenizeChatRequest) -> None:
+        """What chat and /tokenize check alike before a conversation is rendered."""
+        if not self.trust_request_chat_template and (
+            request.chat_template is not None or "chat_template" in (request.chat_template_kwargs or {})
+        ):
+            raise OpenAIRequestError(
+                "a chat template in the request runs as code on the server: it is refused unless the "
+                "server is started with --trust-request-chat-template",
+                param="chat_template",
+            )
+        self._check_prompt_chars([m.text() for m in request.messages], "messages")
+
+    def _apply_chat_template(self, request: ChatCompletionRequest | TokenizeChatRequest) -> str:
+        """The conversation as the chat template renders it (in the tokenizer thread: a long
+        conversation takes a while)."""
+        template = (
+            request.chat_template or self.chat_template or getattr(self.tokenizer, "chat_template", None)
+        )
         if not template:
             raise OpenAIRequestError(
                 "the model's tokenizer has no chat template; start the server with --chat-template "
                 "or send chat_template in the request",
                 param="messages",
             )
-        conversation = [m.to_template_dict() for m in messages]
-        extra = {k: v for k, v in (chat_template_kwargs or {}).items() if k not in _RESERVED_TEMPLATE_KWARGS}
+        conversation = [m.to_template_dict() for m in request.messages]
+        extra = {
+            k: v
+            for k, v in (request.chat_template_kwargs or {}).items()
+            if k not in _RESERVED_TEMPLATE_KWARGS
+        }
         try:
             text = self.tokenizer.apply_chat_template(
                 conversation,
                 chat_template=template,
-                tools=tools,
-                add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message,
+                tools=request.tools,
+                add_generation_prompt=request.add_generation_prompt,
+                continue_final_message=request.continue_final_message,
                 tokenize=False,
                 **extra,
             )

@@ -33,15 +33,13 @@ from pagedserve.outputs import ScoringOutput
 
 class ServingScores(OpenAIServing):
     async def create_score(self, request: ScoreRequest, raw_request: Request | None = None) -> ScoreResponse:
-        self.models.check_model(request.model)
-        self._check_engine_alive()
-        self._warn_unknown_fields(request)
-        response_id = f"score-{self._base_request_id(raw_request, request.request_id)}"
+        response_id = self._accept(request, raw_request, "score")
         texts_1 = [request.text_1] if isinstance(request.text_1, str) else list(request.text_1)
         texts_2 = [request.text_2] if isinstance(request.text_2, str) else list(request.text_2)
         for param, texts in (("text_1", texts_1), ("text_2", texts_2)):
             if not texts:
                 raise OpenAIRequestError(f"{param} must not be empty", param=param)
+        self._check_prompt_chars([*texts_1, *texts_2], "text_2")
         if len(texts_1) == 1:
             texts_1 = texts_1 * len(texts_2)
         elif len(texts_1) != len(texts_2):
@@ -62,13 +60,11 @@ class ServingScores(OpenAIServing):
         )
 
     async def do_rerank(self, request: RerankRequest, raw_request: Request | None = None) -> RerankResponse:
-        self.models.check_model(request.model)
-        self._check_engine_alive()
-        self._warn_unknown_fields(request)
-        response_id = f"rerank-{self._base_request_id(raw_request, request.request_id)}"
+        response_id = self._accept(request, raw_request, "rerank")
         documents = request.documents
         if not documents:
             raise OpenAIRequestError("documents must not be empty", param="documents")
+        self._check_prompt_chars([request.query, *documents], "documents")
         scores, num_prompt_tokens = await self._score(
             response_id, [request.query] * len(documents), documents, request, ("query", "documents")
         )
@@ -119,21 +115,25 @@ class ServingScores(OpenAIServing):
     ) -> tuple[list[float], int]:
         pooling_params = request.to_pooling_params("score")
         processor = self.engine_client.processor
-        requests: list[EngineCoreRequest] = []
-        for index, (text_1, text_2) in enumerate(zip(texts_1, texts_2)):
-            try:
-                pair, _ = processor.process_score_pair(
-                    self._engine_request_id(response_id, index),
-                    text_1,
-                    text_2,
-                    pooling_params,
-                    priority=request.priority,
-                )
-            except ValueError as e:
-                where = f"{param}[{index}]: " if len(texts_2) > 1 else ""
-                raise OpenAIRequestError(f"{where}{e}", param=param) from e
-            requests.append(pair)
-        outputs = await self._run_pooling_requests(requests)
+
+        def build() -> list[EngineCoreRequest]:
+            requests: list[EngineCoreRequest] = []
+            for index, (text_1, text_2) in enumerate(zip(texts_1, texts_2)):
+                try:
+                    pair, _ = processor.process_score_pair(
+                        self._engine_request_id(response_id, index),
+                        text_1,
+                        text_2,
+                        pooling_params,
+                        priority=request.priority,
+                    )
+                except ValueError as e:
+                    where = f"{param}[{index}]: " if len(texts_2) > 1 else ""
+                    raise OpenAIRequestError(f"{where}{e}", param=param) from e
+                requests.append(pair)
+            return requests
+
+        outputs = await self._run_pooling_requests(await self._in_tokenizer_thread(build))
         scores = [ScoringOutput.from_base(output.outputs).score for output in outputs]
         return scores, sum(len(output.prompt_token_ids) for output in outputs)
 
@@ -147,13 +147,18 @@ class ServingScores(OpenAIServing):
     ) -> tuple[list[float], int]:
         pooling_params = request.to_pooling_params("embed")
         unique_texts_1 = list(dict.fromkeys(texts_1))
-        requests = [
-            *self._build_pooling_requests(
-                response_id, unique_texts_1, pooling_params, request.priority, fields[0]
-            ),
-            *self._build_pooling_requests(response_id, texts_2, pooling_params, request.priority, fields[1]),
-        ]
-        outputs = await self._run_pooling_requests(requests)
+
+        def build() -> list[EngineCoreRequest]:
+            return [
+                *self._build_pooling_requests(
+                    response_id, unique_texts_1, pooling_params, request.priority, fields[0]
+                ),
+                *self._build_pooling_requests(
+                    response_id, texts_2, pooling_params, request.priority, fields[1]
+                ),
+            ]
+
+        outputs = await self._run_pooling_requests(await self._in_tokenizer_thread(build))
         by_text_1 = dict(zip(unique_texts_1, outputs))
         scores = []
         for text_1, output_2 in zip(texts_1, outputs[len(unique_texts_1) :]):

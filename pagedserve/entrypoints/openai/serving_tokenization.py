@@ -17,28 +17,29 @@ from pagedserve.entrypoints.openai.serving_engine import OpenAIServing
 
 
 class OpenAIServingTokenization(OpenAIServing):
-    def create_tokenize(self, request: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
+    async def create_tokenize(
+        self, request: TokenizeCompletionRequest | TokenizeChatRequest
+    ) -> TokenizeResponse:
         """Token ids exactly as /v1/completions (prompt) or /v1/chat/completions (messages) would
         feed them to the model."""
         self.models.check_model(request.model)
         if isinstance(request, TokenizeChatRequest):
-            text = self._apply_chat_template(
-                request.messages,
-                chat_template=request.chat_template,
-                add_generation_prompt=request.add_generation_prompt,
-                continue_final_message=request.continue_final_message,
-                tools=request.tools,
-                chat_template_kwargs=request.chat_template_kwargs,
-            )
+            self._check_chat_request(request)
         else:
-            text = request.prompt
+            self._check_prompt_chars(request.prompt, "prompt")
+        return await self._in_tokenizer_thread(self._tokenize, request)
+
+    def _tokenize(self, request: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
+        text = (
+            self._apply_chat_template(request) if isinstance(request, TokenizeChatRequest) else request.prompt
+        )
         token_ids = self._tokenize_text(text, request.add_special_tokens, None)
         token_strs = self.tokenizer.convert_ids_to_tokens(token_ids) if request.return_token_strs else None
         return TokenizeResponse(
             count=len(token_ids), max_model_len=self.max_model_len, tokens=token_ids, token_strs=token_strs
         )
 
-    def create_detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
+    async def create_detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
         self.models.check_model(request.model)
         vocab_size = len(self.tokenizer)
         bad = [t for t in request.tokens if not 0 <= t < vocab_size]
@@ -46,7 +47,9 @@ class OpenAIServingTokenization(OpenAIServing):
             raise OpenAIRequestError(
                 f"token ids must be in [0, {vocab_size}) (the vocabulary), got {bad[:5]}", param="tokens"
             )
-        return DetokenizeResponse(prompt=self.tokenizer.decode(request.tokens))
+        return DetokenizeResponse(
+            prompt=await self._in_tokenizer_thread(self.tokenizer.decode, request.tokens)
+        )
 
     def get_tokenizer_info(self) -> TokenizerInfoResponse:
         tokenizer = self.tokenizer

@@ -1,8 +1,9 @@
-"""Fixtures: the shared tiny-Llama server (with an API key) and an OpenAI client for it."""
+"""Fixtures: the shared tiny-Llama server (with an API key) and an OpenAI client for it, and a
+shared tiny cross-encoder server (a pooling model, with an API key)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -31,3 +32,19 @@ def server(tiny_llama: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 @pytest.fixture(scope="session")
 def client(server: RemoteOpenAIServer):
     return server.get_client()
+
+
+@pytest.fixture(scope="session")
+def reranker_server(
+    make_tiny_encoder: Callable[..., str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RemoteOpenAIServer]:
+    """A tiny cross-encoder served as "reranker" with an API key: /classify, /score and /rerank run it."""
+    model = make_tiny_encoder(
+        "BertForSequenceClassification", num_labels=1, id2label={0: "relevant"}, label2id={"relevant": 0}
+    )
+    log_path = tmp_path_factory.mktemp("reranker_server") / "server.log"
+    remote = RemoteOpenAIServer(
+        model, ["--dtype", "float32", "--served-model-name", "reranker"], log_path, api_key=API_KEY
+    )
+    yield remote
+    remote.terminate()

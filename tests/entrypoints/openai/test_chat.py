@@ -15,7 +15,7 @@ MESSAGES = [
 
 
 def _chat_prompt_ids(server, messages) -> list[int]:
-    response = httpx.post(server.url_for("tokenize"), json={"messages": messages})
+    response = httpx.post(server.url_for("tokenize"), json={"messages": messages}, headers=server.headers())
     response.raise_for_status()
     return response.json()["tokens"]
 

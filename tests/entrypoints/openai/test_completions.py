@@ -18,7 +18,9 @@ PROMPT = "The quick brown fox jumps over the lazy dog because"
 
 def _tokenize(server, text: str, add_special_tokens: bool = True) -> list[int]:
     response = httpx.post(
-        server.url_for("tokenize"), json={"prompt": text, "add_special_tokens": add_special_tokens}
+        server.url_for("tokenize"),
+        json={"prompt": text, "add_special_tokens": add_special_tokens},
+        headers=server.headers(),
     )
     response.raise_for_status()
     return response.json()["tokens"]
@@ -156,7 +158,8 @@ def test_echo_with_logprobs_scores_every_prompt_token_like_transformers(client, 
     reference = _reference_prompt_logprobs(tiny_llama, token_ids)
     assert logprobs.token_logprobs[1 : len(token_ids)] == pytest.approx(reference, abs=1e-3)
     assert all(math.isfinite(v) for v in logprobs.token_logprobs[1:])
-    prompt_text = httpx.post(server.url_for("detokenize"), json={"tokens": token_ids}).json()["prompt"]
+    detokenized = httpx.post(server.url_for("detokenize"), json={"tokens": token_ids}, headers=server.headers())
+    prompt_text = detokenized.json()["prompt"]
     assert choice.text.startswith(prompt_text)
     if max_tokens == 0:
         assert choice.text == prompt_text

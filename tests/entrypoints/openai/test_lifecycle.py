@@ -1,4 +1,5 @@
-"""Server lifecycle: SIGTERM with a request in flight, a dead engine, and the real SmolLM2."""
+"""Server lifecycle: SIGTERM with a request in flight, a dead engine (the server exits, or with
+--keep-alive-on-engine-death answers 503), and the real SmolLM2."""
 
 from __future__ import annotations
 
@@ -20,28 +21,42 @@ def _descendants(pid: int) -> list[psutil.Process]:
     return psutil.Process(pid).children(recursive=True)
 
 
+def _kill_engine_core(server: RemoteOpenAIServer) -> None:
+    engine_core = next(
+        p
+        for p in _descendants(server.proc.pid)
+        if p.environ().get("PAGEDSERVE_PROCESS_NAME") == "pagedserve-engine-core"
+    )
+    engine_core.kill()
+
+
+def _start_stream(server: RemoteOpenAIServer, events: list[str]) -> threading.Thread:
+    """A long stream read in a thread into `events`; returns once its first event arrived."""
+
+    def stream() -> None:
+        body = {"prompt": "long", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+        try:
+            with httpx.stream("POST", server.url_for("v1", "completions"), json=body, timeout=60) as response:
+                events.extend(line for line in response.iter_lines() if line)
+        except httpx.HTTPError as e:
+            events.append(f"error: {type(e).__name__}")
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    deadline = time.monotonic() + 20
+    while not any(e.startswith("data: {") for e in events) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert any(e.startswith("data: {") for e in events), "the stream never started"
+    return reader
+
+
 def test_sigterm_ends_in_flight_requests_exits_cleanly_and_frees_the_port(tiny_llama, tmp_path):
     server = RemoteOpenAIServer(tiny_llama, [*TINY_SERVER_ARGS, "--shutdown-timeout", "2"], tmp_path / "server.log")
     try:
         children = _descendants(server.proc.pid)
         assert children, "the engine core runs in its own process"
         events: list[str] = []
-
-        def stream() -> None:
-            body = {"prompt": "long", "max_tokens": 1000, "ignore_eos": True, "stream": True}
-            try:
-                with httpx.stream("POST", server.url_for("v1", "completions"), json=body, timeout=60) as response:
-                    for line in response.iter_lines():
-                        events.append(line)
-            except httpx.HTTPError as e:
-                events.append(f"error: {type(e).__name__}")
-
-        reader = threading.Thread(target=stream)
-        reader.start()
-        deadline = time.monotonic() + 20
-        while not any(e.startswith("data: {") for e in events) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert any(e.startswith("data: {") for e in events), "the stream never started"
+        reader = _start_stream(server, events)
 
         server.proc.send_signal(signal.SIGTERM)
         returncode = server.proc.wait(timeout=30)
@@ -59,13 +74,32 @@ def test_sigterm_ends_in_flight_requests_exits_cleanly_and_frees_the_port(tiny_l
         server.terminate()
 
 
-def test_dead_engine_gives_503_in_openai_shape(tiny_llama, tmp_path):
+def test_engine_death_fails_the_requests_in_flight_then_the_server_exits_with_status_1(tiny_llama, tmp_path):
     server = RemoteOpenAIServer(tiny_llama, TINY_SERVER_ARGS, tmp_path / "server.log")
     try:
-        engine_core = next(
-            p for p in _descendants(server.proc.pid) if p.environ().get("PAGEDSERVE_PROCESS_NAME") == "pagedserve-engine-core"
-        )
-        engine_core.kill()
+        events: list[str] = []
+        reader = _start_stream(server, events)
+        killed = time.monotonic()
+        _kill_engine_core(server)
+        returncode = server.proc.wait(timeout=30)
+        exit_s = time.monotonic() - killed
+        reader.join(timeout=30)
+        assert returncode == 1, server.log()[-3000:]
+        # A supervisor restarts it: "shortly" is seconds, not the 30 s above.
+        assert exit_s < 15, exit_s
+        # The stream ended with the engine's death as its last event, not a cut connection.
+        assert events[-1] == "data: [DONE]" and '"engine_dead"' in events[-2], events[-3:]
+        assert "stopping the API server" in server.log()
+    finally:
+        server.terminate()
+
+
+def test_keep_alive_on_engine_death_serves_503_in_openai_shape_until_stopped(tiny_llama, tmp_path):
+    server = RemoteOpenAIServer(
+        tiny_llama, [*TINY_SERVER_ARGS, "--keep-alive-on-engine-death"], tmp_path / "server.log"
+    )
+    try:
+        _kill_engine_core(server)
         deadline = time.monotonic() + 15
         while httpx.get(server.url_for("health")).status_code == 200 and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -74,13 +108,20 @@ def test_dead_engine_gives_503_in_openai_shape(tiny_llama, tmp_path):
         assert health.json()["error"]["type"] == "server_error"
         for path, body in (
             (("v1", "completions"), {"prompt": "hi", "max_tokens": 2}),
-            (("v1", "chat", "completions"), {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+            (
+                ("v1", "chat", "completions"),
+                {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            ),
         ):
             response = httpx.post(server.url_for(*path), json=body, timeout=30)
             assert response.status_code == 503, response.text
             assert set(response.json()["error"]) == {"message", "type", "param", "code"}
-        stream = httpx.post(server.url_for("v1", "completions"), json={"prompt": "hi", "stream": True}, timeout=30)
+        stream = httpx.post(
+            server.url_for("v1", "completions"), json={"prompt": "hi", "stream": True}, timeout=30
+        )
         assert stream.status_code == 503
+        time.sleep(1.0)  # several watchdog periods: a server that exits would have by now
+        assert server.proc.poll() is None
     finally:
         assert server.terminate() == 0
 

@@ -87,7 +87,6 @@ def test_echo_allows_zero_max_tokens():
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"messages": []}, "messages"),
         ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
         ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, "max_completion_tokens"),

@@ -37,12 +37,14 @@ def test_health_version_and_metrics_need_no_key(server):
 
 def test_tokenize_detokenize_round_trip(server):
     text = "Hello, world! Tokenizers split text into pieces."
-    tokenized = httpx.post(server.url_for("tokenize"), json={"model": MODEL, "prompt": text, "return_token_strs": True}).json()
+    body = {"model": MODEL, "prompt": text, "return_token_strs": True}
+    tokenized = httpx.post(server.url_for("tokenize"), json=body, headers=server.headers()).json()
     assert tokenized["count"] == len(tokenized["tokens"]) == len(tokenized["token_strs"])
     assert tokenized["max_model_len"] == TINY_MAX_MODEL_LEN
-    detokenized = httpx.post(server.url_for("detokenize"), json={"model": MODEL, "tokens": tokenized["tokens"]}).json()
+    body = {"model": MODEL, "tokens": tokenized["tokens"]}
+    detokenized = httpx.post(server.url_for("detokenize"), json=body, headers=server.headers()).json()
     assert detokenized["prompt"] == text
-    info = httpx.get(server.url_for("tokenizer_info")).json()
+    info = httpx.get(server.url_for("tokenizer_info"), headers=server.headers()).json()
     assert info["model_max_length"] == TINY_MAX_MODEL_LEN and "im_start" in info["chat_template"]
 
 
