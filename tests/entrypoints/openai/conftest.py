@@ -35,16 +35,25 @@ def client(server: RemoteOpenAIServer):
 
 
 @pytest.fixture(scope="session")
-def reranker_server(
-    make_tiny_encoder: Callable[..., str], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RemoteOpenAIServer]:
-    """A tiny cross-encoder served as "reranker" with an API key: /classify, /score and /rerank run it."""
-    model = make_tiny_encoder(
+def cross_encoder_path(make_tiny_encoder: Callable[..., str]) -> str:
+    """A tiny random cross-encoder: a BERT sequence classifier with one label."""
+    return make_tiny_encoder(
         "BertForSequenceClassification", num_labels=1, id2label={0: "relevant"}, label2id={"relevant": 0}
     )
+
+
+@pytest.fixture(scope="session")
+def reranker_server(
+    cross_encoder_path: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RemoteOpenAIServer]:
+    """The shared pooling server: the tiny cross-encoder, served as "reranker", with an API key;
+    /classify, /score and /rerank run it."""
     log_path = tmp_path_factory.mktemp("reranker_server") / "server.log"
     remote = RemoteOpenAIServer(
-        model, ["--dtype", "float32", "--served-model-name", "reranker"], log_path, api_key=API_KEY
+        cross_encoder_path,
+        ["--dtype", "float32", "--served-model-name", "reranker"],
+        log_path,
+        api_key=API_KEY,
     )
     yield remote
     remote.terminate()

@@ -34,18 +34,21 @@ STATUS_COUNTS: collections.Counter[int] = collections.Counter()
 
 
 def map_body(context: Any, body: Any) -> Any:
-    """The schemathesis hook that keeps generation cheap: max_tokens and n (and best_of) clamped."""
-    if not isinstance(body, dict):
+    """The schemathesis hook that keeps generation cheap: max_tokens (also when unset: the whole
+    context) and n (and best_of) clamped."""
+    operation = getattr(context, "operation", None)
+    if not isinstance(body, dict) or operation is None or not operation.path.endswith("completions"):
         return body
-    for name, limit in (
-        ("max_tokens", MAX_GENERATED_TOKENS),
-        ("max_completion_tokens", MAX_GENERATED_TOKENS),
-        ("n", MAX_N),
-        ("best_of", MAX_N),
-    ):
+    for name in ("max_tokens", "max_completion_tokens"):
         value = body.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > limit:
-            body[name] = limit
+        if value is None or (
+            isinstance(value, int) and not isinstance(value, bool) and value > MAX_GENERATED_TOKENS
+        ):
+            body[name] = MAX_GENERATED_TOKENS
+    for name in ("n", "best_of"):
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_N:
+            body[name] = MAX_N
     return body
 
 

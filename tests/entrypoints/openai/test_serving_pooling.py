@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import base64
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -59,19 +59,9 @@ def minilm_llm(minilm_path: str) -> Iterator[LLM]:
 
 
 @pytest.fixture(scope="module")
-def cross_encoder_path(make_tiny_encoder: Callable[..., str]) -> str:
-    return make_tiny_encoder(
-        "BertForSequenceClassification", num_labels=1, id2label={0: "relevant"}, label2id={"relevant": 0}
-    )
-
-
-@pytest.fixture(scope="module")
-def cross_server(
-    cross_encoder_path: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RemoteOpenAIServer]:
-    remote = _start(cross_encoder_path, "reranker", [], tmp_path_factory)
-    yield remote
-    remote.terminate()
+def cross_server(reranker_server: RemoteOpenAIServer) -> RemoteOpenAIServer:
+    """The session's cross-encoder server (conftest), serving `cross_encoder_path`."""
+    return reranker_server
 
 
 @pytest.fixture(scope="module")
