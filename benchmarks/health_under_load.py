@@ -27,7 +27,9 @@ async def post_big_prompt(client: httpx.AsyncClient, url: str, path: str, prompt
     return response.status_code, time.perf_counter() - start
 
 
-async def poll_health(client: httpx.AsyncClient, url: str, stop: asyncio.Event, interval_s: float) -> list[float]:
+async def poll_health(
+    client: httpx.AsyncClient, url: str, stop: asyncio.Event, interval_s: float
+) -> list[float]:
     latencies = []
     while not stop.is_set():
         start = time.perf_counter()
@@ -67,7 +69,9 @@ async def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--path", default="/tokenize", choices=["/tokenize", "/v1/completions"])
