@@ -791,7 +791,8 @@ def _tokenize_request_kind(value: Any) -> str:
 # A body with "messages" is a chat request, and a bad one is reported as such (a plain union would
 # add "prompt: Field required" to every error in its messages).
 TokenizeRequest = Annotated[
-    Annotated[TokenizeChatRequest, Tag("chat-request")] | Annotated[TokenizeCompletionRequest, Tag("completion-request")],
+    Annotated[TokenizeChatRequest, Tag("chat-request")]
+    | Annotated[TokenizeCompletionRequest, Tag("completion-request")],
     Discriminator(_tokenize_request_kind),
 ]
 

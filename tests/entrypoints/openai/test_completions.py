@@ -158,7 +158,9 @@ def test_echo_with_logprobs_scores_every_prompt_token_like_transformers(client, 
     reference = _reference_prompt_logprobs(tiny_llama, token_ids)
     assert logprobs.token_logprobs[1 : len(token_ids)] == pytest.approx(reference, abs=1e-3)
     assert all(math.isfinite(v) for v in logprobs.token_logprobs[1:])
-    detokenized = httpx.post(server.url_for("detokenize"), json={"tokens": token_ids}, headers=server.headers())
+    detokenized = httpx.post(
+        server.url_for("detokenize"), json={"tokens": token_ids}, headers=server.headers()
+    )
     prompt_text = detokenized.json()["prompt"]
     assert choice.text.startswith(prompt_text)
     if max_tokens == 0:
