@@ -6,10 +6,11 @@ serves until SIGINT/SIGTERM or the engine's death. Handlers live in `serving_*.p
 in `server_utils.py`; this module only routes.
 
 Adding endpoints: write an `OpenAIServing` subclass in its own `serving_*.py`, create it in
-`init_app_state` next to the others, and add its routes to `router`. Raise `OpenAIRequestError`
-for client errors. A generative model serves /v1/completions and /v1/chat/completions; a pooling
-model /v1/embeddings, /classify, /score and /rerank (each also under /v1, rerank under /v2 too);
-the other workflow's routes answer 400.
+`init_app_state` next to the others, and add its routes to `router` (with `--api-key` they need the
+key, unless listed in `server_utils.PUBLIC_PATHS`). Raise `OpenAIRequestError` for client errors.
+A generative model serves /v1/completions and /v1/chat/completions; a pooling model
+/v1/embeddings, /classify, /score and /rerank (each also under /v1, rerank under /v2 too); the
+other workflow's routes answer 400.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import re
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -55,6 +55,7 @@ from pagedserve.entrypoints.openai.server_utils import (
     RequestBodyLimitMiddleware,
     RequestIdHeaderMiddleware,
     error_response,
+    top_level_field,
 )
 from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedserve.entrypoints.openai.serving_classification import ServingClassification
@@ -278,8 +279,8 @@ def _validation_error_message(exc: RequestValidationError) -> tuple[str, str | N
             return f"the body is not valid JSON: {error.get('ctx', {}).get('error', 'decode error')}", None
         loc = [part for part in error.get("loc", ()) if part != "body"]
         field = _field_path(loc)
-        if param is None and field:
-            param = re.split(r"[.\[]", field, maxsplit=1)[0]
+        if param is None:
+            param = top_level_field(field)
         if field not in messages_by_field and len(messages_by_field) >= _MAX_REPORTED_FIELDS:
             messages_by_field.setdefault("...", ["more errors not shown"])
             continue

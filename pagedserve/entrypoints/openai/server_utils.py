@@ -29,6 +29,11 @@ PUBLIC_PATHS = frozenset(
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
+def top_level_field(path: str) -> str | None:
+    """The field that an error's `param` names: `messages` for the path `messages[0].content`."""
+    return re.split(r"[.\[]", path, maxsplit=1)[0] or None
+
+
 def error_response(error: OpenAIRequestError) -> JSONResponse:
     return JSONResponse(error.to_response().model_dump(), status_code=error.status_code)
 
@@ -171,7 +176,7 @@ class _CheckedJSONRequest(Request):
                 raise InvalidRequestBody(
                     f"{path or 'the body'}: contains the lone UTF-16 surrogate {character}, which is not "
                     "valid Unicode text",
-                    param=re.split(r"[.\[]", path, maxsplit=1)[0] or None,
+                    param=top_level_field(path),
                 )
             self._json = value
         return self._json

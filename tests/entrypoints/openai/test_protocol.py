@@ -16,7 +16,7 @@ from pagedserve.entrypoints.openai.protocol import (
     DeltaMessage,
     OpenAIRequestError,
 )
-from pagedserve.sampling_params import RequestOutputKind
+from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 
 
 def test_completion_fields_map_onto_sampling_params():
@@ -159,3 +159,61 @@ def test_stream_delta_carries_only_the_fields_it_sets():
 def test_error_response_has_openai_shape():
     error = OpenAIRequestError("bad", param="n", code="x").to_response().model_dump()
     assert error == {"error": {"message": "bad", "type": "invalid_request_error", "param": "n", "code": "x"}}
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"prompt": "hi", "priority": 1 << 64}, "priority"),
+        ({"prompt": "hi", "seed": -1}, "seed"),
+        ({"prompt": [1, 1 << 63]}, "prompt"),
+        ({"prompt": "hi", "max_tokens": "4"}, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": 4.0}, "max_tokens"),
+        ({"prompt": "hi", "temperature": float("nan")}, "temperature"),
+        ({"prompt": "hi", "top_p": float("inf")}, "top_p"),
+        ({"prompt": "hi", "logit_bias": {"1": float("nan")}}, "logit_bias"),
+        ({"prompt": "hi", "request_id": "r" * 257}, "request_id"),
+        ({"prompt": "hi", "request_id": "a\nb"}, "request_id"),
+    ],
+)
+def test_values_are_64_bit_finite_and_of_their_type(body, field):
+    with pytest.raises(ValidationError) as info:
+        CompletionRequest.model_validate(body)
+    assert info.value.errors()[0]["loc"][0] == field
+
+
+def test_a_prompt_is_validated_as_the_member_its_shape_picks():
+    with pytest.raises(ValidationError) as info:
+        CompletionRequest.model_validate({"prompt": ["a", 1]})
+    # One member's errors (the list of texts), not one per union member.
+    assert [error["loc"] for error in info.value.errors()] == [("prompt", "list[str]", 1)]
+
+
+def test_chat_roles_are_openais_and_messages_need_content():
+    for message in (
+        {"role": "wizard", "content": "hi"},
+        {"role": "user"},
+        {"role": "assistant", "content": None},
+    ):
+        with pytest.raises(ValidationError):
+            ChatCompletionMessageParam.model_validate(message)
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    assert ChatCompletionMessageParam.model_validate({"role": "assistant", "tool_calls": [call]}).text() == ""
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest.model_validate({"messages": []})
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": 1e308}, "temperature"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 1 << 63}, "seed"),
+        ({"logprobs": 1 << 64}, "logprobs"),
+        ({"max_tokens": 1 << 64}, "max_tokens"),
+    ],
+)
+def test_sampling_params_refuse_what_the_engine_cannot_take(params, field):
+    with pytest.raises(ValueError, match=f"SamplingParams.{field} "):
+        SamplingParams(**params)
