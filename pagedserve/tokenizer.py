@@ -10,7 +10,7 @@ import tempfile
 from typing import Any
 
 import transformers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,26 @@ def get_tokenizer(
             f"tokenizer {path!r} is neither a checkpoint directory nor a .gguf file "
             "(there is no model hub here: pass a local path)"
         )
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return _from_directory(path, trust_remote_code)
+
+
+def _from_directory(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer class tokenizer_config.json names, loaded directly; AutoTokenizer otherwise.
+
+    NOTE: transformers' AutoTokenizer module imports torch (~200 MB resident, ~1 s), which the API
+    server process otherwise never needs; the tokenizer classes themselves do not.
+    """
+    config = os.path.join(path, "tokenizer_config.json")
+    name = None
+    if os.path.isfile(config) and not trust_remote_code:
+        with open(config) as f:
+            name = json.load(f).get("tokenizer_class")
+    tokenizer_class = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
+    if tokenizer_class is None or not isinstance(tokenizer_class, type):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return tokenizer_class.from_pretrained(path)
 
 
 def _gguf_tokenizer(path: str) -> PreTrainedTokenizerBase:
@@ -49,7 +68,7 @@ def _gguf_tokenizer(path: str) -> PreTrainedTokenizerBase:
     saved = _saved_tokenizer_dir(path)
     if os.path.isfile(os.path.join(saved, "tokenizer.json")):
         try:
-            tok = AutoTokenizer.from_pretrained(saved)
+            tok = _from_directory(saved)
         except Exception as e:  # noqa: BLE001 - a damaged copy is rebuilt below
             logger.warning(
                 "could not load the saved tokenizer in %s (%s); converting the GGUF's again", saved, e
@@ -89,6 +108,8 @@ def _convert_gguf_tokenizer(path: str, meta: dict[str, Any]) -> PreTrainedTokeni
     else:
         tokenizer_class = _gguf_tokenizer_class(directory, model_type)
     if tokenizer_class is None:
+        from transformers import AutoTokenizer
+
         tok = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
     else:
         tok = tokenizer_class.from_pretrained(directory, gguf_file=filename)

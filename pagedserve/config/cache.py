@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-# --kv-cache-dtype values (vLLM's names and the usual short forms) -> storage dtype.
-CACHE_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
+# --kv-cache-dtype values (vLLM's names and the usual short forms) -> storage dtype's name. (By
+# name: the API server process, which imports this module, never imports torch.)
+CACHE_DTYPES: dict[str, str] = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
 }
 
 
@@ -47,4 +50,6 @@ class CacheConfig:
             raise ValueError(f"num_gpu_blocks must be at least 2, got {self.num_gpu_blocks}")
 
     def kv_cache_torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
-        return model_dtype if self.cache_dtype == "auto" else CACHE_DTYPES[self.cache_dtype]
+        import torch
+
+        return model_dtype if self.cache_dtype == "auto" else getattr(torch, CACHE_DTYPES[self.cache_dtype])

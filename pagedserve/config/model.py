@@ -7,11 +7,14 @@ import logging
 import os
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Literal, get_args
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from pagedserve.pooling_params import PoolingTask
+
+if TYPE_CHECKING:
+    import torch
+
+    from pagedserve.models.registry import ModelInfo
 
 logger = logging.getLogger(__name__)
 
@@ -28,13 +31,21 @@ _ST_POOLING_MODES: dict[str, PoolingType] = {
     "pooling_mode_lasttoken": "LAST",
 }
 
+# NOTE: dtypes by name: this module is imported by the API server process, which never imports
+# torch (~200 MB resident); `torch_dtype`/`weight_dtype` import it when first asked.
 _DTYPES = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "half": torch.float16,
+    "float32": "float32",
+    "float": "float32",
+    "bfloat16": "bfloat16",
+    "float16": "float16",
+    "half": "float16",
 }
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return getattr(torch, name)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -162,11 +173,13 @@ class ModelConfig:
     # "gguf" (its blocks are used in place); None = the checkpoint's float weights.
     quantization: str | None = None
     hf_config: SimpleNamespace = field(init=False)
-    torch_dtype: torch.dtype = field(init=False)
-    # Storage dtype of the float linear and embedding weights: torch_dtype, except a half-precision
-    # checkpoint computed in float32 on a CPU without bf16 units (dtype auto): its weights stay in
-    # their half dtype, converted row by row inside the kernels (half the memory and bandwidth).
-    weight_dtype: torch.dtype = field(init=False)
+    # The activation dtype's name ("float32", ...): see torch_dtype.
+    dtype_name: str = field(init=False)
+    # Storage dtype of the float linear and embedding weights: the activation dtype, except a
+    # half-precision checkpoint computed in float32 on a CPU without bf16 units (dtype auto): its
+    # weights stay in their half dtype, converted row by row inside the kernels (half the memory
+    # and bandwidth). See weight_dtype.
+    weight_dtype_name: str = field(init=False)
     # Worker-side pooling tasks the loaded model serves (empty for generation).
     pooling_tasks: tuple[PoolingTask, ...] = field(init=False, default=())
     # Bidirectional attention over whole prompts, no KV cache (BERT-style encoders).
@@ -180,25 +193,25 @@ class ModelConfig:
         _normalize_rope(cfg)
         if not cfg.get("architectures"):
             raise ValueError(f"config of {self.model!r} names no architectures")
-        from pagedserve.models.registry import resolve_model_cls
+        from pagedserve.models.registry import resolve_model_info
 
         # An unsupported model fails here, before loading.
-        model_cls, arch = resolve_model_cls(cfg["architectures"])
+        model_info, arch = resolve_model_info(cfg["architectures"])
         num_heads = cfg.get("num_attention_heads")
         cfg.setdefault("num_key_value_heads", num_heads)
         if cfg.get("head_dim") is None and num_heads:
             cfg["head_dim"] = cfg["hidden_size"] // num_heads
         self._resolve_quantization(cfg)
         self.hf_config = SimpleNamespace(**cfg)
-        self.torch_dtype = self._resolve_dtype(cfg)
-        ckpt = _DTYPES.get(str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"), torch.float32)
+        self.dtype_name = self._resolve_dtype(cfg)
+        ckpt = _DTYPES.get(str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"), "float32")
         half_weights = (
-            self.dtype == "auto" and self.torch_dtype == torch.float32 and ckpt != torch.float32 and not self.is_gguf
+            self.dtype == "auto" and self.dtype_name == "float32" and ckpt != "float32" and not self.is_gguf
         )
-        self.weight_dtype = ckpt if half_weights else self.torch_dtype
-        self._resolve_task(model_cls, arch)
+        self.weight_dtype_name = ckpt if half_weights else self.dtype_name
+        self._resolve_task(model_info, arch)
 
-        max_positions_fn = getattr(model_cls, "max_positions", None)
+        max_positions_fn = model_info.max_positions
         max_positions = int(max_positions_fn(cfg) if max_positions_fn else cfg.get("max_position_embeddings") or 2048)
         if self.max_model_len is None:
             self.max_model_len = max_positions
@@ -230,10 +243,10 @@ class ModelConfig:
         elif self.quantization == "gguf":
             raise ValueError(f"quantization='gguf' needs a .gguf file; {self.model!r} is not one")
 
-    def _resolve_task(self, model_cls: type, arch: str) -> None:
+    def _resolve_task(self, model_info: ModelInfo, arch: str) -> None:
         if self.task not in _TASK_OPTIONS:
             raise ValueError(f"task must be one of {list(_TASK_OPTIONS)}, got {self.task!r}")
-        model_tasks: tuple[PoolingTask, ...] = tuple(getattr(model_cls, "pooling_tasks", ()))
+        model_tasks: tuple[PoolingTask, ...] = model_info.pooling_tasks  # type: ignore[assignment]
         task = self.task
         if task == "auto":
             task = model_tasks[0] if model_tasks else "generate"
@@ -260,12 +273,12 @@ class ModelConfig:
             model_tasks = ("embed",)  # converted: the pooler replaces the LM head
         self.task = task  # type: ignore[assignment]
         self.pooling_tasks = model_tasks if task != "generate" else ()
-        self.is_encoder_only = bool(getattr(model_cls, "is_encoder_only", False))
+        self.is_encoder_only = model_info.is_encoder_only
         if task == "generate":
             return
         pooler_config = None if self.is_gguf else _sentence_transformers_pooler_config(self.model)
         if pooler_config is None:
-            pooler_config = PoolerConfig(pooling_type=getattr(model_cls, "default_pooling_type", "LAST"))
+            pooler_config = PoolerConfig(pooling_type=model_info.default_pooling_type)  # type: ignore[arg-type]
         self.pooler_config = pooler_config
         # NOTE: models are built from hf_config alone (see model_loader.get_model), so the
         # resolved pooler config travels to their constructor inside it.
@@ -306,9 +319,18 @@ class ModelConfig:
         assert self.pooler_config is not None
         return not self.is_encoder_only and self.pooler_config.pooling_type == "LAST"
 
-    def _resolve_dtype(self, cfg: dict[str, Any]) -> torch.dtype:
-        if isinstance(self.dtype, torch.dtype):
-            return self.dtype
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The activation dtype (and the float weights', but see weight_dtype)."""
+        return _torch_dtype(self.dtype_name)
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return _torch_dtype(self.weight_dtype_name)
+
+    def _resolve_dtype(self, cfg: dict[str, Any]) -> str:
+        if not isinstance(self.dtype, str):  # a torch.dtype
+            return str(self.dtype).removeprefix("torch.")
         if self.dtype != "auto":
             if self.dtype not in _DTYPES:
                 raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
@@ -319,13 +341,13 @@ class ModelConfig:
         ckpt = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
         native_bf16 = cpu_has_native_bf16()
         if ckpt in ("bfloat16", "float16") and not self.is_gguf and native_bf16:
-            dtype, reason = torch.bfloat16, f"a {ckpt} checkpoint on a CPU with AVX-512 BF16 / AMX"
+            dtype, reason = "bfloat16", f"a {ckpt} checkpoint on a CPU with AVX-512 BF16 / AMX"
         elif ckpt in ("bfloat16", "float16") and not self.is_gguf:
-            dtype = torch.float32
+            dtype = "float32"
             reason = f"a {ckpt} checkpoint on a CPU without AVX-512 BF16 / AMX; its weights stay {ckpt}"
         else:
-            dtype, reason = torch.float32, "GGUF blocks" if self.is_gguf else f"a {ckpt} checkpoint"
-        logger.info("dtype auto: %s (%s)", str(dtype).removeprefix("torch."), reason)
+            dtype, reason = "float32", "GGUF blocks" if self.is_gguf else f"a {ckpt} checkpoint"
+        logger.info("dtype auto: %s (%s)", dtype, reason)
         return dtype
 
     @property

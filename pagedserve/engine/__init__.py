@@ -13,6 +13,10 @@ import msgspec
 from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams
 
+# Wire protocol frame kinds (see engine/core.py): frontend -> engine core, engine core -> frontend.
+ADD, ABORT, UTILITY = b"A", b"X", b"U"
+READY, OUTPUTS, UTILITY_RESULT, FAILED = b"R", b"O", b"V", b"E"
+
 
 class FinishReason(enum.IntEnum):
     STOP = 0

@@ -35,7 +35,17 @@ from pagedserve.core.kv_cache_interface import describe_kv_cache_groups
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.sched.output import SchedulerOutput
 from pagedserve.core.sched.scheduler import Scheduler
-from pagedserve.engine import EngineCoreOutputs, EngineCoreRequest
+from pagedserve.engine import (
+    ABORT,
+    ADD,
+    FAILED,
+    OUTPUTS,
+    READY,
+    UTILITY,
+    UTILITY_RESULT,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+)
 from pagedserve.engine.serial_utils import MsgpackDecoder, MsgpackEncoder
 from pagedserve.executor.abstract import Executor, get_executor_class
 from pagedserve.logger import configure_logging
@@ -43,8 +53,6 @@ from pagedserve.worker.outputs import ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
 
-ADD, ABORT, UTILITY = b"A", b"X", b"U"
-READY, OUTPUTS, UTILITY_RESULT, FAILED = b"R", b"O", b"V", b"E"
 
 # Utility methods a client may call by name (anything else is refused).
 UTILITY_METHODS = frozenset({"reset_prefix_cache", "get_scheduler_stats", "get_num_unfinished_requests", "ping"})

@@ -27,8 +27,17 @@ import zmq
 import zmq.asyncio
 
 from pagedserve.config import EngineConfig
-from pagedserve.engine import EngineCoreOutputs, EngineCoreRequest
-from pagedserve.engine.core import ABORT, ADD, FAILED, OUTPUTS, READY, UTILITY, UTILITY_RESULT, EngineCore
+from pagedserve.engine import (
+    ABORT,
+    ADD,
+    FAILED,
+    OUTPUTS,
+    READY,
+    UTILITY,
+    UTILITY_RESULT,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+)
 from pagedserve.engine.exceptions import EngineDeadError
 from pagedserve.engine.serial_utils import MsgpackDecoder, MsgpackEncoder
 from pagedserve.process_utils import ChildProcess
@@ -45,6 +54,10 @@ def multiprocessing_enabled() -> bool:
 
 class InprocClient:
     def __init__(self, config: EngineConfig) -> None:
+        # NOTE: imported here: the engine core pulls in torch, which a frontend whose engine runs
+        # in its own process never imports.
+        from pagedserve.engine.core import EngineCore
+
         self.engine_core = EngineCore(config)
 
     def add_request(self, request: EngineCoreRequest) -> None:

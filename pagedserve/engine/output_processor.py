@@ -17,8 +17,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
-
 from pagedserve.engine import EngineCoreOutput, EngineCoreRequest, FinishReason
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.logprobs import LogprobsProcessor, TokenDecodeCache
@@ -185,6 +183,8 @@ class RequestState:
     def make_pooling_output(
         self, finish_reason: FinishReason, pooling_output: list[float] | None
     ) -> PoolingRequestOutput[PoolingOutput]:
+        import torch  # pooling outputs only: a generative model's frontend never imports torch
+
         data = torch.tensor(pooling_output if pooling_output is not None else [], dtype=torch.float32)
         return PoolingRequestOutput(
             request_id=self.request_id,

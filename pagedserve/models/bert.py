@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from types import SimpleNamespace
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -245,11 +245,6 @@ class BertEmbeddingModel(nn.Module):
         self.model = self.model_cls(config, prefix="model.")
         self.pooler = Pooler.for_embed(_pooler_config(config, self.default_pooling_type))
 
-    @staticmethod
-    def max_positions(hf_config: dict[str, Any]) -> int:
-        """The longest prompt the position embeddings cover (read by ModelConfig)."""
-        return int(hf_config.get("max_position_embeddings") or 512)
-
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, token_type_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -283,7 +278,6 @@ class BertForSequenceClassification(nn.Module):
         self.classifier = ReplicatedLinear(config.hidden_size, num_labels, bias=True)
         self.pooler = Pooler.for_classify(_pooler_config(config, self.default_pooling_type), self._classify, config)
 
-    max_positions = staticmethod(BertEmbeddingModel.max_positions)
 
     def _classify(self, cls_hidden_states: torch.Tensor) -> torch.Tensor:
         assert self.bert.pooler is not None

@@ -17,7 +17,8 @@ from torch import nn
 from pagedserve.config.model import ModelConfig
 from pagedserve.models.registry import resolve_model_cls
 from pagedserve.models.utils import materialize_meta_module
-from pagedserve.quantization import get_quantization_config, set_current_quant_config
+from pagedserve.quantization import get_quantization_config
+from pagedserve.quantization.base_config import set_current_quant_config
 
 logger = logging.getLogger(__name__)
 

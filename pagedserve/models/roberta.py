@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from types import SimpleNamespace
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -21,11 +21,6 @@ from pagedserve.models.bert import (
 from pagedserve.models.layers.linear import ReplicatedLinear
 from pagedserve.models.layers.pooler import Pooler
 from pagedserve.pooling_params import PoolingTask
-
-
-def _roberta_max_positions(hf_config: dict[str, Any]) -> int:
-    # Positions start at pad_token_id + 1, so that many rows of the table are never used.
-    return int(hf_config.get("max_position_embeddings") or 514) - int(hf_config.get("pad_token_id", 1)) - 1
 
 
 class RobertaEmbedding(BertEmbedding):
@@ -53,7 +48,6 @@ class RobertaEmbeddingModel(BertEmbeddingModel):
 
     model_cls = RobertaModel
     checkpoint_prefix = "roberta."
-    max_positions = staticmethod(_roberta_max_positions)
 
 
 class RobertaClassificationHead(nn.Module):
@@ -75,7 +69,6 @@ class RobertaForSequenceClassification(nn.Module):
     is_encoder_only: ClassVar[bool] = True
     pooling_tasks: ClassVar[tuple[PoolingTask, ...]] = ("classify", "score")
     default_pooling_type: ClassVar[str] = "CLS"
-    max_positions = staticmethod(_roberta_max_positions)
 
     def __init__(self, config: SimpleNamespace, max_position: int) -> None:
         super().__init__()

@@ -1,26 +1,19 @@
-"""Quantization methods by name (vLLM's `--quantization`)."""
+"""Quantization methods by name (vLLM's `--quantization`).
+
+The interface is in base_config.py. This module stays free of torch: configuration (which the
+API server process builds) only checks names.
+"""
 
 from __future__ import annotations
 
-from pagedserve.quantization.base_config import (
-    EmbeddingMethodBase,
-    LinearMethodBase,
-    QuantizationConfig,
-    get_current_quant_config,
-    set_current_quant_config,
-)
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pagedserve.quantization.base_config import QuantizationConfig
 
 QUANTIZATION_METHODS = ("gguf",)
 
-__all__ = [
-    "QUANTIZATION_METHODS",
-    "EmbeddingMethodBase",
-    "LinearMethodBase",
-    "QuantizationConfig",
-    "get_current_quant_config",
-    "get_quantization_config",
-    "set_current_quant_config",
-]
+__all__ = ["QUANTIZATION_METHODS", "get_quantization_config"]
 
 
 def get_quantization_config(name: str) -> QuantizationConfig:

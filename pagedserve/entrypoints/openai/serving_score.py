@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 
-import torch.nn.functional as F
 from starlette.requests import Request
 
 from pagedserve.engine import EngineCoreRequest
@@ -163,5 +162,9 @@ class ServingScores(OpenAIServing):
         scores = []
         for text_1, output_2 in zip(texts_1, outputs[len(unique_texts_1) :]):
             output_1 = by_text_1[text_1]
+            # NOTE: torch only here (pooling outputs are torch tensors): a generative model's server
+            # never imports it.
+            import torch.nn.functional as F
+
             scores.append(F.cosine_similarity(output_1.outputs.data, output_2.outputs.data, dim=0).item())
         return scores, sum(len(output.prompt_token_ids) for output in outputs)

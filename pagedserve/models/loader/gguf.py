@@ -30,12 +30,17 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf.quants import dequantize
+
+if TYPE_CHECKING:
+    import torch
+
+# NOTE: torch is imported inside the functions that make tensors: the API server process reads
+# GGUF metadata (config, tokenizer) and never imports torch.
 
 logger = logging.getLogger(__name__)
 
@@ -196,8 +201,12 @@ class GGUFFile:
         byte_shape = (*info.shape[:-1], info.shape[-1] // block_size * type_size)
         return np.frombuffer(self._buffer, np.uint8, info.num_bytes, info.data_offset).reshape(byte_shape)
 
-    def dequantize(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The tensor as a fresh (not file-backed) torch tensor of `dtype`, in torch shape."""
+    def dequantize(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor as a fresh (not file-backed) torch tensor of `dtype` (default float32), in
+        torch shape."""
+        import torch
+
+        dtype = dtype or torch.float32
         info = self.tensors[name]
         raw = self.raw_tensor(name)
         if info.ggml_type in _PLAIN_NUMPY_TYPES:
@@ -365,6 +374,8 @@ def _llama3_rope_scaling(gguf_file: GGUFFile, rope_theta: float, head_dim: int) 
     """Llama 3.1+ GGUFs store rope scaling as per-frequency divisors (`rope_freqs.weight`), not as
     parameters. Every published Llama 3 uses low/high frequency factors 1 and 4 around an original
     context of 8192; rebuild those parameters and check that they reproduce the stored divisors."""
+    import torch
+
     stored = gguf_file.dequantize("rope_freqs.weight").double()
     factor = float(stored.max())
     scaling: dict[str, Any] = {
@@ -385,6 +396,8 @@ def _llama3_rope_scaling(gguf_file: GGUFFile, rope_theta: float, head_dim: int) 
 
 def llama3_rope_divisors(rope_theta: float, head_dim: int, scaling: dict[str, Any]) -> torch.Tensor:
     """Per-frequency divisors of Llama 3 rope scaling (the values llama.cpp stores in rope_freqs)."""
+    import torch
+
     inv_freq = 1.0 / rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     wavelen = 2 * math.pi / inv_freq
     factor = float(scaling["factor"])
@@ -497,12 +510,12 @@ def _unpermute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor
 
 
 def iterate_gguf_weights(
-    path: str | os.PathLike[str], dtype: torch.dtype = torch.float32
+    path: str | os.PathLike[str], dtype: torch.dtype | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(hf_name, tensor)` for every weight, dequantized to `dtype` one tensor at a time, in
     the layout of the HF checkpoint (`lm_head.weight` only when the file has an output tensor)."""
     for hf_name, tensor in _iterate(path, packed=False):
-        yield hf_name, tensor.to(dtype).contiguous()
+        yield hf_name, (tensor if dtype is None else tensor.to(dtype)).contiguous()
 
 
 def iterate_gguf_packed_weights(path: str | os.PathLike[str]) -> Iterator[tuple[str, Any]]:
@@ -544,10 +557,10 @@ def _iterate(path: str | os.PathLike[str], packed: bool) -> Iterator[tuple[str, 
                 data = _file_view(gguf_file.raw_tensor(gguf_name).view(np.uint8)).reshape(info.shape[0], -1)
                 yield hf_name, GGUFWeight(data, info.ggml_type, info.shape, from_file=True)
             else:
-                yield hf_name, GGUFWeight.from_dense(gguf_file.dequantize(gguf_name, torch.float32))
+                yield hf_name, GGUFWeight.from_dense(gguf_file.dequantize(gguf_name))
             continue
         # Dequantize in float32 so the corrections below are exact before the final cast.
-        tensor = gguf_file.dequantize(gguf_name, torch.float32)
+        tensor = gguf_file.dequantize(gguf_name)
         if arch == "llama" and not packed:
             if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
                 tensor = _unpermute_rotary_rows(tensor, config["num_attention_heads"])
@@ -566,6 +579,8 @@ def _file_view(array: np.ndarray) -> torch.Tensor:
     NOTE: torch warns that it cannot protect a read-only array from writes. Nothing writes to
     packed weights, and the mapping is read-only: a write would fault, never change the file.
     """
+    import torch
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(array)
