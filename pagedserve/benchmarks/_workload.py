@@ -3,7 +3,6 @@ and the machine's GEMM rate (the compute limit every throughput figure is report
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -136,18 +135,3 @@ def percentile(values: Sequence[float], q: float) -> float:
     if not values:
         return float("nan")
     return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q / 100.0))
-
-
-@contextmanager
-def environment(**variables: str) -> Iterator[None]:
-    """Sets environment variables for the duration of the block."""
-    saved = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value

@@ -40,11 +40,11 @@ import torch
 from pagedserve.attention.forward_context import set_forward_context
 from pagedserve.benchmarks._workload import (
     ModelFlops,
-    environment,
     measure_gemm_flops,
     resolve_model,
 )
 from pagedserve.benchmarks.throughput import Workload, make_workload
+from pagedserve.envs import environment
 
 # Breakdown rows, in the order of a step. Each maps to the methods whose exclusive time it sums.
 ROWS: list[tuple[str, str]] = [

@@ -7,8 +7,8 @@ import contextlib
 import os
 import sys
 
-from pagedserve.benchmarks._workload import environment
 from pagedserve.engine.arg_utils import EngineArgs
+from pagedserve.envs import environment
 from pagedserve.logger import LEVEL_VARIABLE, configure_logging
 
 
@@ -41,10 +41,14 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
+def _add_bench_parser(subparsers: argparse._SubParsersAction, full: bool) -> None:
+    """`bench` and, when `full` (the command line is a benchmark), its subcommands: their modules
+    import torch, which `pagedserve serve`'s API server process must not."""
+    parser = subparsers.add_parser("bench", help="benchmarks (pagedserve bench --help)")
+    if not full:
+        return
     from pagedserve.benchmarks import embed, latency, overhead, prefix_caching, serve, throughput
 
-    parser = subparsers.add_parser("bench", help="benchmarks")
     bench = parser.add_subparsers(dest="bench_command", required=True)
     throughput.add_cli_args(bench.add_parser("throughput", help="offline throughput vs transformers"))
     latency.add_cli_args(bench.add_parser("latency", help="decode step of one small batch vs the bandwidth limit"))
@@ -84,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate_parser(subparsers)
     _add_serve_parser(subparsers)
-    _add_bench_parser(subparsers)
+    argv = sys.argv[1:] if argv is None else argv
+    _add_bench_parser(subparsers, full=bool(argv) and argv[0] == "bench")
     args = parser.parse_args(argv)
     # Benchmarks print figures: their engine processes log warnings only, unless asked otherwise.
     level = os.environ.get(LEVEL_VARIABLE, "WARNING")

@@ -529,7 +529,7 @@ def _log_startup(args: argparse.Namespace, config: EngineConfig, names: list[str
         config.model_config.model,
         ", ".join(names),
         config.model_config.max_model_len,
-        config.model_config.torch_dtype,
+        config.model_config.dtype_name,
     )
     logger.info(
         "KV cache: %s blocks of %d tokens = %s tokens; prefix caching %s",

@@ -27,10 +27,10 @@ import mmap
 import os
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
@@ -85,6 +85,58 @@ _PLAIN_NUMPY_TYPES: dict[GGMLQuantizationType, np.dtype] = {
     GGMLQuantizationType.I32: np.dtype("<i4"),
     GGMLQuantizationType.I64: np.dtype("<i8"),
 }
+
+
+# Arrays of more strings than this (a vocabulary, its merges) are decoded on access only.
+_LAZY_STRING_ARRAY_MIN = 1024
+
+
+class _StringArray(Sequence[str]):
+    """A metadata array of strings, decoded item by item on access.
+
+    The vocabulary and merges of Qwen2.5 are 300k strings: ~35 MB as Python objects, which the
+    engine process (it only needs the config) would keep for nothing. Only each item's offset is
+    kept (8 bytes an item).
+    """
+
+    def __init__(self, buffer: mmap.mmap, pos: int, count: int) -> None:
+        self._buffer = buffer
+        self._offsets = np.empty(count, dtype=np.int64)
+        for i in range(count):
+            self._offsets[i] = pos
+            (length,) = struct.unpack_from("<Q", buffer, pos)
+            pos += 8 + length
+        self.end = pos
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (list, tuple, _StringArray)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def _decode(self, i: int) -> str:
+        pos = int(self._offsets[i])
+        (length,) = struct.unpack_from("<Q", self._buffer, pos)
+        return self._buffer[pos + 8 : pos + 8 + length].decode("utf-8", errors="replace")
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if isinstance(index, slice):
+            return [self._decode(i) for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self._decode(index)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +233,9 @@ class GGUFFile:
             # Numeric arrays (token scores, token types) stay numpy: one copy, no per-item objects.
             array = np.frombuffer(self._buffer, dtype=np.dtype("<" + fmt), count=count, offset=pos).copy()
             return array, pos + array.nbytes
+        if item_type == GGUFValueType.STRING and count > _LAZY_STRING_ARRAY_MIN:
+            strings = _StringArray(self._buffer, pos, count)
+            return strings, strings.end
         items = []
         for _ in range(count):
             item, pos = self._read_value(pos, item_type)
