@@ -325,6 +325,10 @@ struct Sub {
   __m128 wm;
 };
 
+// Two floats at p -> lanes 0, 1. (Through the integer load, whose pointer type may alias: a
+// double* load of floats breaks strict aliasing, and GCC then reads before the floats are stored.)
+inline __m128 load_pair(const float* p) { return _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+
 // Two fp16 values at p -> lanes 0, 1.
 inline __m128 fp16x2(const uint8_t* p) {
   uint32_t bits;
@@ -416,7 +420,7 @@ struct QBlock<kQ8_0> {
 
 // The 8 sub-blocks' (d * scale, -dmin * min) of a Q4_K / Q5_K super-block, as (dw, mw) pairs.
 struct KScales {
-  alignas(16) float wm[8][4];
+  alignas(32) float wm[16];  // pair j at wm[2j]
 };
 
 template <int64_t T>
@@ -424,15 +428,28 @@ struct QBlockK {  // Q4_K, Q5_K: sub-block j is the low (even j) or high nibbles
   static constexpr bool kFive = T == kQ5_K;
   static constexpr int64_t kValues = 256, kBytes = kFive ? 176 : 144, kSubs = 8;
   using Scales = KScales;
+  // The 12 scale bytes as three words u0, u1, u2 (see k_scale_min for the layout): the eight 6-bit
+  // scales are the bytes of u0 & 0x3F.. and of (u2 & 0x0F..) | (top 2 bits of u0's bytes) << 4,
+  // the mins likewise from u1 and u2's high nibbles. Widened and scaled 8 at a time.
   static Scales prepare(const uint8_t* w) {
-    const __m128 d_dmin = _mm_mul_ps(fp16x2(w), _mm_setr_ps(1.0f, -1.0f, 0.0f, 0.0f));
-    Scales scales;
-    for (int j = 0; j < 8; ++j) {
-      int sc, mn;
-      k_scale_min(w + 4, j, &sc, &mn);
-      _mm_store_ps(scales.wm[j], _mm_mul_ps(d_dmin, _mm_setr_ps(static_cast<float>(sc), static_cast<float>(mn), 0, 0)));
-    }
-    return scales;
+    uint32_t u[3];
+    std::memcpy(u, w + 4, 12);
+    const uint64_t scales = (u[0] & 0x3F3F3F3Fu) |
+                            static_cast<uint64_t>((u[2] & 0x0F0F0F0Fu) | (((u[0] >> 6) & 0x03030303u) << 4)) << 32;
+    const uint64_t mins = (u[1] & 0x3F3F3F3Fu) |
+                          static_cast<uint64_t>(((u[2] >> 4) & 0x0F0F0F0Fu) | (((u[1] >> 6) & 0x03030303u) << 4)) << 32;
+    auto widen = [](uint64_t bytes) {
+      return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(bytes))));
+    };
+    const __m128 d_dmin = fp16x2(w);
+    const __m256 dw = _mm256_mul_ps(widen(scales), _mm256_set1_ps(_mm_cvtss_f32(d_dmin)));
+    const __m256 mw = _mm256_mul_ps(widen(mins), _mm256_set1_ps(-_mm_cvtss_f32(_mm_movehdup_ps(d_dmin))));
+    // pairs (dw_j, mw_j): unpacklo holds j = 0, 1 | 4, 5, unpackhi j = 2, 3 | 6, 7
+    const __m256 lo = _mm256_unpacklo_ps(dw, mw), hi = _mm256_unpackhi_ps(dw, mw);
+    Scales out;
+    _mm256_store_ps(out.wm, _mm256_permute2f128_ps(lo, hi, 0x20));
+    _mm256_store_ps(out.wm + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+    return out;
   }
   static Sub unpack(const uint8_t* w, int j, const Scales& scales) {
     const uint8_t* chunk = w + (kFive ? 48 : 16) + 32 * (j / 2);
@@ -446,7 +463,7 @@ struct QBlockK {  // Q4_K, Q5_K: sub-block j is the low (even j) or high nibbles
       s.lo = _mm256_or_si256(s.lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(widen_u8(w + 16), j), one), 4));
       s.hi = _mm256_or_si256(s.hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(widen_u8(w + 32), j), one), 4));
     }
-    s.wm = _mm_load_ps(scales.wm[j]);
+    s.wm = load_pair(scales.wm + 2 * j);
     return s;
   }
 };
@@ -516,7 +533,7 @@ void quant_tile(const uint8_t* const* w, int64_t prefetch, int64_t K, const Quan
         const int16_t* ar = qa + r * K + 32 * blk;
         const __m256i a_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ar));
         const __m256i a_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ar + 16));
-        const __m128 xds = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(ds + r * ds_stride + 2 * blk)));
+        const __m128 xds = load_pair(ds + r * ds_stride + 2 * blk);
         for (int i = 0; i < RW; ++i) {
           const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(s[i].lo, a_lo), _mm256_madd_epi16(s[i].hi, a_hi));
           const __m128 factors = _mm_mul_ps(s[i].wm, xds);  // (dw * d, mw * s)
