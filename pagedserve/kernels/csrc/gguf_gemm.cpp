@@ -277,8 +277,11 @@ namespace pagedserve {
 void GgufActivations::resize(int64_t num_rows, int64_t num_columns) {
   K = num_columns;
   blocks = num_columns / 32;
+  padded_blocks = (blocks + 7) / 8 * 8;  // whole groups of 8: the padding stays zero
   q.resize(num_rows * K);
   ds.resize(2 * num_rows * blocks);
+  d.assign(num_rows * padded_blocks, 0.0f);
+  s.assign(num_rows * padded_blocks, 0.0f);
 }
 
 void gguf_quantize_rows(const float* x, int64_t ldx, int64_t m_begin, int64_t m_end, GgufActivations* qx) {
@@ -286,8 +289,11 @@ void gguf_quantize_rows(const float* x, int64_t ldx, int64_t m_begin, int64_t m_
     for (int64_t b = 0; b < qx->blocks; ++b) {
       float d;
       const int sum = quantize_block(x + m * ldx + 32 * b, qx->q.data() + m * qx->K + 32 * b, &d);
+      const float s = d * static_cast<float>(sum);
       qx->ds[2 * (m * qx->blocks + b)] = d;
-      qx->ds[2 * (m * qx->blocks + b) + 1] = d * static_cast<float>(sum);
+      qx->ds[2 * (m * qx->blocks + b) + 1] = s;
+      qx->d[m * qx->padded_blocks + b] = d;
+      qx->s[m * qx->padded_blocks + b] = s;
     }
   }
 }
@@ -421,6 +427,7 @@ struct QBlock<kQ8_0> {
 // The 8 sub-blocks' (d * scale, -dmin * min) of a Q4_K / Q5_K super-block, as (dw, mw) pairs.
 struct KScales {
   alignas(32) float wm[16];  // pair j at wm[2j]
+  __m256 dw, mw;             // the same, as 8-lane vectors
 };
 
 template <int64_t T>
@@ -449,6 +456,8 @@ struct QBlockK {  // Q4_K, Q5_K: sub-block j is the low (even j) or high nibbles
     Scales out;
     _mm256_store_ps(out.wm, _mm256_permute2f128_ps(lo, hi, 0x20));
     _mm256_store_ps(out.wm + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+    out.dw = dw;
+    out.mw = mw;
     return out;
   }
   static Sub unpack(const uint8_t* w, int j, const Scales& scales) {
@@ -548,6 +557,143 @@ void quant_tile(const uint8_t* const* w, int64_t prefetch, int64_t K, const Quan
       y[i * RA + r] = pagedserve::hsum8(acc[i][r]) + _mm_cvtss_f32(_mm_shuffle_ps(mins[i][r], mins[i][r], 1));
 }
 
+// ---------------------------------------------------------------------------------------------
+// One weight row against one row of x, 8 sub-blocks at a time (M = 1: a decode of one request).
+// Each sub-block's integer dot stays an int32 vector until 8 of them are summed across lanes at
+// once; then one vector of 8 float factors multiplies them. Per 32 values that leaves the
+// unpacking, two vpmaddwd and about one instruction of scale handling, instead of seven.
+
+// [sum(a), sum(b)] lane-wise partial: hadd of two int32x8 (sums of adjacent lane pairs).
+inline __m256i hadd_pairs(__m256i a, __m256i b) { return _mm256_hadd_epi32(a, b); }
+
+// Eight int32x8 vectors given as hadd_pairs of (0,1), (2,3), (4,5), (6,7) -> their 8 sums in order.
+inline __m256i finish_hsum8x8(__m256i h01, __m256i h23, __m256i h45, __m256i h67) {
+  const __m256i a = _mm256_hadd_epi32(h01, h23), b = _mm256_hadd_epi32(h45, h67);
+  // a = [0 1 2 3 (lanes 0-3 halves) | 0 1 2 3 (lanes 4-7 halves)], b likewise for 4-7
+  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+// Scales of 8 consecutive blocks of `bytes` bytes from w: the fp16 at offset 0 of each (d), and
+// when `with_second`, the fp16 at offset 2 (Q4_1 / Q5_1's min).
+template <int64_t bytes, bool with_second>
+inline void gather_block_scales(const uint8_t* w, __m256* d, __m256* m) {
+  const __m256i offsets =
+      _mm256_setr_epi32(0, bytes, 2 * bytes, 3 * bytes, 4 * bytes, 5 * bytes, 6 * bytes, 7 * bytes);
+  const __m256i words = _mm256_i32gather_epi32(reinterpret_cast<const int*>(w), offsets, 1);
+  // the low (d) or high (m) halfword of each word, packed into the low 64 bits of each lane ...
+  const __m256i low = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1,  //
+                                       0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1);
+  // ... and the two lanes' 64 bits side by side
+  *d = _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_shuffle_epi8(words, low), 0x08)));
+  if constexpr (with_second) {
+    const __m256i high = _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1,  //
+                                          2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+    *m = _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_shuffle_epi8(words, high), 0x08)));
+  }
+}
+
+template <int64_t T>
+struct Group;  // per type: bytes of 8 sub-blocks, their factors (dw, mw), sub-block j's values
+
+template <int64_t T>
+struct GroupLegacy {  // Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: 8 blocks
+  using B = QBlock<T>;
+  static constexpr int64_t kGroupBytes = 8 * B::kBytes;
+  static constexpr bool kHasMin = T != kQ8_0;
+  static void factors(const uint8_t* w, __m256* dw, __m256* mw) {
+    if constexpr (T == kQ4_1 || T == kQ5_1) {
+      gather_block_scales<B::kBytes, true>(w, dw, mw);
+    } else {
+      gather_block_scales<B::kBytes, false>(w, dw, nullptr);
+      if constexpr (T == kQ4_0) *mw = _mm256_mul_ps(*dw, _mm256_set1_ps(-8.0f));
+      if constexpr (T == kQ5_0) *mw = _mm256_mul_ps(*dw, _mm256_set1_ps(-16.0f));
+    }
+  }
+  static Sub unpack(const uint8_t* w, int j) { return B::unpack(w + j * B::kBytes, 0, {}); }
+};
+
+template <int64_t T>
+struct GroupK {  // Q4_K, Q5_K: one super-block
+  using B = QBlock<T>;
+  static constexpr int64_t kGroupBytes = B::kBytes;
+  static constexpr bool kHasMin = true;
+  static void factors(const uint8_t* w, __m256* dw, __m256* mw) {
+    const KScales scales = B::prepare(w);
+    *dw = scales.dw;
+    *mw = scales.mw;
+  }
+  static Sub unpack(const uint8_t* w, int j) { return B::unpack(w, j, KScales{}); }
+};
+
+template <>
+struct Group<kQ4_0> : GroupLegacy<kQ4_0> {};
+template <>
+struct Group<kQ4_1> : GroupLegacy<kQ4_1> {};
+template <>
+struct Group<kQ5_0> : GroupLegacy<kQ5_0> {};
+template <>
+struct Group<kQ5_1> : GroupLegacy<kQ5_1> {};
+template <>
+struct Group<kQ8_0> : GroupLegacy<kQ8_0> {};
+template <>
+struct Group<kQ4_K> : GroupK<kQ4_K> {};
+template <>
+struct Group<kQ5_K> : GroupK<kQ5_K> {};
+
+template <>
+struct Group<kQ6_K> {  // one super-block; its per-16 scales are folded into the int16 values
+  static constexpr int64_t kGroupBytes = 210;
+  static constexpr bool kHasMin = false;
+  static void factors(const uint8_t* w, __m256* dw, __m256*) { *dw = _mm256_set1_ps(fp16_fast(w + 208)); }
+  static Sub unpack(const uint8_t* w, int j) { return QBlock<kQ6_K>::unpack(w, j, {}); }
+};
+
+template <int64_t T>
+void quant_row_grouped(const uint8_t* w, int64_t prefetch, int64_t K, const QuantizedX& qx, int64_t m0, float* y) {
+  using G = Group<T>;
+  const int16_t* qa = qx.row_q(m0);
+  const float* da = qx.row_d(m0);
+  const float* sa = qx.row_s(m0);
+  const int64_t subs = K / 32, groups = subs / 8;
+  __m256 acc = _mm256_setzero_ps(), mins = _mm256_setzero_ps();
+  auto dot = [&](const uint8_t* p, int j, int64_t blk) {
+    const Sub s = G::unpack(p, j);
+    const __m256i* a = reinterpret_cast<const __m256i*>(qa + 32 * blk);
+    return _mm256_add_epi32(_mm256_madd_epi16(s.lo, _mm256_loadu_si256(a)), _mm256_madd_epi16(s.hi, _mm256_loadu_si256(a + 1)));
+  };
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* p = w + g * G::kGroupBytes;
+    if (prefetch != 0)
+      for (int64_t line = 0; line < G::kGroupBytes; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(p + prefetch + line), _MM_HINT_T0);
+    __m256 dw, mw = _mm256_setzero_ps();
+    G::factors(p, &dw, &mw);
+    const int64_t b0 = 8 * g;
+    const __m256i h01 = hadd_pairs(dot(p, 0, b0), dot(p, 1, b0 + 1));
+    const __m256i h23 = hadd_pairs(dot(p, 2, b0 + 2), dot(p, 3, b0 + 3));
+    const __m256i h45 = hadd_pairs(dot(p, 4, b0 + 4), dot(p, 5, b0 + 5));
+    const __m256i h67 = hadd_pairs(dot(p, 6, b0 + 6), dot(p, 7, b0 + 7));
+    const __m256 sums = _mm256_cvtepi32_ps(finish_hsum8x8(h01, h23, h45, h67));
+    acc = _mm256_fmadd_ps(sums, _mm256_mul_ps(dw, _mm256_loadu_ps(da + b0)), acc);
+    if constexpr (G::kHasMin) mins = _mm256_fmadd_ps(mw, _mm256_loadu_ps(sa + b0), mins);
+  }
+  float tail = 0.0f;
+  if constexpr (QBlock<T>::kSubs == 1) {  // blocks past the last whole group, one at a time
+    using B = QBlock<T>;
+    const float* ds = qx.row_ds(m0);
+    for (int64_t b = 8 * groups; b < subs; ++b) {
+      const Sub s = B::unpack(w + b * B::kBytes, 0, {});
+      const __m256i* a = reinterpret_cast<const __m256i*>(qa + 32 * b);
+      const __m256i d32 =
+          _mm256_add_epi32(_mm256_madd_epi16(s.lo, _mm256_loadu_si256(a)), _mm256_madd_epi16(s.hi, _mm256_loadu_si256(a + 1)));
+      const __m128 factors = _mm_mul_ps(s.wm, load_pair(ds + 2 * b));
+      tail += pagedserve::hsum8(_mm256_cvtepi32_ps(d32)) * _mm_cvtss_f32(factors) +
+              _mm_cvtss_f32(_mm_shuffle_ps(factors, factors, 1));
+    }
+  }
+  y[0] = pagedserve::hsum8(acc) + pagedserve::hsum8(mins) + tail;
+}
+
 // Plain weights (F32 / F16 / BF16) against float32 rows of x: 8 values a step.
 template <int64_t T>
 inline __m256 load8(const uint8_t* w) {
@@ -614,7 +760,11 @@ void run_tile(const TileArgs& a) {
   if constexpr (T == kF32 || T == kF16 || T == kBF16) {
     plain_tile<T, RW, RA>(a.w, a.K, a.x, a.ldx, a.y);
   } else {
-    quant_tile<T, RW, RA>(a.w, a.prefetch, a.K, *a.qx, a.m0, a.y);
+    if constexpr (RW == 1 && RA == 1) {
+      quant_row_grouped<T>(a.w[0], a.prefetch, a.K, *a.qx, a.m0, a.y);
+    } else {
+      quant_tile<T, RW, RA>(a.w, a.prefetch, a.K, *a.qx, a.m0, a.y);
+    }
   }
 }
 
@@ -764,7 +914,8 @@ void gguf_gemm_rows(const float* x, int64_t ldx, const GgufActivations& qx, int6
         seek(n);
         const GgufShard& sh = shards[s];
         const int64_t shard_end = first_row + sh.rows, local = n - first_row;
-        const int rw = n + 1 < std::min(n1, shard_end) ? 2 : 1;
+        // one row of x: single-row tiles of 8 sub-blocks at a time (quant_row_grouped)
+        const int rw = n + 1 < std::min(n1, shard_end) && (M > 1 || is_plain(sh.type)) ? 2 : 1;
         const uint8_t* w[2] = {sh.data + local * sh.row_stride, sh.data + (local + rw - 1) * sh.row_stride};
         const int64_t prefetch = n + 2 * rw <= std::min(n_end, shard_end) ? rw * sh.row_stride : 0;
         tile_for(sh.type, rw, ra)({w, prefetch, K, &qx, x + m0 * ldx, ldx, m0, yt});

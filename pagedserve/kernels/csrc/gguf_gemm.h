@@ -24,11 +24,14 @@ constexpr int64_t kDequantMinRows = 96;
 // d = max|x| / 32767 (see gguf_gemm.cpp).
 struct GgufActivations {
   std::vector<int16_t> q;  // [M][K]
-  std::vector<float> ds;   // [M][K / 32][2]
-  int64_t K = 0, blocks = 0;
+  std::vector<float> ds;   // [M][K / 32][2]: (d, s) pairs, for tiles of several rows
+  std::vector<float> d, s;  // [M][padded_blocks]: the same, apart, for 8 blocks at a time
+  int64_t K = 0, blocks = 0, padded_blocks = 0;
   void resize(int64_t num_rows, int64_t num_columns);  // K must be a multiple of 32
   const int16_t* row_q(int64_t m) const { return q.data() + m * K; }
   const float* row_ds(int64_t m) const { return ds.data() + 2 * m * blocks; }
+  const float* row_d(int64_t m) const { return d.data() + m * padded_blocks; }
+  const float* row_s(int64_t m) const { return s.data() + m * padded_blocks; }
 };
 
 // y[M, N] (row stride ldy) = x[M, K] (float32, row stride ldx) @ concat(shards)^T (+ bias[N]),
