@@ -28,15 +28,50 @@ def smollm2_path() -> str:
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, hf_gguf: HFGGUFReferences) -> str:
     """SmolLM2's real tokenizer (byte-level BPE, ChatML template) saved as an HF directory."""
-    from transformers import AutoTokenizer
-
-    path = smollm2_gguf_path()
-    tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    tok = hf_gguf.tokenizer(smollm2_gguf_path())
     out = tmp_path_factory.mktemp("smollm2_tokenizer")
     tok.save_pretrained(out)
     return str(out)
+
+
+class HFGGUFReferences:
+    """transformers' own loads of a real GGUF file, made once per session: each dequantizes every
+    tensor (and converts the vocabulary) in Python, 5-45 s per file, and several test modules
+    compare against the same file. Call `forget` for a big one used by one module only."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, Any] = {}
+        self._tokenizers: dict[str, Any] = {}
+
+    def model(self, path: str) -> Any:
+        """The float32 model in eval mode; callers must not modify its weights."""
+        if path not in self._models:
+            from transformers import AutoModelForCausalLM
+
+            directory, name = os.path.split(path)
+            self._models[path] = AutoModelForCausalLM.from_pretrained(
+                directory, gguf_file=name, dtype=torch.float32
+            ).eval()
+        return self._models[path]
+
+    def tokenizer(self, path: str) -> Any:
+        if path not in self._tokenizers:
+            from transformers import AutoTokenizer
+
+            directory, name = os.path.split(path)
+            self._tokenizers[path] = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+        return self._tokenizers[path]
+
+    def forget(self, path: str) -> None:
+        self._models.pop(path, None)
+        self._tokenizers.pop(path, None)
+
+
+@pytest.fixture(scope="session")
+def hf_gguf() -> HFGGUFReferences:
+    return HFGGUFReferences()
 
 
 def _npm_tokenizer_dir(package: str, cache: Path) -> str:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from pagedserve.model_files import default_model, gemma3_270m_gguf
 from pagedserve.tokenizer import get_eos_token_ids, get_tokenizer
@@ -24,11 +23,6 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def smollm2_tokenizer() -> PreTrainedTokenizerBase:
     return get_tokenizer(default_model())
-
-
-def _transformers_gguf_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    directory, filename = os.path.split(path)
-    return AutoTokenizer.from_pretrained(directory, gguf_file=filename)
 
 
 def _assert_same_tokenizer(ours: PreTrainedTokenizerBase, reference: PreTrainedTokenizerBase) -> None:
@@ -75,9 +69,9 @@ def test_smollm2_special_tokens_follow_gguf_metadata(smollm2_tokenizer: PreTrain
 
 @pytest.mark.slow
 def test_smollm2_tokenizer_matches_transformers_gguf_tokenizer(
-    smollm2_tokenizer: PreTrainedTokenizerBase,
+    smollm2_tokenizer: PreTrainedTokenizerBase, hf_gguf
 ) -> None:
-    _assert_same_tokenizer(smollm2_tokenizer, _transformers_gguf_tokenizer(default_model()))
+    _assert_same_tokenizer(smollm2_tokenizer, hf_gguf.tokenizer(default_model()))
 
 
 def test_hf_directory_tokenizer_and_generation_config_eos(
@@ -106,10 +100,10 @@ def test_missing_paths_are_clear_errors(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_gemma3_tokenizer_matches_transformers_gguf_tokenizer() -> None:
+def test_gemma3_tokenizer_matches_transformers_gguf_tokenizer(hf_gguf) -> None:
     path = gemma3_270m_gguf()
     ours = get_tokenizer(path)
-    _assert_same_tokenizer(ours, _transformers_gguf_tokenizer(path))
+    _assert_same_tokenizer(ours, hf_gguf.tokenizer(path))
     assert ours("The capital of France is").input_ids[0] == ours.bos_token_id == 2
     # <end_of_turn> ends a chat turn: HF's generation_config lists it next to <eos>
     assert get_eos_token_ids(path, ours) == [1, ours.convert_tokens_to_ids("<end_of_turn>")]

@@ -40,16 +40,12 @@ def test_chat_answers_paris(smollm2):
     assert "Paris" in out[0].outputs[0].text
 
 
-def test_first_step_logits_match_transformers_loading_the_same_gguf(smollm2, smollm2_path):
-    from transformers import AutoModelForCausalLM
-
+def test_first_step_logits_match_transformers_loading_the_same_gguf(smollm2, smollm2_path, hf_gguf):
     tok = smollm2.get_tokenizer()
     ids = tok.encode("The capital of France is")
     params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=5)
     ours = smollm2.generate({"prompt_token_ids": ids}, params, use_tqdm=False)[0].outputs[0].logprobs[0]
-    model = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path), dtype=torch.float32
-    ).eval()
+    model = hf_gguf.model(smollm2_path)
     with torch.no_grad():
         ref = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), dim=-1)
     top = torch.topk(ref, 5).indices.tolist()

@@ -3,8 +3,6 @@ real Gemma-3-270M GGUF."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -96,11 +94,8 @@ def gemma3_270m() -> str:
     return gemma3_270m_gguf()
 
 
-def test_gemma3_270m_gguf_first_step_logprobs_match_transformers(gemma3_270m):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    directory, name = os.path.dirname(gemma3_270m), os.path.basename(gemma3_270m)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+def test_gemma3_270m_gguf_first_step_logprobs_match_transformers(gemma3_270m, hf_gguf):
+    tokenizer = hf_gguf.tokenizer(gemma3_270m)
     prompt_ids = tokenizer(GEMMA3_PROMPT)["input_ids"]
 
     llm = LLM(gemma3_270m, dtype="float32", max_model_len=256, seed=0)
@@ -110,7 +105,7 @@ def test_gemma3_270m_gguf_first_step_logprobs_match_transformers(gemma3_270m):
     ours_top5 = sorted(first_step.items(), key=lambda kv: kv[1].rank)[:5]
     del llm
 
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
+    model = hf_gguf.model(gemma3_270m)
     with torch.no_grad():
         ref_logprobs = torch.log_softmax(model(torch.tensor([prompt_ids])).logits[0, -1].float(), dim=-1)
         ref_greedy = model.generate(

@@ -380,11 +380,8 @@ def _assert_same_as_gguf_reader(path: str) -> None:
 # -- real checkpoints ---------------------------------------------------------------------------
 
 
-def _hf_reference(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    from transformers import AutoModelForCausalLM
-
-    directory, filename = os.path.split(path)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
+def _hf_reference(path: str, hf_gguf: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    model = hf_gguf.model(path)
     return model.config.to_dict(), model.state_dict()
 
 
@@ -422,12 +419,12 @@ def _assert_weights_match_transformers(path: str, reference: dict[str, torch.Ten
 
 
 @pytest.mark.slow
-def test_smollm2_config_and_weights_match_transformers() -> None:
+def test_smollm2_config_and_weights_match_transformers(hf_gguf) -> None:
     path = default_model()
     config = load_gguf_config(path)
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert (config["hidden_size"], config["num_hidden_layers"], config["num_key_value_heads"]) == (576, 30, 3)
-    reference_config, reference_weights = _hf_reference(path)
+    reference_config, reference_weights = _hf_reference(path, hf_gguf)
     _assert_config_matches_transformers(config, reference_config)
     _assert_weights_match_transformers(path, reference_weights, tied=config["tie_word_embeddings"])
 
@@ -438,13 +435,13 @@ def test_smollm2_header_parser_agrees_with_gguf_reader() -> None:
 
 
 @pytest.mark.slow
-def test_gemma3_config_and_weights_match_transformers() -> None:
+def test_gemma3_config_and_weights_match_transformers(hf_gguf) -> None:
     path = gemma3_270m_gguf()
     config = load_gguf_config(path)
     assert config["architectures"] == ["Gemma3ForCausalLM"]
     assert config["layer_types"][:6] == ["sliding_attention"] * 5 + ["full_attention"]
     assert (config["sliding_window"], config["query_pre_attn_scalar"], config["head_dim"]) == (512, 256, 256)
-    reference_config, reference_weights = _hf_reference(path)
+    reference_config, reference_weights = _hf_reference(path, hf_gguf)
     _assert_config_matches_transformers(config, reference_config)
     _assert_weights_match_transformers(path, reference_weights, tied=config["tie_word_embeddings"])
 

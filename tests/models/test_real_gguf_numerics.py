@@ -7,8 +7,6 @@ reference computes in float32 on the dequantized weights. First-step logprobs mu
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -34,20 +32,17 @@ def qwen_llm():
 
 
 @pytest.fixture(scope="module", params=["smollm2", "qwen2.5-coder-0.5b"])
-def model_and_reference(request):
-    from transformers import AutoModelForCausalLM
-
+def model_and_reference(request, hf_gguf):
     if request.param == "smollm2":
         path = default_model()
         llm = LLM(path, max_model_len=512, max_num_seqs=4, seed=0)
     else:
         path, llm = qwen25_coder_05b_gguf(), request.getfixturevalue("qwen_llm")
-    directory, name = os.path.split(path)
-    reference = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
-    yield llm, reference
-    del reference
+    yield llm, hf_gguf.model(path)
     if request.param == "smollm2":
         llm.llm_engine.shutdown()
+    else:
+        hf_gguf.forget(path)  # 2 GB in float32, and no other module compares against it
 
 
 def test_first_step_logprobs_and_greedy_text_match_the_float32_reference(model_and_reference):
