@@ -55,6 +55,9 @@ from pagedserve.worker.outputs import ModelRunnerOutput
 logger = logging.getLogger(__name__)
 
 
+# An engine whose only requests wait for their grammars sleeps this long at most per step.
+_IDLE_COMPILE_WAIT_S = 0.01
+
 # Utility methods a client may call by name (anything else is refused).
 UTILITY_METHODS = frozenset({"reset_prefix_cache", "get_scheduler_stats", "get_num_unfinished_requests", "ping"})
 
@@ -111,6 +114,8 @@ class EngineCore:
         if not self.scheduler.has_requests():
             return EngineCoreOutputs()
         scheduler_output = self.scheduler.schedule()
+        if not scheduler_output.total_num_scheduled_tokens:
+            self.structured_output_manager.wait_for_compilation(_IDLE_COMPILE_WAIT_S)
         grammar_output = self.scheduler.get_grammar_bitmask(scheduler_output)
         model_output = self.executor.execute_model(scheduler_output, grammar_output)
         return self.scheduler.update_from_output(scheduler_output, model_output)
@@ -139,6 +144,8 @@ class EngineCore:
                 return EngineCoreOutputs()
         if not self.batch_queue:
             return EngineCoreOutputs()
+        if len(self.batch_queue) == 1 and not self.batch_queue[0][0].total_num_scheduled_tokens:
+            self.structured_output_manager.wait_for_compilation(_IDLE_COMPILE_WAIT_S)
         scheduler_output, future = self.batch_queue.popleft()
         outputs = self.scheduler.update_from_output(scheduler_output, future.result())
         if self._deferred_grammar is not None:

@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -59,6 +59,7 @@ class StructuredOutputManager:
         self._backend_lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._compiled: OrderedDict[StructuredOutputKey, Future[Any]] = OrderedDict()
+        self._compiling: set[Future[Any]] = set()
         self._bitmask: torch.Tensor | None = None
         self.num_compiled = 0
         self.num_cache_hits = 0
@@ -88,6 +89,8 @@ class StructuredOutputManager:
                 num_threads = max(1, (os.cpu_count() or 2) // 2)
                 self._executor = ThreadPoolExecutor(num_threads, thread_name_prefix="grammar-compile")
             future = self._executor.submit(self._compile, key)
+            self._compiling.add(future)
+            future.add_done_callback(self._compiling.discard)
             self._compiled[key] = future
             if len(self._compiled) > _MAX_CACHED_GRAMMARS:
                 self._compiled.popitem(last=False)
@@ -97,6 +100,12 @@ class StructuredOutputManager:
         compiled = self.backend.compile_grammar(key)
         self.num_compiled += 1
         return compiled
+
+    def wait_for_compilation(self, timeout_s: float) -> None:
+        """Blocks until a grammar finishes compiling or `timeout_s` passes: an engine with nothing
+        else to run waits here instead of spinning against the compile threads."""
+        if self._compiling:
+            wait(list(self._compiling), timeout=timeout_s, return_when=FIRST_COMPLETED)
 
     def init_matcher(self, request: Request) -> str | None:
         """Gives a request whose grammar compiled its own matcher. -> None, or why it cannot run."""
