@@ -151,3 +151,15 @@ def test_preemption_does_not_change_a_greedy_constrained_output(llm, preempting_
     roomy = llm.generate(prompts, params, use_tqdm=False)
     _assert_valid(crowded, schemas)
     assert [o.outputs[0].text for o in crowded] == [o.outputs[0].text for o in roomy]
+
+
+def test_guidance_backend_outputs_validate(smollm2_path) -> None:
+    llm = LLM(smollm2_path, dtype="float32", max_model_len=1024, structured_outputs_backend="guidance")
+    schemas = JSON_SCHEMAS[::6]
+    outputs = llm.generate(
+        [_schema_prompt(s) for s in schemas],
+        [_json_params(s, 1.0, seed=i) for i, s in enumerate(schemas)],
+        use_tqdm=False,
+    )
+    _assert_valid(outputs, schemas)
+    del llm
