@@ -60,6 +60,10 @@ def _assert_valid(outputs, schemas) -> None:
 
 
 def test_json_schemas_validate_in_a_mixed_batch_that_leaves_unconstrained_outputs_alone(llm) -> None:
+    from pagedserve.models.layers.fused_decode import _decode_layer_op
+
+    # Decode steps then run in C++ (fused_decode.py) and the bitmask is applied to their logits.
+    assert _decode_layer_op() is not None, "the fused decode library is not available here"
     plain_params = SamplingParams(temperature=0.0, max_tokens=32)
     alone = [o.outputs[0].token_ids for o in llm.generate(PLAIN_PROMPTS, plain_params, use_tqdm=False)]
 
