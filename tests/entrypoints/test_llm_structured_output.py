@@ -42,12 +42,27 @@ def llm(smollm2_path):
     del llm
 
 
-@pytest.fixture(scope="module")
-def preempting_llm(smollm2_path):
-    """Async scheduling off, and a KV cache of 48 blocks (768 tokens) that forces preemptions."""
-    llm = LLM(
-        smollm2_path, dtype="float32", max_model_len=1024, async_scheduling=False, num_gpu_blocks_override=48
+def _preempting_llm(smollm2_path: str, async_scheduling: bool) -> LLM:
+    """A KV cache of 32 blocks (512 tokens): the n=3 and multi-request workloads below preempt."""
+    return LLM(
+        smollm2_path,
+        dtype="float32",
+        max_model_len=1024,
+        async_scheduling=async_scheduling,
+        num_gpu_blocks_override=32,
     )
+
+
+@pytest.fixture(scope="module")
+def sync_preempting_llm(smollm2_path):
+    llm = _preempting_llm(smollm2_path, async_scheduling=False)
+    yield llm
+    del llm
+
+
+@pytest.fixture(scope="module")
+def async_preempting_llm(smollm2_path):
+    llm = _preempting_llm(smollm2_path, async_scheduling=True)
     yield llm
     del llm
 
@@ -136,7 +151,11 @@ def test_json_object_output_is_an_object(llm) -> None:
     assert isinstance(json.loads(output.text), dict)
 
 
-def test_outputs_stay_valid_without_async_scheduling_under_preemption_with_n3(preempting_llm) -> None:
+@pytest.mark.parametrize("engine_fixture", ["sync_preempting_llm", "async_preempting_llm"])
+def test_outputs_stay_valid_under_preemption_with_n3(
+    engine_fixture: str, request: pytest.FixtureRequest
+) -> None:
+    preempting_llm = request.getfixturevalue(engine_fixture)
     schemas = JSON_SCHEMAS[:6]
     params = [_json_params(s, 1.0, seed=10 + i, n=3) for i, s in enumerate(schemas)]
     engine = preempting_llm.llm_engine
@@ -147,11 +166,11 @@ def test_outputs_stay_valid_without_async_scheduling_under_preemption_with_n3(pr
     _assert_valid(outputs, schemas)
 
 
-def test_preemption_does_not_change_a_greedy_constrained_output(llm, preempting_llm) -> None:
+def test_preemption_does_not_change_a_greedy_constrained_output(llm, async_preempting_llm) -> None:
     schemas = JSON_SCHEMAS[20:24]
     params = [_json_params(s, 0.0, seed=0) for s in schemas]
     prompts = [_schema_prompt(s) for s in schemas]
-    crowded = preempting_llm.generate(prompts, params, use_tqdm=False)
+    crowded = async_preempting_llm.generate(prompts, params, use_tqdm=False)
     roomy = llm.generate(prompts, params, use_tqdm=False)
     _assert_valid(crowded, schemas)
     assert [o.outputs[0].text for o in crowded] == [o.outputs[0].text for o in roomy]
@@ -159,7 +178,7 @@ def test_preemption_does_not_change_a_greedy_constrained_output(llm, preempting_
 
 def test_guidance_backend_outputs_validate(smollm2_path) -> None:
     llm = LLM(smollm2_path, dtype="float32", max_model_len=1024, structured_outputs_backend="guidance")
-    schemas = JSON_SCHEMAS[::6]
+    schemas = JSON_SCHEMAS[::10]
     outputs = llm.generate(
         [_schema_prompt(s) for s in schemas],
         [_json_params(s, 1.0, seed=i) for i, s in enumerate(schemas)],
