@@ -79,7 +79,8 @@ class XgrammarBackend(StructuredOutputBackend):
         if request_type is StructuredOutputOptions.JSON:
             return compiler.compile_json_schema(spec, any_whitespace=not disable_any_whitespace)
         if request_type is StructuredOutputOptions.JSON_OBJECT:
-            return compiler.compile_builtin_json_grammar()
+            # Not the builtin JSON grammar: that one takes any value, json_object means an object.
+            return compiler.compile_json_schema('{"type": "object"}', any_whitespace=not disable_any_whitespace)
         if request_type is StructuredOutputOptions.REGEX:
             return compiler.compile_regex(spec)
         if request_type is StructuredOutputOptions.CHOICE:

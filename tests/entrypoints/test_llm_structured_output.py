@@ -186,3 +186,21 @@ def test_guidance_backend_outputs_validate(smollm2_path) -> None:
     )
     _assert_valid(outputs, schemas)
     del llm
+
+
+def test_tensor_parallel_workers_receive_the_bitmask(make_tiny_checkpoint) -> None:
+    """Each rank reads the step's bitmask after the step (deferred under async scheduling); a
+    random tiny model follows the constraint alike with one worker and with two."""
+    path = make_tiny_checkpoint("llama")
+    regex = r"[a-z]{3,8}( [a-z]{3,8}){2}\."
+    params = SamplingParams(
+        temperature=1.0, seed=7, n=2, max_tokens=40, structured_outputs=StructuredOutputsParams(regex=regex)
+    )
+    results = {}
+    for tp in (1, 2):
+        llm = LLM(path, dtype="float32", max_model_len=256, tensor_parallel_size=tp)
+        outputs = llm.generate(["one", "two three"], params, use_tqdm=False)
+        results[tp] = [c.text for o in outputs for c in o.outputs]
+        del llm
+    assert all(re.fullmatch(regex, text) for text in results[2]), results[2]
+    assert results[1] == results[2]
