@@ -8,7 +8,14 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any
 
-from pagedserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from pagedserve.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    StructuredOutputsConfig,
+)
 
 _MEMORY_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -86,6 +93,13 @@ class EngineArgs:
             "(one KV-cache group; the window still applies to attention)"
         },
     )
+    structured_outputs_backend: str = dataclasses.field(
+        default="auto",
+        metadata={
+            "help": "structured outputs backend for every constrained request: auto (xgrammar), xgrammar "
+            "or guidance (llguidance)"
+        },
+    )
     tensor_parallel_size: int = dataclasses.field(default=1, metadata={"help": "number of tensor-parallel workers"})
     # --- pooling models (issue 6) ---
     task: str = dataclasses.field(
@@ -141,6 +155,7 @@ class EngineArgs:
                 disable_hybrid_kv_cache_manager=self.disable_hybrid_kv_cache_manager,
             ),
             parallel_config=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
+            structured_outputs_config=StructuredOutputsConfig(backend=self.structured_outputs_backend),
         )
 
     @classmethod

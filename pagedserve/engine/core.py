@@ -33,7 +33,7 @@ import zmq
 from pagedserve.config import EngineConfig
 from pagedserve.core.kv_cache_interface import describe_kv_cache_groups
 from pagedserve.core.request import Request, RequestStatus
-from pagedserve.core.sched.output import SchedulerOutput
+from pagedserve.core.sched.output import GrammarOutput, SchedulerOutput
 from pagedserve.core.sched.scheduler import Scheduler
 from pagedserve.engine import (
     ABORT,
@@ -49,10 +49,14 @@ from pagedserve.engine import (
 from pagedserve.engine.serial_utils import MsgpackDecoder, MsgpackEncoder
 from pagedserve.executor.abstract import Executor, get_executor_class
 from pagedserve.logger import configure_logging
+from pagedserve.structured_output import StructuredOutputManager
 from pagedserve.worker.outputs import ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
 
+
+# An engine whose only requests wait for their grammars sleeps this long at most per step.
+_IDLE_COMPILE_WAIT_S = 0.01
 
 # Utility methods a client may call by name (anything else is refused).
 UTILITY_METHODS = frozenset({"reset_prefix_cache", "get_scheduler_stats", "get_num_unfinished_requests", "ping"})
@@ -76,9 +80,18 @@ class EngineCore:
             describe_kv_cache_groups(kv_cache_groups),
             time.perf_counter() - start,
         )
-        self.scheduler = Scheduler(config.scheduler_config, config.cache_config, kv_cache_groups=kv_cache_groups)
+        self.structured_output_manager = StructuredOutputManager(config)
+        self.scheduler = Scheduler(
+            config.scheduler_config,
+            config.cache_config,
+            kv_cache_groups=kv_cache_groups,
+            structured_output_manager=self.structured_output_manager,
+        )
         self.async_scheduling = config.scheduler_config.async_scheduling
         self.batch_queue: deque[tuple[SchedulerOutput, Future[ModelRunnerOutput]]] = deque()
+        # Async scheduling: the newest step's bitmask, to be built once the step before it is
+        # collected (its tokens must reach the matchers first); the worker waits for it to sample.
+        self._deferred_grammar: tuple[SchedulerOutput, Future[GrammarOutput | None]] | None = None
 
     def make_request(self, request: EngineCoreRequest) -> Request:
         """Builds the scheduler's Request, block hashes included (off the busy loop in a proc)."""
@@ -101,25 +114,45 @@ class EngineCore:
         if not self.scheduler.has_requests():
             return EngineCoreOutputs()
         scheduler_output = self.scheduler.schedule()
-        model_output = self.executor.execute_model(scheduler_output)
+        if not scheduler_output.total_num_scheduled_tokens:
+            self.structured_output_manager.wait_for_compilation(_IDLE_COMPILE_WAIT_S)
+        grammar_output = self.scheduler.get_grammar_bitmask(scheduler_output)
+        model_output = self.executor.execute_model(scheduler_output, grammar_output)
         return self.scheduler.update_from_output(scheduler_output, model_output)
 
     def step_with_batch_queue(self) -> EngineCoreOutputs:
         """Async scheduling: schedule step n+1 while step n runs, then collect step n.
 
         At most two steps are in flight; the scheduler counts tokens of in-flight steps as
-        placeholders, and the workers feed the tokens they sampled into the next step.
+        placeholders, and the workers feed the tokens they sampled into the next step. A step with
+        structured requests whose previous token is in flight gets its bitmask after that token
+        is collected: its forward pass overlaps the collection, its sampling waits (vLLM's way).
         """
         if len(self.batch_queue) < 2 and self.scheduler.has_requests():
             scheduler_output = self.scheduler.schedule()
-            self.batch_queue.append((scheduler_output, self.executor.execute_model_async(scheduler_output)))
+            grammar_output: GrammarOutput | Future[GrammarOutput | None] | None = None
+            if scheduler_output.pending_structured_output_tokens and self.batch_queue:
+                grammar_output = Future()
+                self._deferred_grammar = (scheduler_output, grammar_output)
+            else:
+                grammar_output = self.scheduler.get_grammar_bitmask(scheduler_output)
+            self.batch_queue.append(
+                (scheduler_output, self.executor.execute_model_async(scheduler_output, grammar_output))
+            )
             if len(self.batch_queue) < 2 and scheduler_output.total_num_scheduled_tokens:
                 # Nothing older to collect: go back and schedule the next step first.
                 return EngineCoreOutputs()
         if not self.batch_queue:
             return EngineCoreOutputs()
+        if len(self.batch_queue) == 1 and not self.batch_queue[0][0].total_num_scheduled_tokens:
+            self.structured_output_manager.wait_for_compilation(_IDLE_COMPILE_WAIT_S)
         scheduler_output, future = self.batch_queue.popleft()
-        return self.scheduler.update_from_output(scheduler_output, future.result())
+        outputs = self.scheduler.update_from_output(scheduler_output, future.result())
+        if self._deferred_grammar is not None:
+            deferred_output, grammar_future = self._deferred_grammar
+            self._deferred_grammar = None
+            grammar_future.set_result(self.scheduler.get_grammar_bitmask(deferred_output))
+        return outputs
 
     # ---------------------------------------------------------------- utilities
     def reset_prefix_cache(self) -> bool:
@@ -135,6 +168,11 @@ class EngineCore:
         return True
 
     def shutdown(self) -> None:
+        if self._deferred_grammar is not None:
+            # Frees a worker thread waiting for the bitmask (its step's result is never read).
+            self._deferred_grammar[1].set_result(None)
+            self._deferred_grammar = None
+        self.structured_output_manager.shutdown()
         self.executor.shutdown()
 
 

@@ -8,6 +8,7 @@ every rank samples the same tokens and keeps the same persistent batch.
 
 Worker protocol (multipart frames):
     engine -> rank r:  [b"S", SchedulerOutput] | [b"C", (method, args)] | [b"Q", b""]
+                       a step with structured requests is followed by [b"G", GrammarOutput | None]
     rank r -> engine:  [b"O", ModelRunnerOutput] (rank 0 only) | [b"C", (rank, ok, result)]
 """
 
@@ -28,7 +29,7 @@ import zmq
 
 from pagedserve.config import EngineConfig
 from pagedserve.core.kv_cache_interface import KVCacheGroupSpec
-from pagedserve.core.sched.output import SchedulerOutput
+from pagedserve.core.sched.output import GrammarOutput, SchedulerOutput
 from pagedserve.engine.serial_utils import MsgpackDecoder, MsgpackEncoder
 from pagedserve.executor.abstract import Executor
 from pagedserve.process_utils import ChildProcess
@@ -36,7 +37,7 @@ from pagedserve.worker.outputs import ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
 
-STEP, CALL, QUIT, OUTPUT = b"S", b"C", b"Q", b"O"
+STEP, CALL, QUIT, OUTPUT, GRAMMAR = b"S", b"C", b"Q", b"O", b"G"
 _STARTUP_TIMEOUT_S = 600.0
 _POLL_MS = 200
 
@@ -143,12 +144,30 @@ class MultiprocExecutor(Executor):
     def initialize(self, num_blocks: int) -> None:
         self.collective_rpc("initialize_cache", (num_blocks,))
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.execute_model_async(scheduler_output).result()
+    def execute_model(
+        self,
+        scheduler_output: SchedulerOutput,
+        grammar_output: GrammarOutput | Future[GrammarOutput | None] | None = None,
+    ) -> ModelRunnerOutput:
+        return self.execute_model_async(scheduler_output, grammar_output).result()
 
-    def execute_model_async(self, scheduler_output: SchedulerOutput) -> Future[ModelRunnerOutput]:
-        """The workers run the step while the engine core goes on; rank 0 answers in order."""
+    def execute_model_async(
+        self,
+        scheduler_output: SchedulerOutput,
+        grammar_output: GrammarOutput | Future[GrammarOutput | None] | None = None,
+    ) -> Future[ModelRunnerOutput]:
+        """The workers run the step while the engine core goes on; rank 0 answers in order.
+        NOTE: a rank reads a step's bitmask before its forward pass, so a deferred bitmask
+        (async scheduling) costs tensor-parallel workers the overlap of that step."""
         self._send_all([STEP, self.encoder.encode(scheduler_output)])
+        if scheduler_output.structured_output_request_ids:
+            if isinstance(grammar_output, Future):
+                # Set by the engine core thread, which then sends from the thread that owns the sockets.
+                grammar_output.add_done_callback(
+                    lambda done: self._send_all([GRAMMAR, self.encoder.encode(done.result())])
+                )
+            else:
+                self._send_all([GRAMMAR, self.encoder.encode(grammar_output)])
         future: Future[ModelRunnerOutput] = Future()
         self._pending.append(future)
         return _LazyFuture(self)  # type: ignore[return-value]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import resource
 import sys
+from concurrent.futures import Future
 
 import psutil
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 
 from pagedserve.config import EngineConfig
 from pagedserve.core.kv_cache_interface import KVCacheGroupSpec
-from pagedserve.core.sched.output import SchedulerOutput
+from pagedserve.core.sched.output import GrammarOutput, SchedulerOutput
 from pagedserve.worker.model_runner import ModelRunner
 from pagedserve.worker.outputs import ModelRunnerOutput
 
@@ -121,8 +122,12 @@ class Worker:
             peak_rss_bytes() / _MIB,
         )
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.model_runner.execute_model(scheduler_output)
+    def execute_model(
+        self,
+        scheduler_output: SchedulerOutput,
+        grammar_output: GrammarOutput | Future[GrammarOutput | None] | None = None,
+    ) -> ModelRunnerOutput:
+        return self.model_runner.execute_model(scheduler_output, grammar_output)
 
 
 def run_worker(
@@ -139,7 +144,6 @@ def run_worker(
 
     import zmq
 
-    from pagedserve.core.sched.output import SchedulerOutput
     from pagedserve.distributed.parallel_state import init_distributed
     from pagedserve.engine.core import set_parent_death_signal, watch_parent
     from pagedserve.engine.serial_utils import MsgpackDecoder, MsgpackEncoder
@@ -154,6 +158,7 @@ def run_worker(
     results.connect(result_address)
     encoder, decoder = MsgpackEncoder(), MsgpackDecoder()
     step_decoder = MsgpackDecoder(SchedulerOutput)
+    grammar_decoder = MsgpackDecoder(GrammarOutput | None)
     try:
         init_distributed(rank, world_size, dist_init_method)
         worker = Worker(config, rank)
@@ -167,7 +172,15 @@ def run_worker(
         kind, payload = commands.recv_multipart(copy=False)
         kind = bytes(kind.buffer)
         if kind == b"S":
-            output = worker.execute_model(step_decoder.decode(payload.buffer))
+            scheduler_output = step_decoder.decode(payload.buffer)
+            grammar_output = None
+            if scheduler_output.structured_output_request_ids:
+                # The bitmask follows the step ([b"G", GrammarOutput | None]), possibly only once
+                # the engine collected the step before.
+                grammar_kind, grammar_payload = commands.recv_multipart(copy=False)
+                assert bytes(grammar_kind.buffer) == b"G"
+                grammar_output = grammar_decoder.decode(grammar_payload.buffer)
+            output = worker.execute_model(scheduler_output, grammar_output)
             if rank == 0:
                 results.send_multipart([b"O", encoder.encode(output)], copy=False)
         elif kind == b"C":
