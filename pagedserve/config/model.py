@@ -378,8 +378,17 @@ class ModelConfig:
     def head_dim(self) -> int:
         return int(self.hf_config.head_dim)
 
-    def verify_with_parallel_config(self, tensor_parallel_size: int) -> None:
-        """Tensor parallelism splits query heads evenly; KV heads are split or replicated."""
+    def verify_with_parallel_config(self, tensor_parallel_size: int, pipeline_parallel_size: int = 1) -> None:
+        """Tensor parallelism splits query heads evenly; KV heads are split or replicated. Pipeline
+        parallelism gives each stage at least one layer of a generative model."""
+        if pipeline_parallel_size > 1:
+            num_layers = int(getattr(self.hf_config, "num_hidden_layers", 0) or 0)
+            if self.runner_type != "generate":
+                raise ValueError("pipeline_parallel_size > 1 needs a generative model (task generate)")
+            if num_layers < pipeline_parallel_size:
+                raise ValueError(
+                    f"the model's {num_layers} layers cannot fill pipeline_parallel_size={pipeline_parallel_size} stages"
+                )
         num_heads = int(getattr(self.hf_config, "num_attention_heads", 0) or 0)
         num_kv_heads = int(getattr(self.hf_config, "num_key_value_heads", 0) or 0)
         if tensor_parallel_size == 1 or not num_heads:

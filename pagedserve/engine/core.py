@@ -76,8 +76,14 @@ class EngineCore:
             describe_kv_cache_groups(kv_cache_groups),
             time.perf_counter() - start,
         )
-        self.scheduler = Scheduler(config.scheduler_config, config.cache_config, kv_cache_groups=kv_cache_groups)
-        self.async_scheduling = config.scheduler_config.async_scheduling
+        self.scheduler = Scheduler(
+            config.scheduler_config,
+            config.cache_config,
+            kv_cache_groups=kv_cache_groups,
+            use_pp=config.parallel_config.pipeline_parallel_size > 1,
+        )
+        # Steps in flight at most (1: run each step to its end before scheduling the next).
+        self.batch_queue_size = self.executor.max_concurrent_batches
         self.batch_queue: deque[tuple[SchedulerOutput, Future[ModelRunnerOutput]]] = deque()
 
     def make_request(self, request: EngineCoreRequest) -> Request:
@@ -96,7 +102,7 @@ class EngineCore:
         return self.scheduler.has_requests() or bool(self.batch_queue)
 
     def step(self) -> EngineCoreOutputs:
-        if self.async_scheduling:
+        if self.batch_queue_size > 1:
             return self.step_with_batch_queue()
         if not self.scheduler.has_requests():
             return EngineCoreOutputs()
@@ -105,16 +111,20 @@ class EngineCore:
         return self.scheduler.update_from_output(scheduler_output, model_output)
 
     def step_with_batch_queue(self) -> EngineCoreOutputs:
-        """Async scheduling: schedule step n+1 while step n runs, then collect step n.
+        """Keeps up to `batch_queue_size` steps in flight: schedule step n+1 while step n runs
+        (async scheduling), or one step per pipeline stage so that every stage has work; then
+        collect the oldest step.
 
-        At most two steps are in flight; the scheduler counts tokens of in-flight steps as
-        placeholders, and the workers feed the tokens they sampled into the next step.
+        The scheduler counts tokens of in-flight steps as placeholders. With async scheduling
+        the workers feed the tokens they sampled into the next step; under pipeline parallelism
+        a request waits for its token instead (only the last stage has it), so the steps in
+        flight carry different requests, or successive prefill chunks.
         """
-        if len(self.batch_queue) < 2 and self.scheduler.has_requests():
+        if len(self.batch_queue) < self.batch_queue_size and self.scheduler.has_requests():
             scheduler_output = self.scheduler.schedule()
             self.batch_queue.append((scheduler_output, self.executor.execute_model_async(scheduler_output)))
-            if len(self.batch_queue) < 2 and scheduler_output.total_num_scheduled_tokens:
-                # Nothing older to collect: go back and schedule the next step first.
+            if len(self.batch_queue) < self.batch_queue_size and scheduler_output.total_num_scheduled_tokens:
+                # Room for more: go back and schedule the next step before collecting one.
                 return EngineCoreOutputs()
         if not self.batch_queue:
             return EngineCoreOutputs()

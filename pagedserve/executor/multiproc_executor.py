@@ -1,14 +1,16 @@
-"""Tensor-parallel workers, one process per rank, driven by the engine core.
+"""Tensor- and pipeline-parallel workers, one process per rank on this host, driven by the engine core.
 
 Each step the engine sends the same msgspec-encoded SchedulerOutput to every rank (one PUSH
-socket per rank: no PUB/SUB slow-joiner losses); only rank 0 answers with its ModelRunnerOutput.
-Ranks stay in lockstep without exchanging sampled tokens: every rank computes the same gathered
-logits (all-gather copies shards bit for bit) and draws from identically seeded generators, so
-every rank samples the same tokens and keeps the same persistent batch.
+socket per rank: no PUB/SUB slow-joiner losses); only the output rank (TP rank 0 of the last
+pipeline stage) answers with its ModelRunnerOutput. TP ranks stay in lockstep without exchanging
+sampled tokens: every rank computes the same gathered logits (all-gather copies shards bit for
+bit) and draws from identically seeded generators, so every rank samples the same tokens and
+keeps the same persistent batch. Earlier pipeline stages learn the sampled tokens from the next
+step's SchedulerOutput (`new_token_ids`).
 
 Worker protocol (multipart frames):
     engine -> rank r:  [b"S", SchedulerOutput] | [b"C", (method, args)] | [b"Q", b""]
-    rank r -> engine:  [b"O", ModelRunnerOutput] (rank 0 only) | [b"C", (rank, ok, result)]
+    rank r -> engine:  [b"O", ModelRunnerOutput] (output rank only) | [b"C", (rank, ok, result)]
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pagedserve.config import EngineConfig
 from pagedserve.core.kv_cache_interface import KVCacheGroupSpec
 from pagedserve.core.sched.output import SchedulerOutput
 from pagedserve.engine.serial_utils import MsgpackDecoder, MsgpackEncoder
-from pagedserve.executor.abstract import Executor
+from pagedserve.executor.abstract import Executor, cpu_threads_per_worker, merge_kv_cache_groups
 from pagedserve.process_utils import ChildProcess
 from pagedserve.worker.outputs import ModelRunnerOutput
 
@@ -42,7 +44,7 @@ _POLL_MS = 200
 
 
 class _LazyFuture:
-    """The oldest in-flight step's result, received from rank 0 when asked for."""
+    """The oldest in-flight step's result, received from the output rank when asked for."""
 
     def __init__(self, executor: MultiprocExecutor) -> None:
         self._executor = executor
@@ -81,6 +83,7 @@ class MultiprocExecutor(Executor):
         self._closed = False
         self._pending: deque[Future[ModelRunnerOutput]] = deque()
         dist_init_method = f"tcp://127.0.0.1:{_free_port()}"
+        num_threads = cpu_threads_per_worker(config, self.world_size)
         for rank in range(self.world_size):
             cmd_address = f"ipc://{self._tmpdir}/cmd{rank}"
             sock = self.ctx.socket(zmq.PUSH)
@@ -89,7 +92,7 @@ class MultiprocExecutor(Executor):
             self.cmd_sockets.append(sock)
             proc = ChildProcess(
                 "pagedserve.worker.worker:run_worker",
-                (config, rank, self.world_size, dist_init_method, cmd_address, result_address, os.getpid()),
+                (config, rank, dist_init_method, cmd_address, result_address, os.getpid(), num_threads),
                 name=f"pagedserve-worker-{rank}",
             )
             self.procs.append(proc)
@@ -99,7 +102,7 @@ class MultiprocExecutor(Executor):
     def _check_alive(self) -> None:
         for rank, proc in enumerate(self.procs):
             if not proc.is_alive():
-                raise WorkerDiedError(f"tensor-parallel worker rank {rank} died (exit code {proc.exitcode})")
+                raise WorkerDiedError(f"worker rank {rank} died (exit code {proc.exitcode})")
 
     def _send_all(self, frames: list[bytes]) -> None:
         # NOTE: a PUSH socket whose peer died has nowhere to queue and blocks forever in a
@@ -137,8 +140,8 @@ class MultiprocExecutor(Executor):
         return min(self.collective_rpc("determine_num_kv_blocks"))
 
     def get_kv_cache_groups(self) -> list[KVCacheGroupSpec]:
-        # Every rank holds the same layers (heads are sharded, not layers): rank 0 speaks for all.
-        return msgspec.convert(self.collective_rpc("get_kv_cache_groups")[0], list[KVCacheGroupSpec])
+        groups = self.collective_rpc("get_kv_cache_groups")
+        return merge_kv_cache_groups([msgspec.convert(g, list[KVCacheGroupSpec]) for g in groups])
 
     def initialize(self, num_blocks: int) -> None:
         self.collective_rpc("initialize_cache", (num_blocks,))
@@ -147,7 +150,7 @@ class MultiprocExecutor(Executor):
         return self.execute_model_async(scheduler_output).result()
 
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> Future[ModelRunnerOutput]:
-        """The workers run the step while the engine core goes on; rank 0 answers in order."""
+        """The workers run the step while the engine core goes on; the output rank answers in order."""
         self._send_all([STEP, self.encoder.encode(scheduler_output)])
         future: Future[ModelRunnerOutput] = Future()
         self._pending.append(future)

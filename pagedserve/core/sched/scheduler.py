@@ -62,6 +62,7 @@ class Scheduler:
         cache_config: CacheConfig,
         log_stats: bool = True,
         kv_cache_groups: Sequence[KVCacheGroupSpec] | None = None,
+        use_pp: bool = False,
     ) -> None:
         if cache_config.num_gpu_blocks is None:
             raise ValueError("cache_config.num_gpu_blocks must be set before building a Scheduler")
@@ -73,6 +74,10 @@ class Scheduler:
         self.max_model_len = scheduler_config.max_model_len
         self.enable_chunked_prefill = scheduler_config.enable_chunked_prefill
         self.async_scheduling = scheduler_config.async_scheduling
+        # Pipeline parallel: several steps are in flight, and a request's sampled token reaches
+        # the first stage only through the next step's `new_token_ids`. A request whose sampled
+        # token is still in flight (it has a placeholder) therefore sits out until it arrives.
+        self.use_pp = use_pp
         self.policy = scheduler_config.policy
         self.block_size = cache_config.block_size
 
@@ -98,6 +103,9 @@ class Scheduler:
         # Outputs of requests the scheduler finished outside update_from_output (errors).
         self._pending_outputs: list[EngineCoreOutput] = []
         self._num_preemptions_since_stats = 0
+        # req_id -> sampling steps still in flight for a request that was preempted meanwhile:
+        # their tokens are stale (the resumed request recomputes them) and are dropped.
+        self._num_stale_samples: dict[str, int] = {}
 
     # ---------------------------------------------------------------- requests in and out
 
@@ -204,7 +212,12 @@ class Scheduler:
         cached_req_ids: list[str] = []
         cached_new_block_ids: list[tuple[list[int], ...] | None] = []
         cached_num_computed_tokens: list[int] = []
+        cached_new_token_ids: list[list[int]] = []
+        # Whether scheduling each running request added a placeholder (parallel to the above).
+        placeholder_added: list[bool] = []
         preempted_reqs: list[Request] = []
+        use_pp = self.use_pp
+        add_placeholders = self.async_scheduling or use_pp
 
         running = self.running
         req_index = 0
@@ -212,6 +225,9 @@ class Scheduler:
             request = running[req_index]
             num_computed_tokens = request.num_computed_tokens
             num_placeholders = request.num_output_placeholders
+            if use_pp and num_placeholders:
+                req_index += 1
+                continue
             num_new_tokens = request.num_tokens + num_placeholders - num_computed_tokens
             if num_placeholders and request.num_output_tokens + num_placeholders >= request.max_tokens:
                 # Its last token is already in flight: one more step would only be wasted.
@@ -247,13 +263,18 @@ class Scheduler:
                         # Already scheduled this step: it loses its turn and its budget, and
                         # its computed count goes back to what the KV cache really holds.
                         position = scheduled_running_reqs.index(preempted)
+                        if placeholder_added and placeholder_added[position]:
+                            preempted.num_output_placeholders -= 1  # for a step it is not in
                         for parallel_list in (
                             scheduled_running_reqs,
                             cached_req_ids,
                             cached_new_block_ids,
                             cached_num_computed_tokens,
+                            cached_new_token_ids,
+                            placeholder_added,
                         ):
-                            del parallel_list[position]
+                            if parallel_list:
+                                del parallel_list[position]
                         num_unscheduled = num_scheduled_tokens.pop(preempted.request_id)
                         preempted.num_computed_tokens -= num_unscheduled
                         token_budget += num_unscheduled
@@ -270,11 +291,16 @@ class Scheduler:
             cached_req_ids.append(request_id)
             cached_new_block_ids.append(new_blocks.get_block_ids() if new_blocks.blocks[0] else None)
             cached_num_computed_tokens.append(num_computed_tokens)
+            if use_pp:
+                end = num_computed_tokens + num_new_tokens
+                cached_new_token_ids.append(
+                    request.all_token_ids[max(num_computed_tokens, request.num_prompt_tokens) : end]
+                )
             num_scheduled_tokens[request_id] = num_new_tokens
             # Advanced now (vLLM-style): the step's tokens count as computed from here on.
             request.num_computed_tokens = num_computed_tokens + num_new_tokens
-            if self.async_scheduling:
-                self._add_placeholder_if_sampling(request)
+            if add_placeholders:
+                placeholder_added.append(self._add_placeholder_if_sampling(request))
             token_budget -= num_new_tokens
             req_index += 1
 
@@ -290,6 +316,7 @@ class Scheduler:
                 req_ids=cached_req_ids,
                 new_block_ids=cached_new_block_ids,
                 num_computed_tokens=cached_num_computed_tokens,
+                new_token_ids=cached_new_token_ids,
             ),
             num_scheduled_tokens=num_scheduled_tokens,
             total_num_scheduled_tokens=self.max_num_scheduled_tokens - token_budget,
@@ -353,7 +380,7 @@ class Scheduler:
             )
             num_scheduled_tokens[request_id] = num_new_tokens
             request.num_computed_tokens = num_computed_tokens + num_new_tokens
-            if self.async_scheduling:
+            if self.async_scheduling or self.use_pp:
                 self._add_placeholder_if_sampling(request)
             token_budget -= num_new_tokens
         return token_budget
@@ -365,7 +392,7 @@ class Scheduler:
         return self.running[-1]
 
     @staticmethod
-    def _add_placeholder_if_sampling(request: Request) -> None:
+    def _add_placeholder_if_sampling(request: Request) -> bool:
         """Async scheduling: a step that computes every known (and pending) token samples one
         more, whose value arrives only after the next schedule(); count it as a placeholder.
         The worker writes the sampled token into the next step's input ids itself."""
@@ -374,6 +401,8 @@ class Scheduler:
             and request.num_computed_tokens == request.num_tokens + request.num_output_placeholders
         ):
             request.num_output_placeholders += 1
+            return True
+        return False
 
     def _preempt(self, request: Request) -> None:
         """Free every block and send the request back to the front of the waiting queue.
@@ -384,6 +413,12 @@ class Scheduler:
         self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        if request.num_output_placeholders:
+            # NOTE: with more than two steps in flight (pipeline parallel) the request may be
+            # resumed before those steps come back; their tokens must not be taken as its own.
+            self._num_stale_samples[request.request_id] = (
+                self._num_stale_samples.get(request.request_id, 0) + request.num_output_placeholders
+            )
         request.num_output_placeholders = 0
         request.num_preemptions += 1
         self._num_preemptions_since_stats += 1
@@ -411,8 +446,15 @@ class Scheduler:
         self._pending_outputs = []
         finished_ids: set[str] = {output.request_id for output in outputs}
 
+        stale_samples = self._num_stale_samples
         for request_id in scheduler_output.num_scheduled_tokens:
             request = requests.get(request_id)
+            if stale_samples and request_id in stale_samples and sampled_token_ids[req_id_to_index[request_id]]:
+                if stale_samples[request_id] == 1:
+                    del stale_samples[request_id]
+                else:
+                    stale_samples[request_id] -= 1
+                continue
             if request is None or request.status is not RequestStatus.RUNNING:
                 # Aborted or finished between schedule() and now, or (async scheduling)
                 # preempted while this step was in flight: its result is stale.
