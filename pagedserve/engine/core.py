@@ -273,8 +273,17 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
     set_parent_death_signal()
     watch_parent(parent_pid)
     configure_logging()
-    # SIGTERM from the client's shutdown: exit promptly (workers die with us via PDEATHSIG).
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    engine: EngineCoreProc | None = None
+
+    def exit_on_sigterm(*_: Any) -> None:
+        # SIGTERM from the client's shutdown: exit promptly. Local workers die with us
+        # (PDEATHSIG), but Ray actors and a local Ray cluster need the executor's shutdown.
+        threading.Timer(5.0, os._exit, (0,)).start()
+        if engine is not None:
+            engine.shutdown()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     try:
         engine = EngineCoreProc(config, input_address, output_address)
     except Exception as e:
@@ -286,4 +295,5 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
         socket.send_multipart([FAILED, MsgpackEncoder().encode(f"{type(e).__name__}: {e}")])
         socket.close()
         os._exit(1)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)  # again: ray.init installs its own
     engine.run()

@@ -12,6 +12,10 @@ from pagedserve.core.sched.output import SchedulerOutput
 from pagedserve.worker.outputs import ModelRunnerOutput
 
 
+class WorkerDiedError(RuntimeError):
+    """A worker process (or its node) is gone; the engine core fails with it."""
+
+
 class Executor(ABC):
     """Owns the workers. After construction the model is loaded; `initialize(num_blocks)`
     allocates every worker's KV cache; `execute_model` runs one step on all workers and returns

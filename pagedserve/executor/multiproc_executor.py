@@ -32,7 +32,12 @@ from pagedserve.config import EngineConfig
 from pagedserve.core.kv_cache_interface import KVCacheGroupSpec
 from pagedserve.core.sched.output import SchedulerOutput
 from pagedserve.engine.serial_utils import MsgpackDecoder, MsgpackEncoder
-from pagedserve.executor.abstract import Executor, cpu_threads_per_worker, merge_kv_cache_groups
+from pagedserve.executor.abstract import (
+    Executor,
+    WorkerDiedError,
+    cpu_threads_per_worker,
+    merge_kv_cache_groups,
+)
 from pagedserve.process_utils import ChildProcess
 from pagedserve.worker.outputs import ModelRunnerOutput
 
@@ -60,10 +65,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class WorkerDiedError(RuntimeError):
-    pass
 
 
 class MultiprocExecutor(Executor):

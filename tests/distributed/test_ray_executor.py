@@ -1,0 +1,85 @@
+"""The Ray executor: workers as Ray actors give the single-process engine's greedy tokens (TP=2,
+PP=2), and a killed actor surfaces as EngineDeadError within 5 s.
+
+One local Ray cluster serves the module: it is started in this process and its address handed to
+the engine-core processes through RAY_ADDRESS, as a user's cluster would be."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.engine.exceptions import EngineDeadError
+from tests.distributed.test_pipeline_parallel import SMALL, _greedy
+
+ray = pytest.importorskip("ray", reason="the Ray executor needs the ray extra: pip install 'pagedserve[ray]'")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[str]:
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    address = ray.get_runtime_context().gcs_address
+    os.environ["RAY_ADDRESS"] = address
+    try:
+        yield address
+    finally:
+        del os.environ["RAY_ADDRESS"]
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(make_tiny_checkpoint) -> str:
+    return make_tiny_checkpoint("llama", num_hidden_layers=3)
+
+
+@pytest.fixture(scope="module")
+def reference_tokens(tiny_llama) -> list[list[int]]:
+    return _greedy(tiny_llama, **SMALL)
+
+
+@pytest.mark.parametrize(
+    "parallel", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)], ids=["tp2", "pp2"]
+)
+def test_ray_executor_equals_single_process(ray_cluster, tiny_llama, reference_tokens, parallel):
+    assert _greedy(tiny_llama, distributed_executor_backend="ray", **parallel, **SMALL) == reference_tokens
+
+
+def _ray_worker_pids() -> list[int]:
+    return [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::RayWorkerWrapper")
+    ]
+
+
+def test_killed_ray_worker_surfaces_as_engine_dead_error(ray_cluster, tiny_llama):
+    llm = LLM(
+        tiny_llama,
+        dtype="float32",
+        max_model_len=256,
+        tensor_parallel_size=2,
+        distributed_executor_backend="ray",
+    )
+    try:
+        pids = _ray_worker_pids()
+        assert len(pids) == 2, pids
+        os.kill(pids[1], signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(EngineDeadError):
+            llm.generate("Hello there", SamplingParams(max_tokens=50, ignore_eos=True), use_tqdm=False)
+        assert time.monotonic() - start < 5
+    finally:
+        llm.llm_engine.shutdown()
+    deadline = time.monotonic() + 10
+    while _ray_worker_pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _ray_worker_pids(), "the engine's shutdown should end its Ray actors"
