@@ -13,6 +13,11 @@ Wire protocol (ZMQ multipart frames, payloads msgspec-encoded):
                                         [b"O", EngineCoreOutputs]      step outputs
                                         [b"V", (call_id, ok, result)]  utility result
                                         [b"E", message]                engine failed; it exits
+
+Under data parallelism (engine/utils.py: DPAddresses) each engine core's input socket is a
+DEALER whose identity is its index, and it sends READY there (so the API server's ROUTER can
+route to it from then on); every output message gets a third frame, the engine index. A thread
+reports the engine's load to the coordinator (engine/coordinator.py).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from pagedserve.engine import (
     EngineCoreRequest,
 )
 from pagedserve.engine.serial_utils import MsgpackDecoder, MsgpackEncoder
+from pagedserve.engine.utils import engine_identity
 from pagedserve.executor.abstract import Executor, get_executor_class
 from pagedserve.logger import configure_logging
 from pagedserve.worker.outputs import ModelRunnerOutput
@@ -172,7 +178,17 @@ def watch_parent(parent_pid: int) -> None:
 class EngineCoreProc(EngineCore):
     """EngineCore in its own process: input thread -> busy loop -> output thread."""
 
-    def __init__(self, config: EngineConfig, input_address: str, output_address: str) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        input_address: str,
+        output_address: str,
+        engine_index: int | None = None,
+        coordinator_address: str | None = None,
+    ) -> None:
+        # None: the only engine core; else its data-parallel rank.
+        self.engine_index = engine_index
+        self.coordinator_address = coordinator_address
         self.ctx = zmq.Context()
         self.output_socket = self.ctx.socket(zmq.PUSH)
         self.output_socket.setsockopt(zmq.LINGER, 2000)
@@ -185,11 +201,11 @@ class EngineCoreProc(EngineCore):
         super().__init__(config)
 
     def run(self) -> None:
-        encoder = MsgpackEncoder()
-        self.output_socket.send_multipart(
-            [READY, encoder.encode({"num_gpu_blocks": self.config.cache_config.num_gpu_blocks})]
-        )
+        if self.engine_index is None:
+            self.output_socket.send_multipart([READY, MsgpackEncoder().encode(self._ready_message())])
         threading.Thread(target=self._input_thread, daemon=True, name="engine-input").start()
+        if self.coordinator_address is not None:
+            threading.Thread(target=self._report_load, daemon=True, name="engine-load").start()
         output_thread = threading.Thread(target=self._output_thread, daemon=True, name="engine-output")
         output_thread.start()
         try:
@@ -247,9 +263,18 @@ class EngineCoreProc(EngineCore):
                 result, ok = f"{type(e).__name__}: {e}", False
             self.output_queue.put((UTILITY_RESULT, (call_id, ok, result)))
 
+    def _ready_message(self) -> dict[str, Any]:
+        return {"num_gpu_blocks": self.config.cache_config.num_gpu_blocks}
+
     def _input_thread(self) -> None:
-        socket = self.ctx.socket(zmq.PULL)
-        socket.connect(self.input_address)
+        if self.engine_index is None:
+            socket = self.ctx.socket(zmq.PULL)
+            socket.connect(self.input_address)
+        else:
+            socket = self.ctx.socket(zmq.DEALER)
+            socket.setsockopt(zmq.IDENTITY, engine_identity(self.engine_index))
+            socket.connect(self.input_address)
+            socket.send_multipart([READY, MsgpackEncoder().encode(self._ready_message())])
         add_decoder = MsgpackDecoder(EngineCoreRequest)
         decoder = MsgpackDecoder()
         while True:
@@ -263,16 +288,45 @@ class EngineCoreProc(EngineCore):
 
     def _output_thread(self) -> None:
         encoder = MsgpackEncoder()
+        suffix = [] if self.engine_index is None else [engine_identity(self.engine_index)]
         while (item := self.output_queue.get()) is not None:
             kind, payload = item
-            self.output_socket.send_multipart([kind, encoder.encode(payload)], copy=False)
+            self.output_socket.send_multipart([kind, encoder.encode(payload), *suffix], copy=False)
+
+    def _report_load(self) -> None:
+        """Data parallel: this engine's load to the coordinator, every 100 ms while it changes and
+        every second anyway (the reports double as a heartbeat). Reads the scheduler's counts
+        from this thread; a torn read only skews one report."""
+        from pagedserve.engine.coordinator import IDLE_PUBLISH_INTERVAL_S, PUBLISH_INTERVAL_S
+
+        socket = self.ctx.socket(zmq.PUSH)
+        socket.setsockopt(zmq.LINGER, 0)
+        assert self.coordinator_address is not None
+        socket.connect(self.coordinator_address)
+        encoder = MsgpackEncoder()
+        last_load, last_sent = None, 0.0
+        while True:
+            scheduler = self.scheduler
+            load = (len(scheduler.waiting), len(scheduler.running), scheduler.kv_cache_manager.usage)
+            now = time.monotonic()
+            if load != last_load or now - last_sent >= IDLE_PUBLISH_INTERVAL_S:
+                socket.send(encoder.encode((self.engine_index, *load)))
+                last_load, last_sent = load, now
+            time.sleep(PUBLISH_INTERVAL_S)
 
 
-def run_engine_core(config: EngineConfig, input_address: str, output_address: str, parent_pid: int) -> None:
-    """Entry point of the engine-core process."""
+def run_engine_core(
+    config: EngineConfig,
+    input_address: str,
+    output_address: str,
+    parent_pid: int,
+    engine_index: int | None = None,
+    coordinator_address: str | None = None,
+) -> None:
+    """Entry point of the engine-core process (of data-parallel engine core `engine_index`)."""
     set_parent_death_signal()
     watch_parent(parent_pid)
-    configure_logging()
+    configure_logging(None if engine_index is None else f"engine {engine_index}")
     engine: EngineCoreProc | None = None
 
     def exit_on_sigterm(*_: Any) -> None:
@@ -285,14 +339,15 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
 
     signal.signal(signal.SIGTERM, exit_on_sigterm)
     try:
-        engine = EngineCoreProc(config, input_address, output_address)
+        engine = EngineCoreProc(config, input_address, output_address, engine_index, coordinator_address)
     except Exception as e:
         logger.exception("engine core failed to start")
         ctx = zmq.Context()
         socket = ctx.socket(zmq.PUSH)
         socket.setsockopt(zmq.LINGER, 2000)
         socket.connect(output_address)
-        socket.send_multipart([FAILED, MsgpackEncoder().encode(f"{type(e).__name__}: {e}")])
+        suffix = [] if engine_index is None else [engine_identity(engine_index)]
+        socket.send_multipart([FAILED, MsgpackEncoder().encode(f"{type(e).__name__}: {e}"), *suffix])
         socket.close()
         os._exit(1)
     signal.signal(signal.SIGTERM, exit_on_sigterm)  # again: ray.init installs its own
