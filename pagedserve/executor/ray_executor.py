@@ -129,10 +129,11 @@ class RayDistributedExecutor(Executor):
         pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=len(pending), timeout=_POLL_S, fetch_local=False)
+            if self.monitor is not None:
+                # First: a rank's collective fails when its peer dies; name the dead one.
+                self.monitor.check()
             for ref in ready:
                 self._get(ref)  # raises if that call failed
-            if self.monitor is not None:
-                self.monitor.check()
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"Ray workers did not answer in {timeout_s:.0f} s")
         return [self._get(ref) for ref in refs]
