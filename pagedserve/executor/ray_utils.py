@@ -52,10 +52,13 @@ def initialize_ray_cluster(parallel_config: ParallelConfig) -> tuple[PlacementGr
         address = os.environ.get("RAY_ADDRESS") or None
         num_cpus = None
         if address is None:
-            # A local cluster may run more workers than cores, as the multiproc executor does.
+            # "local": a new cluster (ray.init would otherwise join the last one `ray start`
+            # left on this machine). It may run more workers than cores, as the multiproc
+            # executor does.
+            address = "local"
             num_cpus = max(os.cpu_count() or 1, int(parallel_config.world_size * cpus_per_worker() + 0.999))
         ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-        started_ray = address is None
+        started_ray = address == "local"
     current = ray.util.get_current_placement_group()
     if current is not None:
         if len(current.bundle_specs) < parallel_config.world_size:
