@@ -26,8 +26,9 @@ import os
 import time
 from typing import Any
 
-from pagedserve.benchmarks._workload import environment, resolve_model
+from pagedserve.benchmarks._workload import resolve_model
 from pagedserve.benchmarks.throughput import Workload, make_workload
+from pagedserve.envs import environment
 
 
 def _run(

@@ -210,6 +210,7 @@ class ModelConfig:
         )
         self.weight_dtype_name = ckpt if half_weights else self.dtype_name
         self._resolve_task(model_info, arch)
+        self.supports_pp = model_info.supports_pp
 
         max_positions_fn = model_info.max_positions
         max_positions = int(max_positions_fn(cfg) if max_positions_fn else cfg.get("max_position_embeddings") or 2048)
@@ -385,6 +386,11 @@ class ModelConfig:
             num_layers = int(getattr(self.hf_config, "num_hidden_layers", 0) or 0)
             if self.runner_type != "generate":
                 raise ValueError("pipeline_parallel_size > 1 needs a generative model (task generate)")
+            if not self.supports_pp:
+                raise ValueError(
+                    f"{self.architectures[0]} does not split into pipeline stages; "
+                    "use pipeline_parallel_size=1"
+                )
             if num_layers < pipeline_parallel_size:
                 raise ValueError(
                     f"the model's {num_layers} layers cannot fill pipeline_parallel_size={pipeline_parallel_size} stages"

@@ -15,7 +15,6 @@ from safetensors import safe_open
 from torch import nn
 
 from pagedserve.config.model import ModelConfig
-from pagedserve.distributed.parallel_state import get_pp_group
 from pagedserve.models.registry import resolve_model_cls
 from pagedserve.models.utils import materialize_meta_module
 from pagedserve.quantization import get_quantization_config
@@ -72,9 +71,7 @@ def iterate_weights(model_config: ModelConfig) -> Iterator[tuple[str, Any]]:
 
 def build_meta_model(model_config: ModelConfig) -> nn.Module:
     """The registered model for `model_config`, built on the meta device (shapes, no storage)."""
-    model_cls, arch = resolve_model_cls(model_config.architectures)
-    if get_pp_group().world_size > 1 and not getattr(model_cls, "supports_pp", False):
-        raise ValueError(f"{arch} does not split into pipeline stages; use pipeline_parallel_size=1")
+    model_cls, _ = resolve_model_cls(model_config.architectures)
     max_position = max(
         int(getattr(model_config.hf_config, "max_position_embeddings", 0) or 0), model_config.max_model_len
     )

@@ -16,6 +16,7 @@ def test_registry_info_matches_the_model_class(architecture: str) -> None:
     model_cls, _ = resolve_model_cls([architecture])
     assert tuple(getattr(model_cls, "pooling_tasks", ())) == info.pooling_tasks
     assert bool(getattr(model_cls, "is_encoder_only", False)) == info.is_encoder_only
+    assert bool(getattr(model_cls, "supports_pp", False)) == info.supports_pp
     if info.pooling_tasks:
         assert getattr(model_cls, "default_pooling_type", "LAST") == info.default_pooling_type
 
