@@ -13,14 +13,13 @@ import psutil
 import pytest
 from prometheus_client import generate_latest
 
-from pagedserve import SamplingParams
 from pagedserve.config import ParallelConfig
 from pagedserve.engine.arg_utils import EngineArgs
 from pagedserve.engine.async_llm import AsyncLLM
 from pagedserve.engine.coordinator import EngineLoad
 from pagedserve.engine.load_balancer import AFFINITY_MAX_EXTRA_SCORE, DPLoadBalancer
 from pagedserve.metrics.prometheus import PrometheusStatLogger
-from tests.distributed.test_pipeline_parallel import SMALL, _greedy, _prompts
+from tests.distributed.utils import SMALL, greedy_params, prompts
 from tests.entrypoints.openai.utils import TINY_SERVER_ARGS, RemoteOpenAIServer, metric_value
 
 # ---------------------------------------------------------------- without a model
@@ -69,7 +68,7 @@ def test_parallel_config_names_the_bad_setting():
 
 
 async def _generate_all(llm: AsyncLLM, prompts: list[dict[str, list[int]]]) -> list[list[int]]:
-    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    params = greedy_params()
 
     async def one(i: int, prompt: dict[str, list[int]]) -> list[int]:
         final = None
@@ -82,25 +81,24 @@ async def _generate_all(llm: AsyncLLM, prompts: list[dict[str, list[int]]]) -> l
 
 
 @pytest.mark.slow
-def test_data_parallel_2_equals_single_process(make_tiny_checkpoint):
-    path = make_tiny_checkpoint("llama", num_hidden_layers=3)
+def test_data_parallel_2_equals_single_process(tiny_llama, reference_tokens):
     prometheus = PrometheusStatLogger("tiny", engine_indexes=range(2))
 
     async def run() -> list[list[int]]:
         # Each core holds half the requests: a smaller KV cache still preempts.
         small = dict(SMALL, num_gpu_blocks_override=16)
         config = EngineArgs(
-            model=path, dtype="float32", max_model_len=512, seed=0, data_parallel_size=2, **small
+            model=tiny_llama, dtype="float32", max_model_len=512, seed=0, data_parallel_size=2, **small
         ).create_engine_config()
         llm = AsyncLLM(config, stat_loggers=[prometheus])
         try:
-            tokens = await _generate_all(llm, _prompts())
+            tokens = await _generate_all(llm, prompts())
             assert llm.stats.num_preemptions > 0
             return tokens
         finally:
             llm.shutdown()
 
-    assert asyncio.run(run()) == _greedy(path, **SMALL)
+    assert asyncio.run(run()) == reference_tokens
     text = generate_latest(prometheus.registry).decode()
     per_engine = [
         metric_value(
@@ -170,7 +168,7 @@ def test_two_engine_cores_behind_one_server_share_load_and_survive_one_death(mak
         assert sorted(pids) == [0, 1]
 
         async def kill_engine_1_midway() -> list[httpx.Response]:
-            requests = asyncio.ensure_future(_complete_all(server, 200, max_tokens=300))
+            requests = asyncio.ensure_future(_complete_all(server, 200, max_tokens=150))
             deadline = time.monotonic() + 60
             while True:  # both cores busy
                 text = await asyncio.to_thread(_metrics, server)
@@ -189,7 +187,7 @@ def test_two_engine_cores_behind_one_server_share_load_and_survive_one_death(mak
         ok = [r for r in responses if r.status_code == 200]
         failed = [r for r in responses if r.status_code != 200]
         assert ok and failed, (len(ok), len(failed))
-        assert all(r.json()["usage"]["completion_tokens"] == 300 for r in ok)
+        assert all(r.json()["usage"]["completion_tokens"] == 150 for r in ok)
         assert all(r.status_code == 503 and r.json()["error"]["code"] == "engine_dead" for r in failed)
         assert "engine core 1 died" in failed[0].json()["error"]["message"]
 

@@ -1,5 +1,5 @@
 """The Ray executor: workers as Ray actors give the single-process engine's greedy tokens (TP=2,
-PP=2), and a killed actor surfaces as EngineDeadError within 5 s.
+and TP=2 x PP=2: two stages of two ranks), and a killed actor surfaces as EngineDeadError within 5 s.
 
 One local Ray cluster serves the module: it is started in this process and its address handed to
 the engine-core processes through RAY_ADDRESS, as a user's cluster would be."""
@@ -16,7 +16,7 @@ import pytest
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.engine.exceptions import EngineDeadError
-from tests.distributed.test_pipeline_parallel import SMALL, _greedy
+from tests.distributed.utils import SMALL, generate_greedy
 
 ray = pytest.importorskip("ray", reason="the Ray executor needs the ray extra: pip install 'pagedserve[ray]'")
 
@@ -36,23 +36,6 @@ def ray_cluster() -> Iterator[str]:
         ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(make_tiny_checkpoint) -> str:
-    return make_tiny_checkpoint("llama", num_hidden_layers=3)
-
-
-@pytest.fixture(scope="module")
-def reference_tokens(tiny_llama) -> list[list[int]]:
-    return _greedy(tiny_llama, **SMALL)
-
-
-@pytest.mark.parametrize(
-    "parallel", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)], ids=["tp2", "pp2"]
-)
-def test_ray_executor_equals_single_process(ray_cluster, tiny_llama, reference_tokens, parallel):
-    assert _greedy(tiny_llama, distributed_executor_backend="ray", **parallel, **SMALL) == reference_tokens
-
-
 def _ray_worker_pids() -> list[int]:
     return [
         p.pid
@@ -61,18 +44,29 @@ def _ray_worker_pids() -> list[int]:
     ]
 
 
-def test_killed_ray_worker_surfaces_as_engine_dead_error(ray_cluster, tiny_llama):
+@pytest.mark.parametrize(
+    "parallel",
+    [dict(tensor_parallel_size=2), dict(tensor_parallel_size=2, pipeline_parallel_size=2)],
+    ids=["tp2", "tp2xpp2"],
+)
+def test_ray_executor_equals_single_process_then_a_killed_worker_is_engine_dead(
+    ray_cluster, tiny_llama, reference_tokens, parallel
+):
+    # One engine for both checks: a Ray engine's start (actors importing torch) dominates.
     llm = LLM(
         tiny_llama,
         dtype="float32",
-        max_model_len=256,
-        tensor_parallel_size=2,
+        max_model_len=512,
+        seed=0,
         distributed_executor_backend="ray",
+        **parallel,
+        **SMALL,
     )
     try:
+        assert generate_greedy(llm) == reference_tokens
         pids = _ray_worker_pids()
-        assert len(pids) == 2, pids
-        os.kill(pids[1], signal.SIGKILL)
+        assert len(pids) == llm.llm_engine.config.parallel_config.world_size, pids
+        os.kill(pids[-1], signal.SIGKILL)
         start = time.monotonic()
         with pytest.raises(EngineDeadError):
             llm.generate("Hello there", SamplingParams(max_tokens=50, ignore_eos=True), use_tqdm=False)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from pagedserve import LLM, SamplingParams
+from tests.distributed.utils import MAX_TOKENS, SMALL, prompts
 
 pytest.importorskip("ray", reason="the Ray executor needs the ray extra: pip install 'pagedserve[ray]'")
 
@@ -33,19 +33,19 @@ HEAD_IP, WORKER_IP = "10.217.0.1", "10.217.0.2"
 RAY_PORT = 6379
 REPO_ROOT = str(Path(__file__).resolve().parents[2])
 
-PROMPTS = [[100 + i, 200, 300 + i, 400] for i in range(4)]
-MAX_TOKENS = 16
-
 DRIVER = textwrap.dedent(
     """
     import json, os, signal, subprocess, sys, time
     from pagedserve import LLM, SamplingParams
     from pagedserve.engine.exceptions import EngineDeadError
 
-    model, worker_ns, prompts, max_tokens = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
-    llm = LLM(model, dtype="float32", max_model_len=256, tensor_parallel_size=2, distributed_executor_backend="ray")
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    model, worker_ns, run = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    llm = LLM(
+        model, dtype="float32", max_model_len=512, seed=0, tensor_parallel_size=2,
+        distributed_executor_backend="ray", **run["engine_args"],
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=run["max_tokens"], ignore_eos=True)
+    outputs = llm.generate(run["prompts"], params, use_tqdm=False)
     print(json.dumps({"tokens": [o.outputs[0].token_ids for o in outputs]}), flush=True)
     pids = subprocess.run(["ip", "netns", "pids", worker_ns], capture_output=True, text=True).stdout.split()
     for pid in pids:
@@ -96,6 +96,7 @@ def namespaces() -> Iterator[None]:
             ["ip", "-n", namespace, "link", "set", veth, "up"],
             ["ip", "-n", namespace, "route", "add", "default", "dev", veth],
         ]
+    setup.append(["ip", "netns", "exec", HEAD_NS, "true"])  # some containers cannot enter one
     try:
         for command in setup:
             result = _run(*command)
@@ -121,33 +122,26 @@ def ray_env(namespaces) -> Iterator[dict[str, str]]:
     )
     common = ["--num-cpus", "1", "--disable-usage-stats"]
     head = ["ray", "start", "--head", "--node-ip-address", HEAD_IP, "--port", str(RAY_PORT), *common]
-    result = _run(*head, "--include-dashboard=false", namespace=HEAD_NS, env=env, timeout=120)
+    result = _run(*head, "--include-dashboard=false", namespace=HEAD_NS, env=env, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     worker = ["ray", "start", "--address", env["RAY_ADDRESS"], "--node-ip-address", WORKER_IP, *common]
-    result = _run(*worker, namespace=WORKER_NS, env=env, timeout=120)
+    result = _run(*worker, namespace=WORKER_NS, env=env, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     yield env
 
 
-def test_tensor_parallel_across_two_hosts_then_a_dead_node(ray_env, make_tiny_checkpoint):
-    model = make_tiny_checkpoint("llama")
+def test_tensor_parallel_across_two_hosts_then_a_dead_node(ray_env, tiny_llama, reference_tokens):
+    # The same prompts and settings (chunked prefill, preemption) as the single-process reference.
+    run = dict(prompts=prompts(), engine_args=SMALL, max_tokens=MAX_TOKENS)
     driver = _run(
-        sys.executable, "-c", DRIVER, model, WORKER_NS, json.dumps(PROMPTS), str(MAX_TOKENS),
-        namespace=HEAD_NS, env=ray_env, timeout=300, cwd=REPO_ROOT,
+        sys.executable, "-c", DRIVER, tiny_llama, WORKER_NS, json.dumps(run),
+        namespace=HEAD_NS, env=ray_env, timeout=150, cwd=REPO_ROOT,
     )  # fmt: skip
     lines = [json.loads(line) for line in driver.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 2, driver.stdout[-3000:] + driver.stderr[-5000:]
     assert "2 workers on 2 node(s)" in driver.stderr
 
-    llm = LLM(model, dtype="float32", max_model_len=256)
-    try:
-        params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-        reference = [
-            o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
-        ]
-    finally:
-        llm.llm_engine.shutdown()
-    assert lines[0]["tokens"] == reference
+    assert lines[0]["tokens"] == reference_tokens
 
     assert lines[1]["killed"] > 0
     assert lines[1]["dead_after_s"] is not None and lines[1]["dead_after_s"] < 5, lines[1]

@@ -32,10 +32,14 @@ def test_the_api_server_and_its_engine_configuration_never_import_torch() -> Non
     code = (
         "import sys\n"
         "import pagedserve.entrypoints.openai.api_server, pagedserve.engine.async_llm\n"
+        "import pagedserve.entrypoints.headless, pagedserve.engine.load_balancer\n"
         "from pagedserve.engine.arg_utils import EngineArgs\n"
         "from pagedserve.tokenizer import get_tokenizer\n"
         "config = EngineArgs().create_engine_config()\n"
+        "EngineArgs(data_parallel_size=2, pipeline_parallel_size=2, distributed_executor_backend='ray')"
+        ".create_engine_config()\n"
         "get_tokenizer(config.model_config.model)\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "assert 'ray' not in sys.modules, 'ray was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
