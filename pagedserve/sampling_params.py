@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import enum
+import json
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -31,6 +32,55 @@ class RequestOutputKind(enum.IntEnum):
     CUMULATIVE = 0  # every output carries everything generated so far
     DELTA = 1  # every output carries only what is new since the last one
     FINAL_ONLY = 2  # one output, when the request finishes
+
+
+class StructuredOutputsParams(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """A constraint on the generated text (vLLM's names): exactly one of `json` (a JSON schema, as a
+    dict or its text), `regex`, `choice` (the output is one of the strings), `grammar` (EBNF, or Lark
+    when it looks like Lark), `json_object` (any JSON object) or `structural_tag` (xgrammar's).
+
+    Only the shape is checked here; the Processor compiles the constraint with the engine's backend
+    and refuses one it cannot compile. The Processor also replaces a dict `json` by its canonical text
+    so that equal schemas share one compiled grammar.
+    """
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    # No free whitespace between JSON tokens (shorter outputs; small models loop less).
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        kinds = [name for name in _STRUCTURED_OUTPUT_KINDS if getattr(self, name) not in (None, False)]
+        if len(kinds) != 1:
+            found = ", ".join(kinds) or "none"
+            raise ValueError(
+                f"StructuredOutputsParams needs exactly one of {', '.join(_STRUCTURED_OUTPUT_KINDS)}; got {found}"
+            )
+        if isinstance(self.json, str):
+            try:
+                schema = json.loads(self.json)
+            except ValueError as e:
+                raise ValueError(f"StructuredOutputsParams.json is not valid JSON: {e}") from None
+            if not isinstance(schema, dict | bool):
+                raise ValueError("StructuredOutputsParams.json must be a JSON schema (an object)")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
+            raise ValueError("StructuredOutputsParams.choice must be a non-empty list of strings")
+        for name in ("regex", "grammar", "structural_tag"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"StructuredOutputsParams.{name} must be a non-empty string")
+
+    @property
+    def kind(self) -> str:
+        """The constraint's kind: one of `_STRUCTURED_OUTPUT_KINDS`."""
+        return next(name for name in _STRUCTURED_OUTPUT_KINDS if getattr(self, name) not in (None, False))
+
+
+_STRUCTURED_OUTPUT_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
 class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -65,6 +115,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
     bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputsParams | None = None
 
     # Filled in by the frontend's Processor, never by users.
     # EOS and the model's generation-config stop ids, plus `stop_token_ids`.
@@ -135,7 +186,11 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, kw_only=True):
         return self.temperature < _SAMPLING_EPS
 
     def clone(self) -> SamplingParams:
-        return msgspec.structs.replace(self)
+        """A copy that may be changed without touching this one (structured outputs included)."""
+        clone = msgspec.structs.replace(self)
+        if self.structured_outputs is not None:
+            clone.structured_outputs = msgspec.structs.replace(self.structured_outputs)
+        return clone
 
 
 class BeamSearchParams(msgspec.Struct, omit_defaults=True, kw_only=True):

@@ -262,8 +262,8 @@ def _instrument(llm: Any, timers: ExclusiveTimers, recorder: Recorder | None) ->
     if hasattr(executor, "execute_model_async"):
         submit = executor.execute_model_async
 
-        def execute_model_async(scheduler_output: Any) -> Any:
-            future = submit(scheduler_output)
+        def execute_model_async(scheduler_output: Any, *args: Any) -> Any:
+            future = submit(scheduler_output, *args)
             future.result = timers.wrap(future.result, "wait_for_model")
             return future
 

@@ -12,6 +12,13 @@ Datasets (`--dataset-name`, vLLM's names and flags):
   the tokenizer encodes each back to exactly its ids: prompts of one prefix group share their
   first prefix-len tokens on the server too (what prefix caching needs).
 
+Structured outputs (`--structured-output-ratio R [R ...]`): the workload runs once per ratio against
+the same server, a fraction R of its requests (chosen with the seed) constrained to a JSON schema (an
+array of records no request can finish, so a constrained request still generates exactly its
+output length) through vLLM's `structured_outputs` field; the runs print side by side. Then, one
+request at a time, the time to first token of a request whose schema the server has never seen (it
+compiles) against the same schema sent again (cached), median of `--structured-output-ttft-samples`.
+
 Every request is greedy with `ignore_eos`, fixed seed; sent all at once (`--request-rate inf`)
 or as a Poisson process at R req/s, optionally capped at `--max-concurrency` in flight; streamed.
 Reports TTFT, TPOT, ITL and end-to-end latency (mean, median, std, percentiles), output and
@@ -329,7 +336,9 @@ async def run_benchmark(
     extra_body: dict[str, Any] | None = None,
     timeout_s: float = 3600.0,
     percentiles: Sequence[float] = (99.0,),
+    request_extra_bodies: Sequence[dict[str, Any]] | None = None,
 ) -> ServeResult:
+    """`request_extra_bodies[i]`: more body fields of request i only (over `extra_body`)."""
     url = base_url.rstrip("/") + "/v1/completions"
     extra = extra_body or {}
     num_requests = len(workload.prompts)
@@ -348,13 +357,14 @@ async def run_benchmark(
 
         async def limited(index: int) -> RequestResult:
             prompt, max_tokens = workload.prompts[index], workload.output_lens[index]
+            body = {**extra, **request_extra_bodies[index]} if request_extra_bodies else extra
             if semaphore is None:
                 return await send_completion(
-                    client, url, model, prompt, max_tokens, extra, prompt_lens[index]
+                    client, url, model, prompt, max_tokens, body, prompt_lens[index]
                 )
             async with semaphore:
                 return await send_completion(
-                    client, url, model, prompt, max_tokens, extra, prompt_lens[index]
+                    client, url, model, prompt, max_tokens, body, prompt_lens[index]
                 )
 
         start = time.perf_counter()
@@ -404,6 +414,62 @@ def summarize(
         ttfts=[r.ttft if r.success else 0.0 for r in results],
         itls=[r.itl if r.success else [] for r in results],
         request_errors=[r.error for r in results],
+    )
+
+
+# ---------------------------------------------------------------- structured outputs
+
+
+def bench_json_schema(variant: str = "") -> dict[str, Any]:
+    """An array of records with integers, bounded strings, enums, numbers and a nested array; no
+    output of the benchmark's lengths completes it (minItems). `variant` renames a field: a schema
+    the server has not compiled yet."""
+    record = {
+        "type": "object",
+        "properties": {
+            f"id{variant}": {"type": "integer", "minimum": 0, "maximum": 100000},
+            "name": {"type": "string", "maxLength": 24},
+            "kind": {"enum": ["alpha", "beta", "gamma"]},
+            "score": {"type": "number"},
+            "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3},
+        },
+        "required": [f"id{variant}", "name", "kind", "score", "tags"],
+    }
+    return {"type": "array", "items": record, "minItems": 100000}
+
+
+def structured_extra_bodies(num_requests: int, ratio: float, seed: int) -> list[dict[str, Any]]:
+    """round(ratio * num_requests) requests, chosen with `seed`, get the benchmark's JSON schema."""
+    num_constrained = round(ratio * num_requests)
+    chosen = set(np.random.default_rng(seed + 2).permutation(num_requests)[:num_constrained].tolist())
+    constrained = {"structured_outputs": {"json": bench_json_schema()}}
+    return [constrained if i in chosen else {} for i in range(num_requests)]
+
+
+async def measure_schema_ttft(
+    base_url: str, model: str, prompt: str | list[int], num_samples: int, seed: int
+) -> tuple[list[float], list[float]]:
+    """One request at a time: (TTFTs of requests with a schema never sent before, TTFTs of the same
+    schemas sent again), seconds. Each new schema is a fresh variant, so the server compiles it."""
+    url = base_url.rstrip("/") + "/v1/completions"
+    new: list[float] = []
+    cached: list[float] = []
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), trust_env=False) as client:
+        for sample in range(num_samples):
+            body = {"structured_outputs": {"json": bench_json_schema(f"_{seed}_{sample}_{time.time_ns()}")}}
+            for into in (new, cached):
+                result = await send_completion(client, url, model, prompt, 4, body)
+                if not result.success:
+                    raise RuntimeError(f"schema TTFT request failed: {result.error}")
+                into.append(result.ttft)
+    return new, cached
+
+
+def print_schema_ttft(label: str, new: list[float], cached: list[float]) -> None:
+    new_ms, cached_ms = 1e3 * float(np.median(new)), 1e3 * float(np.median(cached))
+    print(
+        f"{label}: TTFT of a new JSON schema (compiles) {new_ms:.1f} ms, the same schema again (cached) "
+        f"{cached_ms:.1f} ms, medians of {len(new)}; new / cached {new_ms / cached_ms:.2f}x"
     )
 
 
@@ -534,7 +600,7 @@ def _table(results: list[ServeResult]) -> list[tuple[str, Any]]:
 
 
 def print_results(results: list[ServeResult]) -> None:
-    """One column per result; with two, a ratio column (first / second) for throughput rows."""
+    """One column per result; with two, a ratio column (first / second) for throughput and TPOT rows."""
     labels = [r.label or r.base_url for r in results]
     width = max(14, *(len(label) + 2 for label in labels))
     first = results[0]
@@ -549,6 +615,10 @@ def print_results(results: list[ServeResult]) -> None:
     print(header)
     for name, fmt in _table(results):
         line = f"{name:<28}" + "".join(f"{fmt(r):>{width}}" for r in results)
+        if len(results) == 2 and name.startswith("TPOT"):
+            stat = name.split()[1]
+            a, b = results[0].tpot_ms.get(stat, math.nan), results[1].tpot_ms.get(stat, math.nan)
+            line += f"{a / b:8.2f}x" if b else f"{'-':>9}"
         if len(results) == 2 and "throughput" in name:
             key = {
                 "request": "request_throughput",
@@ -656,6 +726,18 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--compare", nargs="+", default=None, metavar="JSON", help="print saved results side by side and exit"
     )
+    parser.add_argument(
+        "--structured-output-ratio",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="R",
+        help="run the workload once per ratio R in [0, 1], that fraction of its requests constrained to a "
+        "JSON schema, side by side; then the TTFT of a new schema vs a cached one",
+    )
+    parser.add_argument(
+        "--structured-output-ttft-samples", type=int, default=5, help="new/cached schema pairs to time"
+    )
 
     data = parser.add_argument_group("datasets")
     data.add_argument("--dataset-name", choices=DATASETS, default="random")
@@ -728,16 +810,22 @@ def main(args: argparse.Namespace) -> int:
     if args.backend == "openai" and not args.base_url:
         raise ValueError("--backend openai needs --base-url")
     metadata = parse_metadata(args.metadata)  # bad pairs fail before the run, not after
+    for ratio in args.structured_output_ratio or ():
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"--structured-output-ratio values must be in [0, 1], got {ratio}")
     with resolve_model(args.model) as model_path:
-        result, config = _run(args, model_path)
-    print_results([result])
+        results, config = _run(args, model_path)
+    print_results(results)
     path = result_path(args, config["model_id"])
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
-            json.dump(result_json(result, {**config, **metadata}), f)
+            if len(results) == 1:
+                json.dump(result_json(results[0], {**config, **metadata}), f)
+            else:
+                json.dump([result_json(r, {**config, **metadata}) for r in results], f)
         print(f"result: {path}")
-    return 0 if result.failed == 0 else 1
+    return 0 if all(result.failed == 0 for result in results) else 1
 
 
 def _make_dataset(
@@ -781,7 +869,7 @@ def _make_dataset(
     return workload, params
 
 
-def _run(args: argparse.Namespace, model_path: str) -> tuple[ServeResult, dict[str, Any]]:
+def _run(args: argparse.Namespace, model_path: str) -> tuple[list[ServeResult], dict[str, Any]]:
     percentiles = [float(q) for q in args.metric_percentiles.split(",") if q.strip()]
     workload, dataset_params = _make_dataset(args, model_path)
     proc = None
@@ -803,13 +891,37 @@ def _run(args: argparse.Namespace, model_path: str) -> tuple[ServeResult, dict[s
             **dataset_params,
             "seed": args.seed,
         }
-        result = asyncio.run(
-            run_benchmark(
-                base_url, model, workload, args.request_rate, args.max_concurrency, args.seed,
-                label=args.label or args.backend, percentiles=percentiles,
+        label = args.label or args.backend
+        if args.structured_output_ratio is None:
+            result = asyncio.run(
+                run_benchmark(
+                    base_url, model, workload, args.request_rate, args.max_concurrency, args.seed,
+                    label=label, percentiles=percentiles,
+                )
+            )  # fmt: skip
+            return [result], config
+        results = []
+        for ratio in args.structured_output_ratio:
+            extra_bodies = structured_extra_bodies(len(workload.prompts), ratio, args.seed)
+            results.append(
+                asyncio.run(
+                    run_benchmark(
+                        base_url, model, workload, args.request_rate, args.max_concurrency, args.seed,
+                        label=f"{label} json {ratio:.0%}", percentiles=percentiles,
+                        request_extra_bodies=extra_bodies,
+                    )
+                )
+            )  # fmt: skip
+        if args.structured_output_ttft_samples > 0:
+            new, cached = asyncio.run(
+                measure_schema_ttft(
+                    base_url, model, workload.prompts[0], args.structured_output_ttft_samples, args.seed
+                )
             )
-        )  # fmt: skip
-        return result, config
+            print_schema_ttft(label, new, cached)
+            config["schema_ttft_new_s"], config["schema_ttft_cached_s"] = new, cached
+        config["structured_output_ratios"] = args.structured_output_ratio
+        return results, config
     finally:
         if proc is not None:
             stop_server(proc)

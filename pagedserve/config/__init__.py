@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pagedserve.config.cache import CacheConfig
 from pagedserve.config.model import ModelConfig
 from pagedserve.config.parallel import ParallelConfig
 from pagedserve.config.scheduler import SchedulerConfig
+from pagedserve.config.structured_outputs import StructuredOutputsConfig
 
-__all__ = ["CacheConfig", "EngineConfig", "ModelConfig", "ParallelConfig", "SchedulerConfig"]
+__all__ = [
+    "CacheConfig",
+    "EngineConfig",
+    "ModelConfig",
+    "ParallelConfig",
+    "SchedulerConfig",
+    "StructuredOutputsConfig",
+]
 
 
 @dataclass
@@ -18,3 +26,4 @@ class EngineConfig:
     cache_config: CacheConfig
     scheduler_config: SchedulerConfig
     parallel_config: ParallelConfig
+    structured_outputs_config: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)

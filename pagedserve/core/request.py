@@ -9,12 +9,15 @@ from pagedserve.core.kv_cache_utils import BlockHash, RequestBlockHasher
 from pagedserve.engine import EngineCoreRequest, FinishReason
 from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.structured_output.request import StructuredOutputRequest
 
 
 class RequestStatus(enum.IntEnum):
     """Lifecycle of a request; every status after PREEMPTED is a finished one."""
 
     WAITING = enum.auto()
+    # Waiting for its structured output grammar to compile (the scheduler skips it meanwhile).
+    WAITING_FOR_FSM = enum.auto()
     RUNNING = enum.auto()
     PREEMPTED = enum.auto()
     FINISHED_STOPPED = enum.auto()
@@ -75,6 +78,7 @@ class Request:
         "num_prompt_logprobs",
         "num_prompt_logprobs_reported",
         "block_hashes",
+        "structured_output_request",
         "_output_token_ids",
         "_all_token_ids",
         "_block_hasher",
@@ -134,6 +138,11 @@ class Request:
             self.stop_token_ids = frozenset(stop_ids)
             self.num_sample_logprobs = sampling_params.logprobs
             self.num_prompt_logprobs = sampling_params.prompt_logprobs
+        self.structured_output_request = (
+            StructuredOutputRequest(sampling_params.structured_outputs)
+            if sampling_params is not None and sampling_params.structured_outputs is not None
+            else None
+        )
 
         # Prompt positions 1..n whose logprobs went out (recomputation after preemption
         # must not report them twice).

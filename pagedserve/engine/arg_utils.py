@@ -8,7 +8,14 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any
 
-from pagedserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from pagedserve.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    StructuredOutputsConfig,
+)
 from pagedserve.config.parallel import DEFAULT_DP_RPC_PORT
 
 _MEMORY_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -85,6 +92,13 @@ class EngineArgs:
         metadata={
             "help": "keep every block of sliding-window layers as if they were full attention "
             "(one KV-cache group; the window still applies to attention)"
+        },
+    )
+    structured_outputs_backend: str = dataclasses.field(
+        default="auto",
+        metadata={
+            "help": "structured outputs backend for every constrained request: auto (xgrammar), xgrammar "
+            "or guidance (llguidance)"
         },
     )
     tensor_parallel_size: int = dataclasses.field(default=1, metadata={"help": "number of tensor-parallel workers"})
@@ -183,6 +197,7 @@ class EngineArgs:
                 data_parallel_rpc_port=self.data_parallel_rpc_port,
                 data_parallel_prefix_affinity=self.data_parallel_prefix_affinity,
             ),
+            structured_outputs_config=StructuredOutputsConfig(backend=self.structured_outputs_backend),
         )
 
     @classmethod

@@ -68,6 +68,7 @@ class AsyncLLM:
             self.tokenizer,
             get_eos_token_ids(self.model_config.model, self.tokenizer),
             config.scheduler_config,
+            structured_outputs_config=config.structured_outputs_config,
         )
         self.output_processor = OutputProcessor(self.tokenizer, log_stats=log_stats)
         self.stat_loggers = list(stat_loggers or [])

@@ -38,7 +38,7 @@ import zmq
 from pagedserve.config import EngineConfig
 from pagedserve.core.kv_cache_interface import describe_kv_cache_groups
 from pagedserve.core.request import Request, RequestStatus
-from pagedserve.core.sched.output import SchedulerOutput
+from pagedserve.core.sched.output import GrammarOutput, SchedulerOutput
 from pagedserve.core.sched.scheduler import Scheduler
 from pagedserve.engine import (
     ABORT,
@@ -55,10 +55,14 @@ from pagedserve.engine.serial_utils import MsgpackDecoder, MsgpackEncoder
 from pagedserve.engine.utils import engine_identity
 from pagedserve.executor.abstract import Executor, get_executor_class
 from pagedserve.logger import configure_logging
+from pagedserve.structured_output import StructuredOutputManager
 from pagedserve.worker.outputs import ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
 
+
+# An engine whose only requests wait for their grammars sleeps this long at most per step.
+_IDLE_COMPILE_WAIT_S = 0.01
 
 # Utility methods a client may call by name (anything else is refused).
 UTILITY_METHODS = frozenset({"reset_prefix_cache", "get_scheduler_stats", "get_num_unfinished_requests", "ping"})
@@ -82,15 +86,20 @@ class EngineCore:
             describe_kv_cache_groups(kv_cache_groups),
             time.perf_counter() - start,
         )
+        self.structured_output_manager = StructuredOutputManager(config)
         self.scheduler = Scheduler(
             config.scheduler_config,
             config.cache_config,
             kv_cache_groups=kv_cache_groups,
             use_pp=config.parallel_config.pipeline_parallel_size > 1,
+            structured_output_manager=self.structured_output_manager,
         )
         # Steps in flight at most (1: run each step to its end before scheduling the next).
         self.batch_queue_size = self.executor.max_concurrent_batches
         self.batch_queue: deque[tuple[SchedulerOutput, Future[ModelRunnerOutput]]] = deque()
+        # Async scheduling: the newest step's bitmask, to be built once the steps before it are
+        # collected (their tokens must reach the matchers first); the worker waits for it to sample.
+        self._deferred_grammar: tuple[SchedulerOutput, Future[GrammarOutput | None]] | None = None
 
     def make_request(self, request: EngineCoreRequest) -> Request:
         """Builds the scheduler's Request, block hashes included (off the busy loop in a proc)."""
@@ -113,7 +122,10 @@ class EngineCore:
         if not self.scheduler.has_requests():
             return EngineCoreOutputs()
         scheduler_output = self.scheduler.schedule()
-        model_output = self.executor.execute_model(scheduler_output)
+        if not scheduler_output.total_num_scheduled_tokens:
+            self.structured_output_manager.wait_for_compilation(_IDLE_COMPILE_WAIT_S)
+        grammar_output = self.scheduler.get_grammar_bitmask(scheduler_output)
+        model_output = self.executor.execute_model(scheduler_output, grammar_output)
         return self.scheduler.update_from_output(scheduler_output, model_output)
 
     def step_with_batch_queue(self) -> EngineCoreOutputs:
@@ -125,17 +137,40 @@ class EngineCore:
         the workers feed the tokens they sampled into the next step; under pipeline parallelism
         a request waits for its token instead (only the last stage has it), so the steps in
         flight carry different requests, or successive prefill chunks.
+
+        Structured outputs: a step with structured requests whose previous token is in flight
+        (async scheduling) gets its bitmask once the steps before it are collected: its forward
+        pass overlaps the collection, its sampling waits (vLLM's way). Under pipeline parallelism
+        such a request is not scheduled at all, so every bitmask is built at schedule time.
         """
         if len(self.batch_queue) < self.batch_queue_size and self.scheduler.has_requests():
             scheduler_output = self.scheduler.schedule()
-            self.batch_queue.append((scheduler_output, self.executor.execute_model_async(scheduler_output)))
+            grammar_output: GrammarOutput | Future[GrammarOutput | None] | None = None
+            if scheduler_output.pending_structured_output_tokens and self.batch_queue:
+                assert self._deferred_grammar is None, "one deferred bitmask at a time"
+                grammar_output = Future()
+                self._deferred_grammar = (scheduler_output, grammar_output)
+            else:
+                grammar_output = self.scheduler.get_grammar_bitmask(scheduler_output)
+            self.batch_queue.append(
+                (scheduler_output, self.executor.execute_model_async(scheduler_output, grammar_output))
+            )
             if len(self.batch_queue) < self.batch_queue_size and scheduler_output.total_num_scheduled_tokens:
                 # Room for more: go back and schedule the next step before collecting one.
                 return EngineCoreOutputs()
         if not self.batch_queue:
             return EngineCoreOutputs()
+        if len(self.batch_queue) == 1 and not self.batch_queue[0][0].total_num_scheduled_tokens:
+            self.structured_output_manager.wait_for_compilation(_IDLE_COMPILE_WAIT_S)
         scheduler_output, future = self.batch_queue.popleft()
-        return self.scheduler.update_from_output(scheduler_output, future.result())
+        outputs = self.scheduler.update_from_output(scheduler_output, future.result())
+        deferred = self._deferred_grammar
+        if deferred is not None and (not self.batch_queue or self.batch_queue[0][0] is deferred[0]):
+            # Every step older than the deferred one is collected: its matchers are current.
+            deferred_output, grammar_future = deferred
+            self._deferred_grammar = None
+            grammar_future.set_result(self.scheduler.get_grammar_bitmask(deferred_output))
+        return outputs
 
     # ---------------------------------------------------------------- utilities
     def reset_prefix_cache(self) -> bool:
@@ -151,6 +186,11 @@ class EngineCore:
         return True
 
     def shutdown(self) -> None:
+        if self._deferred_grammar is not None:
+            # Frees a worker thread waiting for the bitmask (its step's result is never read).
+            self._deferred_grammar[1].set_result(None)
+            self._deferred_grammar = None
+        self.structured_output_manager.shutdown()
         self.executor.shutdown()
 
 

@@ -31,6 +31,7 @@ class LLMEngine:
             self.tokenizer,
             get_eos_token_ids(model_config.model, self.tokenizer),
             config.scheduler_config,  # issue 6: prompts that must fit one step (no chunking)
+            structured_outputs_config=config.structured_outputs_config,
         )
         self.output_processor = OutputProcessor(self.tokenizer, log_stats=log_stats)
         self.engine_core = make_sync_client(config)

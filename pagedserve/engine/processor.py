@@ -11,15 +11,18 @@ same methods: `process_inputs` and, for cross-encoders, `process_score_pair`.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from typing import Any, TypedDict
 
 from pagedserve.config.model import ModelConfig
 from pagedserve.config.scheduler import SchedulerConfig
+from pagedserve.config.structured_outputs import StructuredOutputsConfig
 from pagedserve.engine import EngineCoreRequest
 from pagedserve.pooling_params import PoolingParams, PoolingTask
-from pagedserve.sampling_params import INT64_MAX, INT64_MIN, SamplingParams
+from pagedserve.sampling_params import INT64_MAX, INT64_MIN, SamplingParams, StructuredOutputsParams
+from pagedserve.structured_output.validation import validate_structured_outputs
 
 
 class TextPrompt(TypedDict, total=False):
@@ -61,8 +64,10 @@ class Processor:
         tokenizer: Any,
         eos_token_ids: list[int],
         scheduler_config: SchedulerConfig | None = None,
+        structured_outputs_config: StructuredOutputsConfig | None = None,
     ) -> None:
         self.model_config = model_config
+        self.structured_outputs_config = structured_outputs_config or StructuredOutputsConfig()
         self.tokenizer = tokenizer
         self.max_model_len = int(model_config.max_model_len)  # type: ignore[arg-type]
         self.vocab_size = model_config.vocab_size
@@ -310,7 +315,18 @@ class Processor:
             raise ValueError(f"logit_bias keys must be token ids in [0, {self.vocab_size})")
         if params.bad_words:
             params.bad_words_token_ids = self._tokenize_bad_words(params.bad_words)
+        if params.structured_outputs is not None:
+            self._validate_structured_outputs(params.structured_outputs)
         return params
+
+    def _validate_structured_outputs(self, structured: StructuredOutputsParams) -> None:
+        """A dict schema becomes its text (the engine's cache key); the backend must be able to
+        compile the constraint. `structured` is the request's own copy (params were cloned)."""
+        if isinstance(structured.json, dict):
+            structured.json = json.dumps(structured.json)
+        if structured.choice is not None and any("\x00" in choice for choice in structured.choice):
+            raise ValueError("structured_outputs.choice must not contain NUL characters")
+        validate_structured_outputs(structured, self.structured_outputs_config.backend)
 
     def _tokenize_bad_words(self, words: list[str]) -> list[list[int]]:
         sequences: list[list[int]] = []

@@ -84,7 +84,11 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     from pagedserve.entrypoints.openai.api_server import run_server
 
-    return asyncio.run(run_server(args))
+    try:
+        import uvloop
+    except ImportError:  # optional on platforms without it; asyncio's loop costs more CPU per request
+        return asyncio.run(run_server(args))
+    return uvloop.run(run_server(args))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from pagedserve.config import EngineConfig
 from pagedserve.core.kv_cache_interface import KVCacheGroupSpec
-from pagedserve.core.sched.output import SchedulerOutput
+from pagedserve.core.sched.output import GrammarOutput, SchedulerOutput
 from pagedserve.worker.outputs import ModelRunnerOutput
 
 
@@ -43,14 +43,24 @@ class Executor(ABC):
     def initialize(self, num_blocks: int) -> None: ...
 
     @abstractmethod
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
+    def execute_model(
+        self,
+        scheduler_output: SchedulerOutput,
+        grammar_output: GrammarOutput | Future[GrammarOutput | None] | None = None,
+    ) -> ModelRunnerOutput:
+        """`grammar_output`: the step's structured-output bitmask, or a future of it that the
+        workers wait for after the forward pass, before sampling (async scheduling)."""
 
-    def execute_model_async(self, scheduler_output: SchedulerOutput) -> Future[ModelRunnerOutput]:
+    def execute_model_async(
+        self,
+        scheduler_output: SchedulerOutput,
+        grammar_output: GrammarOutput | Future[GrammarOutput | None] | None = None,
+    ) -> Future[ModelRunnerOutput]:
         """Starts a step and returns at once (async scheduling). Steps run in submission order,
         so step n's sampled tokens are in the workers' state before step n+1 prepares inputs."""
         if self._step_thread is None:
             self._step_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="execute-model")
-        return self._step_thread.submit(self.execute_model, scheduler_output)
+        return self._step_thread.submit(self.execute_model, scheduler_output, grammar_output)
 
     def shutdown(self) -> None:
         """Releases workers; idempotent."""

@@ -10,6 +10,8 @@ step's SchedulerOutput (`new_token_ids`).
 
 Worker protocol (multipart frames):
     engine -> rank r:  [b"S", SchedulerOutput] | [b"C", (method, args)] | [b"Q", b""]
+                       a step with structured requests is followed by [b"G", GrammarOutput | None]
+                       to the ranks of the last pipeline stage (the only ones that sample)
     rank r -> engine:  [b"O", ModelRunnerOutput] (output rank only) | [b"C", (rank, ok, result)]
 """
 
@@ -30,7 +32,7 @@ import zmq
 
 from pagedserve.config import EngineConfig
 from pagedserve.core.kv_cache_interface import KVCacheGroupSpec
-from pagedserve.core.sched.output import SchedulerOutput
+from pagedserve.core.sched.output import GrammarOutput, SchedulerOutput
 from pagedserve.engine.serial_utils import MsgpackDecoder, MsgpackEncoder
 from pagedserve.executor.abstract import (
     Executor,
@@ -43,7 +45,7 @@ from pagedserve.worker.outputs import ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
 
-STEP, CALL, QUIT, OUTPUT = b"S", b"C", b"Q", b"O"
+STEP, CALL, QUIT, OUTPUT, GRAMMAR = b"S", b"C", b"Q", b"O", b"G"
 _STARTUP_TIMEOUT_S = 600.0
 _POLL_MS = 200
 
@@ -105,10 +107,15 @@ class MultiprocExecutor(Executor):
             if not proc.is_alive():
                 raise WorkerDiedError(f"worker rank {rank} died (exit code {proc.exitcode})")
 
-    def _send_all(self, frames: list[bytes]) -> None:
+    @property
+    def _sampler_sockets(self) -> list[zmq.Socket]:
+        """Command sockets of the last pipeline stage's ranks: they sample, so they need bitmasks."""
+        return self.cmd_sockets[self.config.parallel_config.output_rank :]
+
+    def _send_all(self, frames: list[bytes], sockets: list[zmq.Socket] | None = None) -> None:
         # NOTE: a PUSH socket whose peer died has nowhere to queue and blocks forever in a
         # plain send; poll for room and check that every worker still lives meanwhile.
-        for sock in self.cmd_sockets:
+        for sock in self.cmd_sockets if sockets is None else sockets:
             while not sock.poll(_POLL_MS, zmq.POLLOUT):
                 self._check_alive()
             sock.send_multipart(frames, copy=False)
@@ -147,12 +154,33 @@ class MultiprocExecutor(Executor):
     def initialize(self, num_blocks: int) -> None:
         self.collective_rpc("initialize_cache", (num_blocks,))
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.execute_model_async(scheduler_output).result()
+    def execute_model(
+        self,
+        scheduler_output: SchedulerOutput,
+        grammar_output: GrammarOutput | Future[GrammarOutput | None] | None = None,
+    ) -> ModelRunnerOutput:
+        return self.execute_model_async(scheduler_output, grammar_output).result()
 
-    def execute_model_async(self, scheduler_output: SchedulerOutput) -> Future[ModelRunnerOutput]:
-        """The workers run the step while the engine core goes on; the output rank answers in order."""
+    def execute_model_async(
+        self,
+        scheduler_output: SchedulerOutput,
+        grammar_output: GrammarOutput | Future[GrammarOutput | None] | None = None,
+    ) -> Future[ModelRunnerOutput]:
+        """The workers run the step while the engine core goes on; the output rank answers in order.
+        NOTE: a rank of the last stage reads a step's bitmask before its forward pass, so a
+        deferred bitmask (async scheduling) costs tensor-parallel workers the overlap of that step."""
         self._send_all([STEP, self.encoder.encode(scheduler_output)])
+        if scheduler_output.structured_output_request_ids:
+            sampler_sockets = self._sampler_sockets
+            if isinstance(grammar_output, Future):
+                # Set by the engine core thread, which then sends from the thread that owns the sockets.
+                grammar_output.add_done_callback(
+                    lambda done: self._send_all(
+                        [GRAMMAR, self.encoder.encode(done.result())], sampler_sockets
+                    )
+                )
+            else:
+                self._send_all([GRAMMAR, self.encoder.encode(grammar_output)], sampler_sockets)
         future: Future[ModelRunnerOutput] = Future()
         self._pending.append(future)
         return _LazyFuture(self)  # type: ignore[return-value]

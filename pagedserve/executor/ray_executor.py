@@ -3,7 +3,9 @@
 The engine core (the Ray driver) sends each step's SchedulerOutput msgspec-encoded, as bytes, to
 every actor; actors run their steps in submission order (one call at a time), so up to
 `max_concurrent_batches` steps may be in flight: pipeline stages overlap. Only the output rank
-answers. Tensor and pipeline parallelism run over gloo among the actors, at the address of rank
+answers. A step with structured requests carries its grammar bitmask (GrammarOutput, msgspec-
+encoded too) to the ranks of the last pipeline stage, the only ones that sample; a bitmask
+deferred by async scheduling holds the step back until the engine core builds it. Tensor and pipeline parallelism run over gloo among the actors, at the address of rank
 0's node as Ray reports it.
 
 Dead workers: Ray fails the calls of an actor whose process died; a heartbeat connection from
@@ -23,7 +25,7 @@ from typing import Any
 
 from pagedserve.config import EngineConfig
 from pagedserve.core.kv_cache_interface import KVCacheGroupSpec
-from pagedserve.core.sched.output import SchedulerOutput
+from pagedserve.core.sched.output import GrammarOutput, SchedulerOutput
 from pagedserve.engine.serial_utils import MsgpackDecoder, MsgpackEncoder
 from pagedserve.executor.abstract import Executor, WorkerDiedError, merge_kv_cache_groups
 from pagedserve.executor.heartbeat import HeartbeatMonitor
@@ -42,14 +44,17 @@ _STARTUP_TIMEOUT_S = 600.0
 
 
 class _RayStepFuture:
-    """A step in flight: every actor's call; the result is the output rank's answer."""
+    """A step in flight: every actor's call; the result is the output rank's answer. `refs` is
+    None until a step that waits for its deferred bitmask is submitted."""
 
-    def __init__(self, executor: RayDistributedExecutor, refs: list[Any]) -> None:
+    def __init__(self, executor: RayDistributedExecutor, refs: list[Any] | None) -> None:
         self._executor = executor
-        self._refs = refs
+        self.refs = refs
 
     def result(self) -> ModelRunnerOutput:
-        outputs = self._executor._wait(self._refs)
+        if self.refs is None:
+            raise RuntimeError("the step waits for a grammar bitmask that was never built")
+        outputs = self._executor._wait(self.refs)
         return self._executor.output_decoder.decode(outputs[self._executor.output_rank])
 
 
@@ -160,13 +165,42 @@ class RayDistributedExecutor(Executor):
     def initialize(self, num_blocks: int) -> None:
         self.collective_rpc("initialize_cache", (num_blocks,))
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.execute_model_async(scheduler_output).result()
+    def execute_model(
+        self,
+        scheduler_output: SchedulerOutput,
+        grammar_output: GrammarOutput | Future[GrammarOutput | None] | None = None,
+    ) -> ModelRunnerOutput:
+        return self.execute_model_async(scheduler_output, grammar_output).result()
 
-    def execute_model_async(self, scheduler_output: SchedulerOutput) -> Future[ModelRunnerOutput]:
+    def execute_model_async(
+        self,
+        scheduler_output: SchedulerOutput,
+        grammar_output: GrammarOutput | Future[GrammarOutput | None] | None = None,
+    ) -> Future[ModelRunnerOutput]:
+        """NOTE: a deferred bitmask (async scheduling) holds the whole step back until the engine
+        core sets it, in its own thread, before it schedules the next step: steps reach the actors
+        in order, and that step's forward pass does not overlap the collection of the one before
+        (as with the multiproc executor, whose ranks read the bitmask before the forward pass)."""
         payload = self.encoder.encode(scheduler_output)
-        refs = [worker.execute_model.remote(payload) for worker in self.workers]
-        return _RayStepFuture(self, refs)  # type: ignore[return-value]
+        if not scheduler_output.structured_output_request_ids:
+            return _RayStepFuture(self, self._submit(payload, None))  # type: ignore[return-value]
+        if isinstance(grammar_output, Future):
+            step = _RayStepFuture(self, None)
+
+            def submit(done: Future[GrammarOutput | None]) -> None:
+                step.refs = self._submit(payload, self.encoder.encode(done.result()))
+
+            grammar_output.add_done_callback(submit)
+            return step  # type: ignore[return-value]
+        return _RayStepFuture(self, self._submit(payload, self.encoder.encode(grammar_output)))  # type: ignore[return-value]
+
+    def _submit(self, payload: bytes, grammar_payload: bytes | None) -> list[Any]:
+        """One call per actor; the bitmask goes to the last pipeline stage's ranks only."""
+        output_rank = self.output_rank
+        return [
+            worker.execute_model.remote(payload, grammar_payload if rank >= output_rank else None)
+            for rank, worker in enumerate(self.workers)
+        ]
 
     def shutdown(self) -> None:
         if self._closed:

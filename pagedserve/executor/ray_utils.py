@@ -117,7 +117,7 @@ class RayWorkerWrapper:
         and its name may resolve to none of them)."""
         import torch
 
-        from pagedserve.core.sched.output import SchedulerOutput
+        from pagedserve.core.sched.output import GrammarOutput, SchedulerOutput
         from pagedserve.engine.serial_utils import MsgpackDecoder, MsgpackEncoder
         from pagedserve.executor.abstract import cpu_threads_per_worker
         from pagedserve.executor.heartbeat import start_heartbeat
@@ -137,10 +137,14 @@ class RayWorkerWrapper:
         self.worker.load_model()
         self.is_output_rank = rank == config.parallel_config.output_rank
         self.step_decoder = MsgpackDecoder(SchedulerOutput)
+        self.grammar_decoder = MsgpackDecoder(GrammarOutput | None)
         self.encoder = MsgpackEncoder()
 
-    def execute_model(self, scheduler_output: bytes) -> bytes | None:
-        output = self.worker.execute_model(self.step_decoder.decode(scheduler_output))
+    def execute_model(self, scheduler_output: bytes, grammar_output: bytes | None = None) -> bytes | None:
+        """`grammar_output`: the step's encoded GrammarOutput (last pipeline stage, structured
+        requests in the step), else None."""
+        grammar = None if grammar_output is None else self.grammar_decoder.decode(grammar_output)
+        output = self.worker.execute_model(self.step_decoder.decode(scheduler_output), grammar)
         return self.encoder.encode(output) if self.is_output_rank else None
 
     def call(self, method: str, args: tuple[Any, ...]) -> Any:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+
 import torch
 
 from pagedserve.config import EngineConfig
 from pagedserve.core.kv_cache_interface import KVCacheGroupSpec
-from pagedserve.core.sched.output import SchedulerOutput
+from pagedserve.core.sched.output import GrammarOutput, SchedulerOutput
 from pagedserve.executor.abstract import Executor, cpu_threads_per_worker
 from pagedserve.worker.outputs import ModelRunnerOutput
 from pagedserve.worker.worker import Worker
@@ -32,5 +34,9 @@ class UniProcExecutor(Executor):
     def initialize(self, num_blocks: int) -> None:
         self.worker.initialize_cache(num_blocks)
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.worker.execute_model(scheduler_output)
+    def execute_model(
+        self,
+        scheduler_output: SchedulerOutput,
+        grammar_output: GrammarOutput | Future[GrammarOutput | None] | None = None,
+    ) -> ModelRunnerOutput:
+        return self.worker.execute_model(scheduler_output, grammar_output)

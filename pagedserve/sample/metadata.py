@@ -48,3 +48,7 @@ class SamplingMetadata:
     allowed_token_ids_mask: torch.Tensor | None
     # Batch row -> token sequences whose last token must not complete the sequence.
     bad_words_token_ids: dict[int, list[list[int]]]
+    # [B, ceil(vocab / 32)] int32 packed structured-output bitmask (bit set = token allowed),
+    # applied to `grammar_bitmask_rows` only; None when no request of the step is constrained.
+    grammar_bitmask: torch.Tensor | None = None
+    grammar_bitmask_rows: list[int] | None = None

@@ -10,6 +10,7 @@ from torch import nn
 from pagedserve.sample.logprobs import compute_logprobs, gather_logprobs
 from pagedserve.sample.metadata import SamplingMetadata
 from pagedserve.sample.ops.bad_words import apply_bad_words
+from pagedserve.sample.ops.grammar_bitmask import apply_grammar_bitmask
 from pagedserve.sample.ops.penalties import apply_penalties, make_output_token_ids_tensor
 from pagedserve.sample.ops.topk_topp import apply_min_p, apply_top_k_top_p, random_sample
 from pagedserve.worker.outputs import LogprobsTensors
@@ -30,7 +31,7 @@ class SamplerOutput:
 class Sampler(nn.Module):
     """Samples one token per request from [num_reqs, vocab] logits.
 
-    Order (vLLM's): raw logprobs → allowed-token mask → bad words → min_tokens → logit bias →
+    Order (vLLM's): structured-output bitmask → raw logprobs → allowed-token mask → bad words → min_tokens → logit bias →
     penalties → greedy argmax | temperature → min-p → top-k / top-p → exponential race.
 
     NOTE: float32 `logits` are modified in place; callers must not reuse them.
@@ -39,6 +40,9 @@ class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, sampling_metadata: SamplingMetadata) -> SamplerOutput:
         metadata = sampling_metadata
         logits = logits.to(torch.float32)
+        if metadata.grammar_bitmask is not None:
+            # First: a constrained row's logprobs, penalties and draws see only allowed tokens.
+            apply_grammar_bitmask(logits, metadata.grammar_bitmask, metadata.grammar_bitmask_rows)
 
         # Logprobs describe what the model said, before any request-specific processing.
         raw_logprobs = compute_logprobs(logits) if metadata.max_num_logprobs is not None else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -29,10 +30,11 @@ from pagedserve.core.kv_cache_interface import (
     get_kv_cache_specs,
     group_kv_cache_specs,
 )
-from pagedserve.core.sched.output import SchedulerOutput
+from pagedserve.core.sched.output import GrammarOutput, SchedulerOutput
 from pagedserve.distributed.parallel_state import get_pp_group
 from pagedserve.models.layers.pooler import PoolingMetadata, as_embedding_model
 from pagedserve.models.model_loader import get_model
+from pagedserve.sample.metadata import SamplingMetadata
 from pagedserve.sample.sampler import Sampler, gather_logprobs
 from pagedserve.sequence import IntermediateTensors
 from pagedserve.worker.input_batch import CachedRequestState, InputBatch
@@ -288,7 +290,11 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
-    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_model(
+        self, so: SchedulerOutput, grammar_output: GrammarOutput | Future[GrammarOutput | None] | None = None
+    ) -> ModelRunnerOutput:
+        """`grammar_output` (or its future, waited for after the forward pass) constrains the
+        sampling of the step's structured requests."""
         assert self.model is not None
         self._update_states(so)
         batch = self.input_batch
@@ -323,6 +329,10 @@ class ModelRunner:
         # prefill's sample is discarded (and must not advance the request's generator).
         sampling_rows = (seq_lens >= batch.num_tokens[:n]) & (common.query_lens.numpy() > 0)
         sampling_metadata = batch.make_sampling_metadata(sampling_rows)
+        if isinstance(grammar_output, Future):
+            grammar_output = grammar_output.result()
+        if grammar_output is not None:
+            self._set_grammar_bitmask(sampling_metadata, grammar_output)
         sampler_output = self.sampler(logits, sampling_metadata)
 
         sampled = sampler_output.sampled_token_ids.cpu().numpy()
@@ -345,6 +355,25 @@ class ModelRunner:
             logprobs=logprobs,
             prompt_logprobs_dict=prompt_logprobs,
         )
+
+    def _set_grammar_bitmask(self, metadata: SamplingMetadata, grammar_output: GrammarOutput) -> None:
+        """The step's bitmask rows moved to their batch rows; other rows are left unconstrained."""
+        index = self.input_batch.req_id_to_index
+        rows: list[int] = []
+        bitmask_rows: list[int] = []
+        for i, req_id in enumerate(grammar_output.structured_output_request_ids):
+            row = index.get(req_id)
+            if row is not None:
+                rows.append(row)
+                bitmask_rows.append(i)
+        if not rows:
+            return
+        bitmask = torch.full(
+            (self.input_batch.num_reqs, grammar_output.grammar_bitmask.shape[1]), -1, dtype=torch.int32
+        )
+        bitmask[rows] = torch.from_numpy(grammar_output.grammar_bitmask[bitmask_rows])
+        metadata.grammar_bitmask = bitmask
+        metadata.grammar_bitmask_rows = rows
 
     def _build_attn_metadata(self, commons: list[CommonAttentionMetadata]) -> list[Any]:
         """Backend metadata per KV-cache group; layers index it by their `kv_cache_group_id`.

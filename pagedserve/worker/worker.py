@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import resource
 import sys
+from concurrent.futures import Future
 
 import psutil
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 
 from pagedserve.config import EngineConfig
 from pagedserve.core.kv_cache_interface import KVCacheGroupSpec
-from pagedserve.core.sched.output import SchedulerOutput
+from pagedserve.core.sched.output import GrammarOutput, SchedulerOutput
 from pagedserve.worker.model_runner import ModelRunner
 from pagedserve.worker.outputs import ModelRunnerOutput
 
@@ -121,8 +122,12 @@ class Worker:
             peak_rss_bytes() / _MIB,
         )
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.model_runner.execute_model(scheduler_output)
+    def execute_model(
+        self,
+        scheduler_output: SchedulerOutput,
+        grammar_output: GrammarOutput | Future[GrammarOutput | None] | None = None,
+    ) -> ModelRunnerOutput:
+        return self.model_runner.execute_model(scheduler_output, grammar_output)
 
 
 def init_worker_distributed(config: EngineConfig, rank: int, dist_init_method: str) -> None:
@@ -150,7 +155,6 @@ def run_worker(
     """Entry point of a worker process (see executor/multiproc_executor.py)."""
     import zmq
 
-    from pagedserve.core.sched.output import SchedulerOutput
     from pagedserve.engine.core import set_parent_death_signal, watch_parent
     from pagedserve.engine.serial_utils import MsgpackDecoder, MsgpackEncoder
 
@@ -164,6 +168,7 @@ def run_worker(
     results.connect(result_address)
     encoder, decoder = MsgpackEncoder(), MsgpackDecoder()
     step_decoder = MsgpackDecoder(SchedulerOutput)
+    grammar_decoder = MsgpackDecoder(GrammarOutput | None)
     try:
         init_worker_distributed(config, rank, dist_init_method)
         worker = Worker(config, rank)
@@ -174,11 +179,20 @@ def run_worker(
         return
     results.send_multipart([b"C", encoder.encode((rank, True, None))])
     is_output_rank = rank == config.parallel_config.output_rank
+    is_last_stage = rank >= config.parallel_config.output_rank
     while True:
         kind, payload = commands.recv_multipart(copy=False)
         kind = bytes(kind.buffer)
         if kind == b"S":
-            output = worker.execute_model(step_decoder.decode(payload.buffer))
+            scheduler_output = step_decoder.decode(payload.buffer)
+            grammar_output = None
+            if is_last_stage and scheduler_output.structured_output_request_ids:
+                # The bitmask follows the step ([b"G", GrammarOutput | None]), possibly only once
+                # the engine collected the step before; only the last pipeline stage samples.
+                grammar_kind, grammar_payload = commands.recv_multipart(copy=False)
+                assert bytes(grammar_kind.buffer) == b"G"
+                grammar_output = grammar_decoder.decode(grammar_payload.buffer)
+            output = worker.execute_model(scheduler_output, grammar_output)
             if is_output_rank:
                 results.send_multipart([b"O", encoder.encode(output)], copy=False)
         elif kind == b"C":

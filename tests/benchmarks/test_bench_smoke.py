@@ -214,3 +214,30 @@ def test_throughput_cli_runs_transformers_at_each_batch_size_and_rates_against_t
     assert float(ratio_line[0].rsplit(" ", 1)[1].rstrip("x")) == pytest.approx(
         rates["pagedserve"] / rates[best], rel=0.01
     )
+
+
+def test_structured_output_ratio_constrains_that_share_of_requests() -> None:
+    bodies = serve.structured_extra_bodies(10, 0.3, seed=0)
+    assert sum("structured_outputs" in body for body in bodies) == 3
+    assert serve.structured_extra_bodies(10, 0.3, seed=0) == bodies
+    assert serve.bench_json_schema("a") != serve.bench_json_schema("b")
+
+
+@pytest.mark.slow
+def test_serve_cli_runs_each_structured_output_ratio_and_times_new_and_cached_schemas(
+    tiny_server: tuple[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, base_url = tiny_server
+    parser = serve.add_cli_args(argparse.ArgumentParser())
+    args = parser.parse_args(
+        ["--backend", "openai", "--base-url", base_url, "--model", model, "--num-prompts", "4",
+         "--input-len", "16", "--output-len", "6", "--range-ratio", "0", "--label", "ours",
+         "--structured-output-ratio", "1", "0", "--structured-output-ttft-samples", "1"]
+    )  # fmt: skip
+    assert serve.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "ours json 100%" in printed and "ours json 0%" in printed
+    assert "TTFT of a new JSON schema" in printed
+    # A constrained request cannot finish its never-ending array: every output has its full length.
+    (wrong_length,) = [line for line in printed.splitlines() if line.startswith("wrong output length")]
+    assert wrong_length.split()[-2:] == ["0", "0"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from pagedserve.envs import environment
-from tests.distributed.utils import SMALL, greedy
+from tests.distributed.utils import SMALL, greedy, structured
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +17,11 @@ def reference_tokens(tiny_llama) -> list[list[int]]:
     once for every parallel layout the tests compare with it."""
     with environment(PAGEDSERVE_ENABLE_MULTIPROCESSING="0"):
         return greedy(tiny_llama, **SMALL)
+
+
+@pytest.fixture(scope="session")
+def structured_reference_tokens(tiny_llama) -> list[list[int]]:
+    """The single-process engine's tokens of the structured-output batch (async scheduling: its
+    bitmasks are deferred), for the pipeline-parallel and Ray layouts to match."""
+    with environment(PAGEDSERVE_ENABLE_MULTIPROCESSING="0"):
+        return structured(tiny_llama, **SMALL)

@@ -16,7 +16,7 @@ import pytest
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.engine.exceptions import EngineDeadError
-from tests.distributed.utils import SMALL, generate_greedy
+from tests.distributed.utils import SMALL, generate_greedy, generate_structured
 
 ray = pytest.importorskip("ray", reason="the Ray executor needs the ray extra: pip install 'pagedserve[ray]'")
 
@@ -50,7 +50,7 @@ def _ray_worker_pids() -> list[int]:
     ids=["tp2", "tp2xpp2"],
 )
 def test_ray_executor_equals_single_process_then_a_killed_worker_is_engine_dead(
-    ray_cluster, tiny_llama, reference_tokens, parallel
+    ray_cluster, tiny_llama, reference_tokens, structured_reference_tokens, parallel
 ):
     # One engine for both checks: a Ray engine's start (actors importing torch) dominates.
     llm = LLM(
@@ -64,6 +64,9 @@ def test_ray_executor_equals_single_process_then_a_killed_worker_is_engine_dead(
     )
     try:
         assert generate_greedy(llm) == reference_tokens
+        # Bitmasks msgspec-encoded to the sampling ranks: deferred at TP=2 (async scheduling),
+        # built at schedule time and sent to the last stage only at TP=2 x PP=2.
+        assert generate_structured(llm) == structured_reference_tokens
         pids = _ray_worker_pids()
         assert len(pids) == llm.llm_engine.config.parallel_config.world_size, pids
         os.kill(pids[-1], signal.SIGKILL)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams
 
@@ -64,3 +66,21 @@ class SchedulerOutput:
     finished_req_ids: set[str]
     # Requests preempted this step; workers drop them (they come back as NewRequestData).
     preempted_req_ids: set[str]
+    # Scheduled requests with a structured output constraint: the step's GrammarOutput has one
+    # bitmask row for each, in this order.
+    structured_output_request_ids: list[str] = field(default_factory=list)
+    # Some of them still have a token in flight (async scheduling): their bitmask can be built only
+    # once the previous step's tokens reached the matchers.
+    pending_structured_output_tokens: bool = False
+
+
+@dataclass(slots=True)
+class GrammarOutput:
+    """The bitmask of one step (vLLM's name), sent to the workers beside the SchedulerOutput.
+
+    `grammar_bitmask[i]` (int32, packed: bit t % 32 of word t // 32 set = token t allowed) belongs
+    to `structured_output_request_ids[i]`.
+    """
+
+    structured_output_request_ids: list[str]
+    grammar_bitmask: np.ndarray

@@ -11,9 +11,10 @@ from pagedserve.config.scheduler import SchedulerConfig
 from pagedserve.core.kv_cache_interface import KVCacheGroupSpec
 from pagedserve.core.kv_cache_manager import KVCacheManager
 from pagedserve.core.request import Request, RequestStatus
-from pagedserve.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+from pagedserve.core.sched.output import CachedRequestData, GrammarOutput, NewRequestData, SchedulerOutput
 from pagedserve.core.sched.request_queue import create_request_queue
 from pagedserve.engine import EngineCoreOutput, EngineCoreOutputs, SchedulerStats
+from pagedserve.structured_output import StructuredOutputManager
 from pagedserve.worker.outputs import LogprobsLists, ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class Scheduler:
         log_stats: bool = True,
         kv_cache_groups: Sequence[KVCacheGroupSpec] | None = None,
         use_pp: bool = False,
+        structured_output_manager: StructuredOutputManager | None = None,
     ) -> None:
         if cache_config.num_gpu_blocks is None:
             raise ValueError("cache_config.num_gpu_blocks must be set before building a Scheduler")
@@ -80,6 +82,8 @@ class Scheduler:
         self.use_pp = use_pp
         self.policy = scheduler_config.policy
         self.block_size = cache_config.block_size
+        # None: requests with structured outputs are refused (an engine core always has one).
+        self.structured_output_manager = structured_output_manager
 
         self.kv_cache_manager = KVCacheManager(
             num_blocks=cache_config.num_gpu_blocks,
@@ -123,6 +127,13 @@ class Scheduler:
                 )
         self.requests[request.request_id] = request
         error = self._check_can_ever_fit(request.num_tokens)
+        if error is None and request.structured_output_request is not None:
+            if self.structured_output_manager is None:
+                error = "this scheduler has no structured output manager"
+            else:
+                # Compiles in a thread; the request is skipped until its grammar is ready.
+                request.status = RequestStatus.WAITING_FOR_FSM
+                self.structured_output_manager.grammar_init(request)
         if error is not None:
             # The frontend validates lengths first; this only keeps the scheduler from
             # waiting forever for blocks that can never be free.
@@ -218,6 +229,10 @@ class Scheduler:
         preempted_reqs: list[Request] = []
         use_pp = self.use_pp
         add_placeholders = self.async_scheduling or use_pp
+        structured_output_request_ids: list[str] = []
+        # Whether a structured request of this step still has a token in flight (async scheduling;
+        # never under pipeline parallel, which does not schedule such a request).
+        pending_structured_output_tokens = False
 
         running = self.running
         req_index = 0
@@ -275,6 +290,8 @@ class Scheduler:
                         ):
                             if parallel_list:
                                 del parallel_list[position]
+                        if preempted.structured_output_request is not None:
+                            structured_output_request_ids.remove(preempted.request_id)
                         num_unscheduled = num_scheduled_tokens.pop(preempted.request_id)
                         preempted.num_computed_tokens -= num_unscheduled
                         token_budget += num_unscheduled
@@ -299,6 +316,9 @@ class Scheduler:
             num_scheduled_tokens[request_id] = num_new_tokens
             # Advanced now (vLLM-style): the step's tokens count as computed from here on.
             request.num_computed_tokens = num_computed_tokens + num_new_tokens
+            if request.structured_output_request is not None:
+                structured_output_request_ids.append(request_id)
+                pending_structured_output_tokens |= num_placeholders > 0
             if add_placeholders:
                 placeholder_added.append(self._add_placeholder_if_sampling(request))
             token_budget -= num_new_tokens
@@ -308,7 +328,9 @@ class Scheduler:
         # step must not come back in the same step (workers would drop and add it at once).
         new_reqs_data: list[NewRequestData] = []
         if not preempted_reqs:
-            token_budget = self._schedule_waiting(token_budget, num_scheduled_tokens, new_reqs_data)
+            token_budget = self._schedule_waiting(
+                token_budget, num_scheduled_tokens, new_reqs_data, structured_output_request_ids
+            )
 
         scheduler_output = SchedulerOutput(
             scheduled_new_reqs=new_reqs_data,
@@ -322,6 +344,8 @@ class Scheduler:
             total_num_scheduled_tokens=self.max_num_scheduled_tokens - token_budget,
             finished_req_ids=self.finished_req_ids,
             preempted_req_ids={request.request_id for request in preempted_reqs},
+            structured_output_request_ids=structured_output_request_ids,
+            pending_structured_output_tokens=pending_structured_output_tokens,
         )
         self.finished_req_ids = set()
         return scheduler_output
@@ -331,14 +355,20 @@ class Scheduler:
         token_budget: int,
         num_scheduled_tokens: dict[str, int],
         new_reqs_data: list[NewRequestData],
+        structured_output_request_ids: list[str],
     ) -> int:
         """Admit waiting requests in queue order while budget, sequences and blocks last;
-        return the budget left."""
+        return the budget left. Requests whose grammar is still compiling are passed over."""
         kv_cache_manager = self.kv_cache_manager
         waiting = self.waiting
         running = self.running
+        skipped_waiting: list[Request] = []
         while token_budget > 0 and len(running) < self.max_num_running_reqs and waiting:
             request = waiting.peek_request()
+            if request.status is RequestStatus.WAITING_FOR_FSM and not self._grammar_ready(request):
+                if not request.is_finished():
+                    skipped_waiting.append(waiting.pop_request())
+                continue
             # A preempted request recomputes its prompt and outputs; the prefix cache usually
             # still holds most of them.
             computed_blocks, num_computed_tokens = kv_cache_manager.get_computed_blocks(request)
@@ -362,6 +392,8 @@ class Scheduler:
             waiting.pop_request()
             running.append(request)
             request.status = RequestStatus.RUNNING
+            if request.structured_output_request is not None:
+                structured_output_request_ids.append(request.request_id)
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_computed_tokens
                 request.first_scheduled_time = time.monotonic()
@@ -383,7 +415,33 @@ class Scheduler:
             if self.async_scheduling or self.use_pp:
                 self._add_placeholder_if_sampling(request)
             token_budget -= num_new_tokens
+        # Back in front, in their order: they keep their place for when their grammar is ready.
+        for request in reversed(skipped_waiting):
+            waiting.prepend_request(request)
         return token_budget
+
+    def _grammar_ready(self, request: Request) -> bool:
+        """Whether a WAITING_FOR_FSM request can be scheduled now: its grammar compiled and its
+        matcher made. A grammar that failed to compile finishes the request with an error."""
+        structured = request.structured_output_request
+        assert structured is not None and self.structured_output_manager is not None
+        if not structured.is_compiled():
+            return False
+        error = self.structured_output_manager.init_matcher(request)
+        if error is not None:
+            self.waiting.pop_request()
+            self._finish_with_error(request, error)
+            return False
+        request.status = RequestStatus.WAITING
+        return True
+
+    def get_grammar_bitmask(self, scheduler_output: SchedulerOutput) -> GrammarOutput | None:
+        """The step's bitmask (None without structured requests). Under async scheduling, call it
+        only after the previous step's update_from_output when `pending_structured_output_tokens`."""
+        if not scheduler_output.structured_output_request_ids:
+            return None
+        assert self.structured_output_manager is not None
+        return self.structured_output_manager.grammar_bitmask(self.requests, scheduler_output)
 
     def _pick_request_to_preempt(self) -> Request:
         if self.policy == "priority":
@@ -481,6 +539,8 @@ class Scheduler:
                             stopped = True
                             new_token_ids = new_token_ids[:num_kept]
                             break
+                if not stopped and request.structured_output_request is not None:
+                    stopped = self._advance_grammar(request, new_token_ids)
                 if logprobs is not None and request.num_sample_logprobs is not None:
                     new_logprobs = _logprobs_rows(
                         logprobs, req_index, req_index + 1, request.num_sample_logprobs
@@ -532,6 +592,24 @@ class Scheduler:
             scheduler_stats=self.make_stats() if self.log_stats else None,
             finished_requests=finished_ids or None,
         )
+
+    @staticmethod
+    def _advance_grammar(request: Request, new_token_ids: list[int]) -> bool:
+        """Feeds the accepted tokens to the request's matcher. -> whether that finished it: the
+        matcher reached its end (it accepted a stop token the request itself does not stop on), or
+        rejected a token, which only a sampler that ignored the bitmask can produce."""
+        grammar = request.structured_output_request.grammar  # type: ignore[union-attr]
+        assert grammar is not None, "a running structured request has a matcher"
+        if not grammar.accept_tokens(request.request_id, new_token_ids):
+            logger.warning(
+                "request %s: the grammar rejected sampled tokens %s; finishing it", request.request_id, new_token_ids
+            )
+            request.status = RequestStatus.FINISHED_ERROR
+            return True
+        if grammar.is_terminated():
+            request.status = RequestStatus.FINISHED_STOPPED
+            return True
+        return False
 
     @staticmethod
     def _new_prompt_logprobs(request: Request, prompt_rows: LogprobsLists, chunk_start: int) -> _LogprobsRows | None:

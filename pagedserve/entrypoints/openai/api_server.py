@@ -423,7 +423,13 @@ def init_app_state(
     )
     state.openai_serving_chat = (
         OpenAIServingChat(
-            engine, models, response_role=getattr(args, "response_role", "assistant"), **options
+            engine,
+            models,
+            response_role=getattr(args, "response_role", "assistant"),
+            enable_auto_tools=getattr(args, "enable_auto_tool_choice", False),
+            tool_parser=getattr(args, "tool_call_parser", None),
+            reasoning_parser=getattr(args, "reasoning_parser", None),
+            **options,
         )
         if generates
         else None

@@ -49,6 +49,23 @@ def make_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--response-role", default="assistant", help="role of the generated message in chat responses"
     )
     server.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='let the model decide to call tools (tool_choice "auto", the default with tools); needs '
+        "--tool-call-parser",
+    )
+    server.add_argument(
+        "--tool-call-parser",
+        default=None,
+        help="how the model writes tool calls: hermes (Qwen2.5/Qwen3, Hermes, SmolLM: <tool_call>{...}"
+        "</tool_call>) or llama3_json",
+    )
+    server.add_argument(
+        "--reasoning-parser",
+        default=None,
+        help="split the model's thinking into reasoning_content: deepseek_r1 or qwen3 (<think>...</think>)",
+    )
+    server.add_argument(
         "--max-n",
         type=int,
         default=128,
@@ -121,6 +138,15 @@ def validate_parsed_serve_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--port must be in [1, 65535], got {args.port}")
     if args.served_model_name is not None and not all(args.served_model_name):
         raise ValueError("--served-model-name values must be non-empty")
+    if getattr(args, "enable_auto_tool_choice", False) and not getattr(args, "tool_call_parser", None):
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+    from pagedserve.entrypoints.openai.reasoning import ReasoningParserManager
+    from pagedserve.entrypoints.openai.tool_parsers import ToolParserManager
+
+    if getattr(args, "tool_call_parser", None):
+        ToolParserManager.get_tool_parser(args.tool_call_parser)
+    if getattr(args, "reasoning_parser", None):
+        ReasoningParserManager.get_reasoning_parser(args.reasoning_parser)
     for flag in ("max_n", "max_prompt_chars", "max_request_body_bytes"):
         value = getattr(args, flag)
         if value is not None and value < 1:

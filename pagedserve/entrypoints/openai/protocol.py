@@ -11,6 +11,7 @@ every integer fits the 64 bits the engine serialises it in.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -34,6 +35,7 @@ from pagedserve.sampling_params import (
     BeamSearchParams,
     RequestOutputKind,
     SamplingParams,
+    StructuredOutputsParams,
 )
 
 # Largest `logprobs` / `top_logprobs` a request may ask for (vLLM's default max_logprobs).
@@ -147,6 +149,44 @@ class StreamOptions(OpenAIBaseModel):
     continuous_usage_stats: bool | None = False
 
 
+class JsonSchemaResponseFormat(OpenAIBaseModel):
+    name: str
+    description: str | None = None
+    # NOTE: `schema` would shadow a pydantic attribute: the field is sent and received as "schema".
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    # Accepted and ignored: the schema is always enforced (as in vLLM).
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIBaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaResponseFormat | None = None
+
+
+class StructuredOutputsRequest(OpenAIBaseModel):
+    """vLLM's `structured_outputs` extra body field: exactly one constraint."""
+
+    # NOTE: `json` would shadow pydantic's deprecated BaseModel.json(): sent and received as "json".
+    json_schema: str | dict[str, Any] | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    disable_any_whitespace: bool = False
+
+    def to_params(self) -> StructuredOutputsParams:
+        return StructuredOutputsParams(
+            json=self.json_schema,
+            regex=self.regex,
+            choice=self.choice,
+            grammar=self.grammar,
+            json_object=self.json_object,
+            structural_tag=self.structural_tag,
+            disable_any_whitespace=self.disable_any_whitespace,
+        )
+
+
 class _SamplingRequestFields(OpenAIBaseModel):
     """Sampling fields that completions and chat share (OpenAI's and vLLM's extras)."""
 
@@ -181,11 +221,40 @@ class _SamplingRequestFields(OpenAIBaseModel):
     priority: Int64 = 0
     request_id: RequestId | None = None
     return_tokens_as_token_ids: bool | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
 
     def check_request(self) -> None:
         """Checks across fields, with the offending field named; raises OpenAIRequestError."""
         if self.stream_options is not None and not self.stream:
             raise OpenAIRequestError("stream_options can only be set when stream is true", param="stream_options")
+        response_format = self.response_format
+        if response_format is not None and response_format.type == "json_schema":
+            if response_format.json_schema is None or response_format.json_schema.json_schema is None:
+                raise OpenAIRequestError(
+                    "response_format of type 'json_schema' needs json_schema.schema", param="response_format"
+                )
+        if self.structured_outputs is not None and response_format is not None and response_format.type != "text":
+            raise OpenAIRequestError(
+                "give either response_format or structured_outputs, not both", param="structured_outputs"
+            )
+
+    @property
+    def structured_outputs_param(self) -> str:
+        """The request field that set the output constraint (named in errors about it)."""
+        return "structured_outputs" if self.structured_outputs is not None else "response_format"
+
+    def _structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """The constraint `structured_outputs` or `response_format` asks for (None: free text)."""
+        if self.structured_outputs is not None:
+            return self.structured_outputs.to_params()
+        response_format = self.response_format
+        if response_format is None or response_format.type == "text":
+            return None
+        if response_format.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        assert response_format.json_schema is not None  # check_request
+        return StructuredOutputsParams(json=response_format.json_schema.json_schema)
 
     def _logit_bias_by_token_id(self) -> dict[int, float] | None:
         if not self.logit_bias:
@@ -238,9 +307,13 @@ class _SamplingRequestFields(OpenAIBaseModel):
                 allowed_token_ids=self.allowed_token_ids,
                 bad_words=self.bad_words,
                 output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
+                structured_outputs=self._structured_outputs_params(),
             )
         except ValueError as e:
-            raise OpenAIRequestError(str(e), param=_param_of_params_error(str(e), "SamplingParams.")) from e
+            param = _param_of_params_error(str(e), "SamplingParams.")
+            if param is None and str(e).startswith("StructuredOutputsParams"):
+                param = self.structured_outputs_param
+            raise OpenAIRequestError(str(e), param=param) from e
 
 
 def _param_of_params_error(message: str, prefix: str) -> str | None:
@@ -440,11 +513,76 @@ class ChatCompletionMessageParam(OpenAIBaseModel):
                         param="messages",
                     )
         message["content"] = self.text()
+        tool_calls = message.get("tool_calls")
+        if isinstance(tool_calls, list):
+            # Templates (Qwen's, Llama's) render arguments with `tojson`: give them the object, not
+            # the JSON text OpenAI clients send, or it would be quoted twice (vLLM does the same).
+            message["tool_calls"] = [_tool_call_for_template(call) for call in tool_calls]
         return message
 
 
-class ResponseFormat(OpenAIBaseModel):
-    type: str
+def _tool_call_for_template(call: Any) -> Any:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError:
+        return call
+    return {**call, "function": {**function, "arguments": arguments}}
+
+
+class FunctionDefinition(OpenAIBaseModel):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @property
+    def parameters_schema(self) -> dict[str, Any]:
+        """The arguments' JSON schema; a function without parameters takes an empty object."""
+        return self.parameters if self.parameters is not None else {"type": "object", "properties": {}}
+
+
+class ChatCompletionToolsParam(OpenAIBaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class ChatCompletionNamedFunction(OpenAIBaseModel):
+    name: str
+
+
+class ChatCompletionNamedToolChoiceParam(OpenAIBaseModel):
+    type: Literal["function"] = "function"
+    function: ChatCompletionNamedFunction
+
+
+def required_tool_calls_schema(
+    tools: list[ChatCompletionToolsParam], parallel_tool_calls: bool | None
+) -> dict[str, Any]:
+    """tool_choice "required": a JSON array of one or more `{"name": ..., "parameters": {...}}`
+    calls of the given tools (vLLM's form; at most one call when parallel_tool_calls is false)."""
+    schema: dict[str, Any] = {
+        "type": "array",
+        "minItems": 1,
+        "items": {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string", "enum": [tool.function.name]},
+                        "parameters": tool.function.parameters_schema,
+                    },
+                    "required": ["name", "parameters"],
+                }
+                for tool in tools
+            ]
+        },
+    }
+    if parallel_tool_calls is False:
+        schema["maxItems"] = 1
+    return schema
 
 
 # Chat and /tokenize take the same conversation, and refuse an empty one alike.
@@ -457,9 +595,9 @@ class ChatCompletionRequest(_SamplingRequestFields):
     top_logprobs: Int64 | None = 0
     max_tokens: Int64 | None = None  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: Int64 | None = None
-    response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ChatCompletionToolsParam] | None = None
+    # None: "auto" when there are tools, else "none" (OpenAI's defaults).
+    tool_choice: Literal["none", "auto", "required"] | ChatCompletionNamedToolChoiceParam | None = None
     parallel_tool_calls: bool | None = None
 
     # vLLM's extras
@@ -485,14 +623,56 @@ class ChatCompletionRequest(_SamplingRequestFields):
         if requested is not None and requested < 1:
             param = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
             raise OpenAIRequestError(f"{param} must be at least 1, got {requested}", param=param)
-        if self.response_format is not None and self.response_format.type != "text":
+        self._check_tools()
+
+    def _check_tools(self) -> None:
+        tool_choice = self.tool_choice
+        if tool_choice in (None, "none", "auto"):
+            return
+        if not self.tools:
+            raise OpenAIRequestError("tool_choice needs tools", param="tool_choice")
+        if self.structured_outputs is not None or (
+            self.response_format is not None and self.response_format.type != "text"
+        ):
+            # Both would constrain the same output.
             raise OpenAIRequestError(
-                f"response_format {self.response_format.type!r} is not supported (only 'text')", param="response_format"
+                "tool_choice 'required' or a named function cannot be combined with response_format or "
+                "structured_outputs",
+                param="tool_choice",
             )
-        if self.tool_choice not in (None, "none", "auto"):
-            raise OpenAIRequestError(
-                "tool_choice other than 'none' or 'auto' is not supported", param="tool_choice"
-            )
+        if isinstance(tool_choice, ChatCompletionNamedToolChoiceParam):
+            names = [tool.function.name for tool in self.tools]
+            if tool_choice.function.name not in names:
+                raise OpenAIRequestError(
+                    f"tool_choice names function {tool_choice.function.name!r}, which is not among the tools "
+                    f"({', '.join(names)})",
+                    param="tool_choice",
+                )
+
+    @property
+    def effective_tool_choice(self) -> str | ChatCompletionNamedToolChoiceParam:
+        """"none", "auto", "required" or the named function, with OpenAI's default filled in."""
+        if self.tool_choice is None:
+            return "auto" if self.tools else "none"
+        return self.tool_choice
+
+    @property
+    def structured_outputs_param(self) -> str:
+        if self.tool_choice == "required" or isinstance(self.tool_choice, ChatCompletionNamedToolChoiceParam):
+            return "tools"
+        return super().structured_outputs_param
+
+    def _structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """`required` and a named function are enforced: the output is the JSON the parser expects."""
+        tool_choice = self.tool_choice
+        if isinstance(tool_choice, ChatCompletionNamedToolChoiceParam):
+            assert self.tools is not None  # _check_tools
+            tool = next(t for t in self.tools if t.function.name == tool_choice.function.name)
+            return StructuredOutputsParams(json=tool.function.parameters_schema)
+        if tool_choice == "required":
+            assert self.tools is not None
+            return StructuredOutputsParams(json=required_tool_calls_schema(self.tools, self.parallel_tool_calls))
+        return super()._structured_outputs_params()
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -505,10 +685,50 @@ class ChatCompletionRequest(_SamplingRequestFields):
         return self._build_sampling_params(max_tokens, logprobs, self.prompt_logprobs)
 
 
+class FunctionCall(BaseModel):
+    name: str
+    # The arguments as a JSON text (OpenAI's form).
+    arguments: str
+
+
+def make_tool_call_id() -> str:
+    return f"chatcmpl-tool-{random_uuid()}"
+
+
+class ToolCall(BaseModel):
+    id: str = Field(default_factory=make_tool_call_id)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class _OmitNone(BaseModel):
+    """Stream deltas carry only the fields they set, as OpenAI's do."""
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class DeltaFunctionCall(_OmitNone):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_OmitNone):
+    """One fragment of a streamed tool call: the first carries `id`, `type` and the function's name,
+    later ones pieces of its arguments; `index` says which call of the message it belongs to."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+
 class ChatMessage(BaseModel):
     role: str
     content: str | None = None
-    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatCompletionLogProb(BaseModel):
@@ -544,15 +764,14 @@ class ChatCompletionResponse(BaseModel):
     prompt_logprobs: list[dict[int, LogprobEntry] | None] | None = None
 
 
-class DeltaMessage(BaseModel):
-    """Only the fields a chunk carries: `{"role": ..., "content": ""}` first, then `{"content": ...}`."""
+class DeltaMessage(_OmitNone):
+    """Only the fields a chunk carries: `{"role": ..., "content": ""}` first, then `{"content": ...}`,
+    `{"reasoning_content": ...}` or `{"tool_calls": [...]}`."""
 
     role: str | None = None
     content: str | None = None
-
-    @model_serializer(mode="wrap")
-    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return {key: value for key, value in handler(self).items() if value is not None}
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatCompletionResponseStreamChoice(BaseModel):

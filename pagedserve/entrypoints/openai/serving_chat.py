@@ -4,10 +4,19 @@ The conversation goes through the chat template (the tokenizer's, `--chat-templa
 request's) and is tokenized without adding special tokens (the template writes them), exactly as
 `LLM.chat` does. A stream sends, per choice, the role first, then content deltas, then the finish
 reason; then the usage chunk if asked for; then `[DONE]`.
+
+Tools (vLLM's behaviour): the template receives `tools`. tool_choice "required" and a named function
+are enforced by structured outputs (a JSON array of `{"name", "parameters"}` calls, or the named
+function's arguments); "auto" needs `--enable-auto-tool-choice --tool-call-parser NAME` and the calls
+are parsed from the text; "none" leaves the text alone. With `--reasoning-parser`, the thinking goes
+to `reasoning_content` first and only the rest is searched for calls. A message with calls (auto or
+required) finishes with "tool_calls"; a named function keeps the engine's reason, as OpenAI does.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from collections.abc import AsyncGenerator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -19,17 +28,24 @@ from pagedserve.entrypoints.openai.protocol import (
     ChatCompletionLogProb,
     ChatCompletionLogProbs,
     ChatCompletionLogProbsContent,
+    ChatCompletionNamedToolChoiceParam,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatCompletionResponseChoice,
     ChatCompletionResponseStreamChoice,
     ChatCompletionStreamResponse,
     ChatMessage,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
+    FunctionCall,
     OpenAIRequestError,
     PromptTokenUsageInfo,
+    ToolCall,
     UsageInfo,
+    make_tool_call_id,
 )
+from pagedserve.entrypoints.openai.reasoning import ReasoningParser, ReasoningParserManager
 from pagedserve.entrypoints.openai.serving_completion import clamp_logprob, prompt_logprobs_to_entries
 from pagedserve.entrypoints.openai.serving_engine import (
     SSE_DONE,
@@ -39,11 +55,15 @@ from pagedserve.entrypoints.openai.serving_engine import (
     sse_event,
 )
 from pagedserve.entrypoints.openai.serving_models import OpenAIServingModels
+from pagedserve.entrypoints.openai.tool_parsers import ToolParser, ToolParserManager
 from pagedserve.outputs import Logprob, RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from pagedserve.engine.async_llm import AsyncLLM
+
+logger = logging.getLogger(__name__)
+_JSON_DECODER = json.JSONDecoder()
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -53,11 +73,68 @@ class OpenAIServingChat(OpenAIServing):
         models: OpenAIServingModels,
         *,
         response_role: str = "assistant",
+        enable_auto_tools: bool = False,
+        tool_parser: str | None = None,
+        reasoning_parser: str | None = None,
         **kwargs: Any,
     ) -> None:
-        """`kwargs`: OpenAIServing's options."""
+        """`kwargs`: OpenAIServing's options. Unknown parser names raise ValueError."""
         super().__init__(engine_client, models, **kwargs)
         self.response_role = response_role
+        self.enable_auto_tools = enable_auto_tools
+        self.tool_parser_cls: type[ToolParser] | None = (
+            ToolParserManager.get_tool_parser(tool_parser) if tool_parser else None
+        )
+        self.reasoning_parser_cls: type[ReasoningParser] | None = (
+            ReasoningParserManager.get_reasoning_parser(reasoning_parser) if reasoning_parser else None
+        )
+
+    def _check_tool_choice(self, request: ChatCompletionRequest) -> None:
+        if request.tools and request.effective_tool_choice == "auto" and not (
+            self.enable_auto_tools and self.tool_parser_cls is not None
+        ):
+            raise OpenAIRequestError(
+                '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
+                param="tool_choice",
+            )
+
+    def _uses_tool_parser(self, request: ChatCompletionRequest) -> bool:
+        return bool(request.tools) and request.effective_tool_choice == "auto" and self.tool_parser_cls is not None
+
+    def _message(self, text: str, request: ChatCompletionRequest) -> tuple[ChatMessage, bool]:
+        """The message of a complete output. -> (message, whether it calls tools)."""
+        reasoning: str | None = None
+        content: str | None = text
+        if self.reasoning_parser_cls is not None:
+            reasoning, content = self.reasoning_parser_cls(self.tokenizer).extract_reasoning_content(text, request)
+        tool_choice = request.effective_tool_choice
+        tool_calls: list[ToolCall] = []
+        if isinstance(tool_choice, ChatCompletionNamedToolChoiceParam):
+            tool_calls = [ToolCall(function=FunctionCall(name=tool_choice.function.name, arguments=content or ""))]
+            content = None
+        elif tool_choice == "required":
+            try:
+                calls = json.loads(content or "")
+                tool_calls = [
+                    ToolCall(
+                        function=FunctionCall(name=call["name"], arguments=json.dumps(call["parameters"], ensure_ascii=False))
+                    )
+                    for call in calls
+                ]
+                content = None
+            except (ValueError, TypeError, KeyError):
+                # Cut off by max_tokens: the partial JSON stays the content.
+                tool_calls = []
+        elif self._uses_tool_parser(request) and content is not None:
+            assert self.tool_parser_cls is not None
+            info = self.tool_parser_cls(self.tokenizer).extract_tool_calls(content, request)
+            if info.tools_called:
+                tool_calls, content = info.tool_calls, info.content
+        message = ChatMessage(
+            role=self.response_role, content=content, reasoning_content=reasoning, tool_calls=tool_calls
+        )
+        calls_tools = bool(tool_calls) and not isinstance(tool_choice, ChatCompletionNamedToolChoiceParam)
+        return message, calls_tools
 
     async def create_chat_completion(
         self, request: ChatCompletionRequest, raw_request: Request | None = None
@@ -67,6 +144,7 @@ class OpenAIServingChat(OpenAIServing):
         request.check_request()
         self._check_num_sequences(request.n, "n")
         self._check_chat_request(request)
+        self._check_tool_choice(request)
         engine_request_id = self._engine_request_id(response_id, 0)
         prompt, params, engine_request = await self._in_tokenizer_thread(
             self._build_request, request, engine_request_id
@@ -103,7 +181,12 @@ class OpenAIServingChat(OpenAIServing):
         max_tokens = self._resolve_max_tokens(len(token_ids), request.requested_max_tokens, param, "messages")
         params = request.to_sampling_params(max_tokens)
         engine_request = self._validate_engine_inputs(
-            engine_request_id, prompt, params, request.priority, request.cache_salt
+            engine_request_id,
+            prompt,
+            params,
+            request.priority,
+            request.cache_salt,
+            structured_outputs_param=request.structured_outputs_param,
         )
         return prompt, params, engine_request
 
@@ -123,12 +206,16 @@ class OpenAIServingChat(OpenAIServing):
             if request.logprobs:
                 assert output.logprobs is not None, "the engine returned no logprobs"
                 logprobs = self._create_chat_logprobs(output.token_ids, output.logprobs, request)
+            message, calls_tools = self._message(output.text, request)
+            finish_reason = output.finish_reason
+            if calls_tools and finish_reason == "stop":
+                finish_reason = "tool_calls"
             choices.append(
                 ChatCompletionResponseChoice(
                     index=output.index,
-                    message=ChatMessage(role=self.response_role, content=output.text),
+                    message=message,
                     logprobs=logprobs,
-                    finish_reason=output.finish_reason,
+                    finish_reason=finish_reason,
                     stop_reason=output.stop_reason,
                 )
             )
@@ -209,6 +296,7 @@ class OpenAIServingChat(OpenAIServing):
         include_usage = bool(stream_options and stream_options.include_usage)
         continuous_usage = include_usage and bool(stream_options and stream_options.continuous_usage_stats)
         num_cached_tokens = 0
+        streams = [_ChoiceStream(self, request) for _ in range(request.n)]
 
         def chunk_json(choice: ChatCompletionResponseStreamChoice, index: int) -> str:
             chunk = ChatCompletionStreamResponse(id=response_id, created=created, model=model_name, choices=[choice])
@@ -233,14 +321,19 @@ class OpenAIServingChat(OpenAIServing):
                     num_generated_tokens[index] += len(output.token_ids)
                     if not output.text and not output.token_ids and output.finish_reason is None:
                         continue
+                    stream = streams[index]
+                    delta = stream.delta(output.text, finished=output.finish_reason is not None)
                     logprobs = None
                     if request.logprobs and output.logprobs is not None:
                         logprobs = self._create_chat_logprobs(output.token_ids, output.logprobs, request)
+                    finish_reason = output.finish_reason
+                    if stream.tools_called and finish_reason == "stop":
+                        finish_reason = "tool_calls"
                     choice = ChatCompletionResponseStreamChoice(
                         index=index,
-                        delta=DeltaMessage(content=output.text) if output.text else DeltaMessage(),
+                        delta=delta or DeltaMessage(),
                         logprobs=logprobs,
-                        finish_reason=output.finish_reason,
+                        finish_reason=finish_reason,
                         stop_reason=output.stop_reason,
                     )
                     yield chunk_json(choice, index)
@@ -262,3 +355,103 @@ class OpenAIServingChat(OpenAIServing):
         except Exception as e:
             yield self.sse_error(e)
         yield SSE_DONE
+
+
+class _ChoiceStream:
+    """One streamed choice: its text so far, split into reasoning, content and tool calls as the
+    server's parsers and the request's tool_choice say; `delta` gives each chunk's message."""
+
+    def __init__(self, serving: OpenAIServingChat, request: ChatCompletionRequest) -> None:
+        self.request = request
+        self.tool_choice = request.effective_tool_choice
+        self.reasoning_parser = (
+            serving.reasoning_parser_cls(serving.tokenizer) if serving.reasoning_parser_cls is not None else None
+        )
+        self.tool_parser = (
+            serving.tool_parser_cls(serving.tokenizer)  # type: ignore[misc]
+            if serving._uses_tool_parser(request)
+            else None
+        )
+        self.text = ""
+        self.content = ""
+        # Named function: the call's id once sent. Required: the array's calls sent, where the next begins.
+        self.named_call_id: str | None = None
+        self.num_required_calls_sent = 0
+        self.required_pos = 0
+        self.tools_called = False
+
+    def delta(self, delta_text: str, finished: bool) -> DeltaMessage | None:
+        previous_text = self.text
+        self.text += delta_text
+        reasoning_delta: str | None = None
+        content_delta = delta_text
+        if self.reasoning_parser is not None:
+            split = self.reasoning_parser.extract_reasoning_content_streaming(
+                previous_text, self.text, delta_text, self.request, finished
+            )
+            reasoning_delta = split.reasoning_content if split is not None else None
+            content_delta = (split.content or "") if split is not None else ""
+        previous_content = self.content
+        self.content += content_delta
+
+        tool_calls: list[DeltaToolCall] | None = None
+        content: str | None = content_delta
+        if isinstance(self.tool_choice, ChatCompletionNamedToolChoiceParam):
+            content, tool_calls = None, self._named_delta(content_delta)
+        elif self.tool_choice == "required":
+            content, tool_calls = None, self._required_deltas()
+        elif self.tool_parser is not None:
+            parsed = self.tool_parser.extract_tool_calls_streaming(
+                previous_content, self.content, content_delta, self.request, finished
+            )
+            content = parsed.content if parsed is not None else None
+            tool_calls = parsed.tool_calls if parsed is not None else None
+            self.tools_called = self.tool_parser.tools_called
+        if not reasoning_delta and not content and not tool_calls:
+            return None
+        return DeltaMessage(reasoning_content=reasoning_delta or None, content=content or None, tool_calls=tool_calls)
+
+    def _named_delta(self, arguments: str) -> list[DeltaToolCall] | None:
+        """The named function's arguments, streamed as they are generated."""
+        if self.named_call_id is None:
+            assert isinstance(self.tool_choice, ChatCompletionNamedToolChoiceParam)
+            self.named_call_id = make_tool_call_id()
+            function = DeltaFunctionCall(name=self.tool_choice.function.name, arguments=arguments)
+            return [DeltaToolCall(index=0, id=self.named_call_id, type="function", function=function)]
+        if not arguments:
+            return None
+        return [DeltaToolCall(index=0, function=DeltaFunctionCall(arguments=arguments))]
+
+    def _required_deltas(self) -> list[DeltaToolCall] | None:
+        """Each call of the JSON array once it is complete (id, name and arguments in one chunk)."""
+        text = self.content
+        if self.required_pos == 0:
+            start = text.find("[")
+            if start < 0:
+                return None
+            self.required_pos = start + 1
+        deltas = []
+        while True:
+            pos = self.required_pos
+            while pos < len(text) and (text[pos].isspace() or text[pos] == ","):
+                pos += 1
+            try:
+                call, end = _JSON_DECODER.raw_decode(text, pos)
+            except ValueError:
+                break
+            self.required_pos = end
+            if not isinstance(call, dict) or "name" not in call:
+                break
+            deltas.append(
+                DeltaToolCall(
+                    index=self.num_required_calls_sent,
+                    id=make_tool_call_id(),
+                    type="function",
+                    function=DeltaFunctionCall(
+                        name=call["name"], arguments=json.dumps(call.get("parameters", {}), ensure_ascii=False)
+                    ),
+                )
+            )
+            self.num_required_calls_sent += 1
+            self.tools_called = True
+        return deltas or None

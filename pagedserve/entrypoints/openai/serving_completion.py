@@ -126,7 +126,12 @@ class OpenAIServingCompletion(OpenAIServing):
             else:
                 params = request.to_sampling_params(max_tokens)
                 engine_request = self._validate_engine_inputs(
-                    engine_request_id, prompt, params, request.priority, request.cache_salt
+                    engine_request_id,
+                    prompt,
+                    params,
+                    request.priority,
+                    request.cache_salt,
+                    structured_outputs_param=request.structured_outputs_param,
                 )
             requests.append((engine_request_id, prompt, params, engine_request))
         return prompts, requests

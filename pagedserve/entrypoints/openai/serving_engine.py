@@ -225,6 +225,7 @@ class OpenAIServing:
         params: SamplingParams,
         priority: int,
         cache_salt: str | None,
+        structured_outputs_param: str | None = None,
     ) -> EngineCoreRequest:
         """Runs the engine's own validation (vocabulary range, stop ids, ...) before anything is
         submitted, so that a bad prompt among several never leaves a half-started request behind
@@ -237,6 +238,9 @@ class OpenAIServing:
         except ValueError as e:
             # The Processor's messages start with the parameter they are about ("top_k must be ...").
             name = str(e).split(" ", 1)[0]
+            if name.startswith("structured_outputs"):
+                # A constraint the backend cannot compile: name the field that asked for it.
+                raise OpenAIRequestError(str(e), param=structured_outputs_param or "structured_outputs") from e
             raise OpenAIRequestError(str(e), param=name if name in _REQUEST_PARAMS else None) from e
         return request
 
@@ -386,11 +390,15 @@ class OpenAIServing:
             for k, v in (request.chat_template_kwargs or {}).items()
             if k not in _RESERVED_TEMPLATE_KWARGS
         }
+        tools = [
+            tool.model_dump(exclude_none=True) if isinstance(tool, OpenAIBaseModel) else tool
+            for tool in request.tools or ()
+        ]
         try:
             text = self.tokenizer.apply_chat_template(
                 conversation,
                 chat_template=template,
-                tools=request.tools,
+                tools=tools or None,
                 add_generation_prompt=request.add_generation_prompt,
                 continue_final_message=request.continue_final_message,
                 tokenize=False,

@@ -57,3 +57,30 @@ def reranker_server(
     )
     yield remote
     remote.terminate()
+
+
+@pytest.fixture(scope="session")
+def qwen_tools_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteOpenAIServer]:
+    """Qwen2.5-Coder-0.5B-Instruct (GGUF; its chat template renders tools and expects Hermes
+    `<tool_call>` output) with automatic tool choice, the hermes parser and the qwen3 reasoning
+    parser (an output without <think> stays content). No API key."""
+    from pagedserve.model_files import qwen25_coder_05b_gguf
+
+    log_path = tmp_path_factory.mktemp("qwen_tools_server") / "server.log"
+    remote = RemoteOpenAIServer(
+        qwen25_coder_05b_gguf(),
+        [
+            "--max-model-len",
+            "2048",
+            "--served-model-name",
+            "qwen",
+            "--enable-auto-tool-choice",
+            "--tool-call-parser",
+            "hermes",
+            "--reasoning-parser",
+            "qwen3",
+        ],
+        log_path,
+    )
+    yield remote
+    remote.terminate()

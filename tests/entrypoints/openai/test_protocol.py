@@ -90,7 +90,11 @@ def test_echo_allows_zero_max_tokens():
         ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
         ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, "max_completion_tokens"),
-        ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, "response_format"),
+        ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema"}}, "response_format"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"},
+            "tool_choice",
+        ),
     ],
 )
 def test_chat_cross_field_errors_name_the_field(body, param):
