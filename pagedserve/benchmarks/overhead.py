@@ -19,6 +19,13 @@ fraction of the GEMM FLOP/s a large `torch.mm` reaches in the same dtype in the 
 
     pagedserve bench overhead --model tiny       # random 2-layer, hidden-256 Llama
     pagedserve bench overhead                    # SmolLM2-135M (the default model)
+
+`--executor-backends mp ray` compares executors instead, at `--tensor-parallel-size` (default 2):
+the same workload through each (engine core in this process, so the executor can be timed), as
+milliseconds per engine step, and the round trip of an empty step (send the SchedulerOutput to
+every worker, get the output rank's answer: the executor's own cost per step).
+
+    pagedserve bench overhead --model tiny --executor-backends mp ray
 """
 
 from __future__ import annotations
@@ -255,8 +262,8 @@ def _instrument(llm: Any, timers: ExclusiveTimers, recorder: Recorder | None) ->
     if hasattr(executor, "execute_model_async"):
         submit = executor.execute_model_async
 
-        def execute_model_async(scheduler_output: Any) -> Any:
-            future = submit(scheduler_output)
+        def execute_model_async(scheduler_output: Any, *args: Any) -> Any:
+            future = submit(scheduler_output, *args)
             future.result = timers.wrap(future.result, "wait_for_model")
             return future
 
@@ -314,7 +321,7 @@ class OverheadResult:
         return self.total_flops / seconds / self.gemm_flops_per_s
 
 
-def _make_llm(args: argparse.Namespace, model: str, multiprocessing: bool) -> Any:
+def _make_llm(args: argparse.Namespace, model: str, multiprocessing: bool, **engine_args: Any) -> Any:
     from pagedserve import LLM
     from pagedserve.engine.arg_utils import EngineArgs
 
@@ -324,6 +331,7 @@ def _make_llm(args: argparse.Namespace, model: str, multiprocessing: bool) -> An
         max_model_len=args.max_model_len,
         enable_prefix_caching=args.enable_prefix_caching,
         seed=args.seed,
+        **engine_args,
     )
     if args.async_scheduling is not None:
         if "async_scheduling" not in EngineArgs.__dataclass_fields__:
@@ -555,6 +563,84 @@ def print_report(r: OverheadResult) -> None:
         print(f"not instrumented (absent in this engine): {', '.join(r.missing_hooks)}")
 
 
+@dataclass
+class ExecutorResult:
+    backend: str
+    seconds: float  # the workload through LLM.generate
+    num_steps: int  # engine steps that computed tokens
+    empty_step_seconds: float  # median round trip of a step without tokens
+
+    @property
+    def ms_per_step(self) -> float:
+        return 1e3 * self.seconds / self.num_steps
+
+
+def run_executor_comparison(args: argparse.Namespace) -> list[ExecutorResult]:
+    """Each backend in turn (one engine alive at a time): warm-up, `--rounds` timed runs of the
+    workload (best kept), then empty-step round trips."""
+    from pagedserve.config.model import ModelConfig
+    from pagedserve.core.sched.output import CachedRequestData, SchedulerOutput
+
+    results = []
+    with resolve_model(args.model) as model:
+        model_config = ModelConfig(model, dtype=args.dtype, max_model_len=args.max_model_len)
+        workload = make_workload(
+            args.num_prompts, args.input_len, args.output_len, args.range_ratio, model_config.vocab_size, args.seed
+        )  # fmt: skip
+        for backend in args.executor_backends:
+            llm = _make_llm(
+                args,
+                model,
+                multiprocessing=False,
+                tensor_parallel_size=args.tensor_parallel_size,
+                distributed_executor_backend=backend,
+            )
+            try:
+                core = llm.llm_engine.engine_core.engine_core
+                _warm_up(llm, workload, args.max_num_seqs)
+                recorder, patches = Recorder(), Patches()  # counts the steps that computed tokens
+                patches.wrap(core.scheduler, "schedule", ExclusiveTimers(), "schedule", recorder.on_schedule)
+                times = []
+                try:
+                    for _ in range(max(1, args.rounds)):
+                        llm.reset_prefix_cache()
+                        recorder.scheduler_steps.clear()
+                        times.append(_generate(llm, workload))
+                finally:
+                    patches.undo()
+                num_steps = len(recorder.scheduler_steps)
+                empty = SchedulerOutput([], CachedRequestData(), {}, 0, set(), set())
+                round_trips = []
+                for _ in range(args.num_empty_steps):
+                    start = time.perf_counter()
+                    core.executor.execute_model(empty)
+                    round_trips.append(time.perf_counter() - start)
+                round_trips.sort()
+                results.append(ExecutorResult(backend, min(times), num_steps, round_trips[len(round_trips) // 2]))
+            finally:
+                llm.llm_engine.shutdown()
+    return results
+
+
+def print_executor_report(args: argparse.Namespace, results: list[ExecutorResult]) -> None:
+    print(
+        f"model={args.model or 'smollm2'} tensor_parallel_size={args.tensor_parallel_size} "
+        f"requests={args.num_prompts} (~{args.input_len} in / ~{args.output_len} out), best of {args.rounds}"
+    )
+    base = results[0]
+    print(f"{'executor':<10}{'seconds':>9}{'steps':>7}{'ms/step':>9}{'vs ' + base.backend:>9}{'empty step':>13}{'vs ' + base.backend:>9}")
+    for r in results:
+        print(
+            f"{r.backend:<10}{r.seconds:9.2f}{r.num_steps:7d}{r.ms_per_step:9.2f}{r.ms_per_step / base.ms_per_step:8.2f}x"
+            f"{1e3 * r.empty_step_seconds:10.3f} ms{r.empty_step_seconds / base.empty_step_seconds:8.2f}x"
+        )
+    for r in results[1:]:
+        print(
+            f"{r.backend} - {base.backend}: {r.ms_per_step - base.ms_per_step:+.2f} ms per engine step, "
+            f"{1e3 * (r.empty_step_seconds - base.empty_step_seconds):+.3f} ms per empty step"
+        )
+
+
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
@@ -585,6 +671,15 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--rounds", type=int, default=1, help="alternate (a) and (b) N times and keep the best of each"
     )
     parser.add_argument("--gemm-size", type=int, default=2048)
+    parser.add_argument(
+        "--executor-backends",
+        nargs="+",
+        default=None,
+        choices=["mp", "ray"],
+        help="compare these executors (ms per step, empty-step round trip) instead of the overhead run",
+    )
+    parser.add_argument("--tensor-parallel-size", type=int, default=2, help="with --executor-backends")
+    parser.add_argument("--num-empty-steps", type=int, default=200, help="with --executor-backends")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     parser.set_defaults(func=main)
@@ -593,6 +688,13 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     logging.getLogger("pagedserve").setLevel(logging.WARNING)
+    if args.executor_backends:
+        executor_results = run_executor_comparison(args)
+        print_executor_report(args, executor_results)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump([asdict(r) for r in executor_results], f, indent=2)
+        return 0
     result = run(args)
     print_report(result)
     if args.json:

@@ -210,6 +210,7 @@ class ModelConfig:
         )
         self.weight_dtype_name = ckpt if half_weights else self.dtype_name
         self._resolve_task(model_info, arch)
+        self.supports_pp = model_info.supports_pp
 
         max_positions_fn = model_info.max_positions
         max_positions = int(max_positions_fn(cfg) if max_positions_fn else cfg.get("max_position_embeddings") or 2048)
@@ -378,8 +379,22 @@ class ModelConfig:
     def head_dim(self) -> int:
         return int(self.hf_config.head_dim)
 
-    def verify_with_parallel_config(self, tensor_parallel_size: int) -> None:
-        """Tensor parallelism splits query heads evenly; KV heads are split or replicated."""
+    def verify_with_parallel_config(self, tensor_parallel_size: int, pipeline_parallel_size: int = 1) -> None:
+        """Tensor parallelism splits query heads evenly; KV heads are split or replicated. Pipeline
+        parallelism gives each stage at least one layer of a generative model."""
+        if pipeline_parallel_size > 1:
+            num_layers = int(getattr(self.hf_config, "num_hidden_layers", 0) or 0)
+            if self.runner_type != "generate":
+                raise ValueError("pipeline_parallel_size > 1 needs a generative model (task generate)")
+            if not self.supports_pp:
+                raise ValueError(
+                    f"{self.architectures[0]} does not split into pipeline stages; "
+                    "use pipeline_parallel_size=1"
+                )
+            if num_layers < pipeline_parallel_size:
+                raise ValueError(
+                    f"the model's {num_layers} layers cannot fill pipeline_parallel_size={pipeline_parallel_size} stages"
+                )
         num_heads = int(getattr(self.hf_config, "num_attention_heads", 0) or 0)
         num_kv_heads = int(getattr(self.hf_config, "num_key_value_heads", 0) or 0)
         if tensor_parallel_size == 1 or not num_heads:

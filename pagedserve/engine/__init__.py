@@ -75,3 +75,5 @@ class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=
     timestamp: float = msgspec.field(default_factory=time.monotonic)
     # Requests the engine finished on its own this step (for clients that track them).
     finished_requests: set[str] | None = None
+    # Data parallel: which engine core produced these (set by the client from the message).
+    engine_index: int = 0

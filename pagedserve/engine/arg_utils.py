@@ -16,6 +16,7 @@ from pagedserve.config import (
     SchedulerConfig,
     StructuredOutputsConfig,
 )
+from pagedserve.config.parallel import DEFAULT_DP_RPC_PORT
 
 _MEMORY_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -101,6 +102,37 @@ class EngineArgs:
         },
     )
     tensor_parallel_size: int = dataclasses.field(default=1, metadata={"help": "number of tensor-parallel workers"})
+    pipeline_parallel_size: int = dataclasses.field(
+        default=1,
+        metadata={"help": "pipeline stages: the layers split into this many stages, each on its own worker(s)"},
+    )
+    distributed_executor_backend: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "who runs the workers: mp (processes on this host) or ray (actors of a Ray cluster: "
+            "RAY_ADDRESS, else a local one); default: mp for several workers"
+        },
+    )
+    data_parallel_size: int = dataclasses.field(
+        default=1, metadata={"help": "engine cores (each with its own workers) behind one API server"}
+    )
+    data_parallel_size_local: int | None = dataclasses.field(
+        default=None, metadata={"help": "engine cores on this host (default: all from --data-parallel-start-rank on)"}
+    )
+    data_parallel_start_rank: int = dataclasses.field(
+        default=0, metadata={"help": "data-parallel rank of this host's first engine core (with --headless)"}
+    )
+    data_parallel_address: str = dataclasses.field(
+        default="127.0.0.1", metadata={"help": "address of the API server's host, as the engine cores reach it"}
+    )
+    data_parallel_rpc_port: int = dataclasses.field(
+        default=DEFAULT_DP_RPC_PORT,
+        metadata={"help": "first of the three ports the API server opens for remote engine cores"},
+    )
+    data_parallel_prefix_affinity: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "send a request to the engine core that served its prompt's prefix (unless much busier)"},
+    )
     # --- pooling models (issue 6) ---
     task: str = dataclasses.field(
         default="auto",
@@ -123,7 +155,7 @@ class EngineArgs:
             task=self.task,  # type: ignore[arg-type]
             quantization=self.quantization,
         )
-        model_config.verify_with_parallel_config(self.tensor_parallel_size)
+        model_config.verify_with_parallel_config(self.tensor_parallel_size, self.pipeline_parallel_size)
         max_model_len = int(model_config.max_model_len)  # type: ignore[arg-type]
         enable_chunked_prefill = self.enable_chunked_prefill
         enable_prefix_caching = self.enable_prefix_caching
@@ -154,7 +186,17 @@ class EngineArgs:
                 runner_type=model_config.runner_type,
                 disable_hybrid_kv_cache_manager=self.disable_hybrid_kv_cache_manager,
             ),
-            parallel_config=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
+            parallel_config=ParallelConfig(
+                tensor_parallel_size=self.tensor_parallel_size,
+                pipeline_parallel_size=self.pipeline_parallel_size,
+                distributed_executor_backend=self.distributed_executor_backend,  # type: ignore[arg-type]
+                data_parallel_size=self.data_parallel_size,
+                data_parallel_size_local=self.data_parallel_size_local,
+                data_parallel_start_rank=self.data_parallel_start_rank,
+                data_parallel_address=self.data_parallel_address,
+                data_parallel_rpc_port=self.data_parallel_rpc_port,
+                data_parallel_prefix_affinity=self.data_parallel_prefix_affinity,
+            ),
             structured_outputs_config=StructuredOutputsConfig(backend=self.structured_outputs_backend),
         )
 

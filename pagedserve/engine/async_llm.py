@@ -5,7 +5,8 @@ OutputProcessor puts each into its request's queue) and feeds the stat loggers. 
 (SamplingParams) and `encode` (PoolingParams) are async generators over one request's queue;
 `beam_search` runs each step's one-token requests through `generate`, concurrently.
 If the engine dies, the handler fails every queue with EngineDeadError and later calls raise it
-at once.
+at once. With data parallelism, a dead engine core fails only its own requests' queues; the
+engine counts as dead once every engine core is.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pagedserve.beam_search import beam_search_async
 from pagedserve.config import EngineConfig
 from pagedserve.engine import EngineCoreRequest, SchedulerStats
 from pagedserve.engine.arg_utils import EngineArgs
-from pagedserve.engine.core_client import AsyncMPClient
+from pagedserve.engine.core_client import make_async_mp_client
 from pagedserve.engine.exceptions import EngineDeadError
 from pagedserve.engine.output_processor import OutputProcessor, OutputQueue
 from pagedserve.engine.parallel_sampling import ParentRequest
@@ -72,7 +73,7 @@ class AsyncLLM:
         self.output_processor = OutputProcessor(self.tokenizer, log_stats=log_stats)
         self.stat_loggers = list(stat_loggers or [])
         self.stats = EngineTotals()
-        self.engine_core = AsyncMPClient(config)
+        self.engine_core = make_async_mp_client(config, self._fail_engine_requests)
         self.output_handler: asyncio.Task[None] | None = None
         self.dead_error: EngineDeadError | None = None
 
@@ -85,7 +86,12 @@ class AsyncLLM:
     # ------------------------------------------------------------------ state
     @property
     def errored(self) -> bool:
-        return self.dead_error is not None or not self.engine_core.proc.is_alive()
+        return self.dead_error is not None or not self.engine_core.is_alive()
+
+    @property
+    def dead_engines(self) -> dict[int, str]:
+        """Data parallel: the dead engine cores (index -> why) while the others serve."""
+        return self.engine_core.dead_engines
 
     @property
     def is_running(self) -> bool:
@@ -94,10 +100,8 @@ class AsyncLLM:
     async def check_health(self) -> None:
         """Raises EngineDeadError once the engine core is dead, after failing every request in
         flight (the output handler may not have noticed yet, or may not be running)."""
-        if self.dead_error is None and not self.engine_core.proc.is_alive():
-            self._set_dead(
-                EngineDeadError(f"the engine-core process died (exit code {self.engine_core.proc.exitcode})")
-            )
+        if self.dead_error is None and not self.engine_core.is_alive():
+            self._set_dead(EngineDeadError(self.engine_core.death_message()))
         if self.errored:
             raise self.dead_error or EngineDeadError()
 
@@ -108,6 +112,10 @@ class AsyncLLM:
         self.dead_error = error
         self.output_processor.propagate_error(error)
         self.engine_core.fail_pending_utilities(error)
+
+    def _fail_engine_requests(self, error: EngineDeadError, request_ids: list[str]) -> None:
+        """Data parallel: one engine core died; its requests get `error`, the others go on."""
+        self.output_processor.propagate_error(error, request_ids)
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
@@ -323,8 +331,9 @@ class AsyncLLM:
                 ),
                 finished_requests=aborted,
             )
+            engine_index = self.engine_core.engine_index_of(aborted[0].request_id)
             for stat_logger in self.stat_loggers:
-                stat_logger.record(None, iteration)
+                stat_logger.record(None, iteration, engine_index)
         if engine_ids and not self.errored:
             await self.engine_core.abort_requests_async(engine_ids)
 
@@ -358,7 +367,7 @@ class AsyncLLM:
                         finished_requests=processed.finished_requests,
                     )
                     for stat_logger in self.stat_loggers:
-                        stat_logger.record(outputs.scheduler_stats, iteration)
+                        stat_logger.record(outputs.scheduler_stats, iteration, outputs.engine_index)
         except asyncio.CancelledError:
             raise
         except Exception as e:

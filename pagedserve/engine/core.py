@@ -13,6 +13,11 @@ Wire protocol (ZMQ multipart frames, payloads msgspec-encoded):
                                         [b"O", EngineCoreOutputs]      step outputs
                                         [b"V", (call_id, ok, result)]  utility result
                                         [b"E", message]                engine failed; it exits
+
+Under data parallelism (engine/utils.py: DPAddresses) each engine core's input socket is a
+DEALER whose identity is its index, and it sends READY there (so the API server's ROUTER can
+route to it from then on); every output message gets a third frame, the engine index. A thread
+reports the engine's load to the coordinator (engine/coordinator.py).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from pagedserve.engine import (
     EngineCoreRequest,
 )
 from pagedserve.engine.serial_utils import MsgpackDecoder, MsgpackEncoder
+from pagedserve.engine.utils import engine_identity
 from pagedserve.executor.abstract import Executor, get_executor_class
 from pagedserve.logger import configure_logging
 from pagedserve.structured_output import StructuredOutputManager
@@ -85,12 +91,14 @@ class EngineCore:
             config.scheduler_config,
             config.cache_config,
             kv_cache_groups=kv_cache_groups,
+            use_pp=config.parallel_config.pipeline_parallel_size > 1,
             structured_output_manager=self.structured_output_manager,
         )
-        self.async_scheduling = config.scheduler_config.async_scheduling
+        # Steps in flight at most (1: run each step to its end before scheduling the next).
+        self.batch_queue_size = self.executor.max_concurrent_batches
         self.batch_queue: deque[tuple[SchedulerOutput, Future[ModelRunnerOutput]]] = deque()
-        # Async scheduling: the newest step's bitmask, to be built once the step before it is
-        # collected (its tokens must reach the matchers first); the worker waits for it to sample.
+        # Async scheduling: the newest step's bitmask, to be built once the steps before it are
+        # collected (their tokens must reach the matchers first); the worker waits for it to sample.
         self._deferred_grammar: tuple[SchedulerOutput, Future[GrammarOutput | None]] | None = None
 
     def make_request(self, request: EngineCoreRequest) -> Request:
@@ -109,7 +117,7 @@ class EngineCore:
         return self.scheduler.has_requests() or bool(self.batch_queue)
 
     def step(self) -> EngineCoreOutputs:
-        if self.async_scheduling:
+        if self.batch_queue_size > 1:
             return self.step_with_batch_queue()
         if not self.scheduler.has_requests():
             return EngineCoreOutputs()
@@ -121,17 +129,25 @@ class EngineCore:
         return self.scheduler.update_from_output(scheduler_output, model_output)
 
     def step_with_batch_queue(self) -> EngineCoreOutputs:
-        """Async scheduling: schedule step n+1 while step n runs, then collect step n.
+        """Keeps up to `batch_queue_size` steps in flight: schedule step n+1 while step n runs
+        (async scheduling), or one step per pipeline stage so that every stage has work; then
+        collect the oldest step.
 
-        At most two steps are in flight; the scheduler counts tokens of in-flight steps as
-        placeholders, and the workers feed the tokens they sampled into the next step. A step with
-        structured requests whose previous token is in flight gets its bitmask after that token
-        is collected: its forward pass overlaps the collection, its sampling waits (vLLM's way).
+        The scheduler counts tokens of in-flight steps as placeholders. With async scheduling
+        the workers feed the tokens they sampled into the next step; under pipeline parallelism
+        a request waits for its token instead (only the last stage has it), so the steps in
+        flight carry different requests, or successive prefill chunks.
+
+        Structured outputs: a step with structured requests whose previous token is in flight
+        (async scheduling) gets its bitmask once the steps before it are collected: its forward
+        pass overlaps the collection, its sampling waits (vLLM's way). Under pipeline parallelism
+        such a request is not scheduled at all, so every bitmask is built at schedule time.
         """
-        if len(self.batch_queue) < 2 and self.scheduler.has_requests():
+        if len(self.batch_queue) < self.batch_queue_size and self.scheduler.has_requests():
             scheduler_output = self.scheduler.schedule()
             grammar_output: GrammarOutput | Future[GrammarOutput | None] | None = None
             if scheduler_output.pending_structured_output_tokens and self.batch_queue:
+                assert self._deferred_grammar is None, "one deferred bitmask at a time"
                 grammar_output = Future()
                 self._deferred_grammar = (scheduler_output, grammar_output)
             else:
@@ -139,8 +155,8 @@ class EngineCore:
             self.batch_queue.append(
                 (scheduler_output, self.executor.execute_model_async(scheduler_output, grammar_output))
             )
-            if len(self.batch_queue) < 2 and scheduler_output.total_num_scheduled_tokens:
-                # Nothing older to collect: go back and schedule the next step first.
+            if len(self.batch_queue) < self.batch_queue_size and scheduler_output.total_num_scheduled_tokens:
+                # Room for more: go back and schedule the next step before collecting one.
                 return EngineCoreOutputs()
         if not self.batch_queue:
             return EngineCoreOutputs()
@@ -148,8 +164,10 @@ class EngineCore:
             self.structured_output_manager.wait_for_compilation(_IDLE_COMPILE_WAIT_S)
         scheduler_output, future = self.batch_queue.popleft()
         outputs = self.scheduler.update_from_output(scheduler_output, future.result())
-        if self._deferred_grammar is not None:
-            deferred_output, grammar_future = self._deferred_grammar
+        deferred = self._deferred_grammar
+        if deferred is not None and (not self.batch_queue or self.batch_queue[0][0] is deferred[0]):
+            # Every step older than the deferred one is collected: its matchers are current.
+            deferred_output, grammar_future = deferred
             self._deferred_grammar = None
             grammar_future.set_result(self.scheduler.get_grammar_bitmask(deferred_output))
         return outputs
@@ -200,7 +218,17 @@ def watch_parent(parent_pid: int) -> None:
 class EngineCoreProc(EngineCore):
     """EngineCore in its own process: input thread -> busy loop -> output thread."""
 
-    def __init__(self, config: EngineConfig, input_address: str, output_address: str) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        input_address: str,
+        output_address: str,
+        engine_index: int | None = None,
+        coordinator_address: str | None = None,
+    ) -> None:
+        # None: the only engine core; else its data-parallel rank.
+        self.engine_index = engine_index
+        self.coordinator_address = coordinator_address
         self.ctx = zmq.Context()
         self.output_socket = self.ctx.socket(zmq.PUSH)
         self.output_socket.setsockopt(zmq.LINGER, 2000)
@@ -213,11 +241,11 @@ class EngineCoreProc(EngineCore):
         super().__init__(config)
 
     def run(self) -> None:
-        encoder = MsgpackEncoder()
-        self.output_socket.send_multipart(
-            [READY, encoder.encode({"num_gpu_blocks": self.config.cache_config.num_gpu_blocks})]
-        )
+        if self.engine_index is None:
+            self.output_socket.send_multipart([READY, MsgpackEncoder().encode(self._ready_message())])
         threading.Thread(target=self._input_thread, daemon=True, name="engine-input").start()
+        if self.coordinator_address is not None:
+            threading.Thread(target=self._report_load, daemon=True, name="engine-load").start()
         output_thread = threading.Thread(target=self._output_thread, daemon=True, name="engine-output")
         output_thread.start()
         try:
@@ -275,9 +303,18 @@ class EngineCoreProc(EngineCore):
                 result, ok = f"{type(e).__name__}: {e}", False
             self.output_queue.put((UTILITY_RESULT, (call_id, ok, result)))
 
+    def _ready_message(self) -> dict[str, Any]:
+        return {"num_gpu_blocks": self.config.cache_config.num_gpu_blocks}
+
     def _input_thread(self) -> None:
-        socket = self.ctx.socket(zmq.PULL)
-        socket.connect(self.input_address)
+        if self.engine_index is None:
+            socket = self.ctx.socket(zmq.PULL)
+            socket.connect(self.input_address)
+        else:
+            socket = self.ctx.socket(zmq.DEALER)
+            socket.setsockopt(zmq.IDENTITY, engine_identity(self.engine_index))
+            socket.connect(self.input_address)
+            socket.send_multipart([READY, MsgpackEncoder().encode(self._ready_message())])
         add_decoder = MsgpackDecoder(EngineCoreRequest)
         decoder = MsgpackDecoder()
         while True:
@@ -291,27 +328,67 @@ class EngineCoreProc(EngineCore):
 
     def _output_thread(self) -> None:
         encoder = MsgpackEncoder()
+        suffix = [] if self.engine_index is None else [engine_identity(self.engine_index)]
         while (item := self.output_queue.get()) is not None:
             kind, payload = item
-            self.output_socket.send_multipart([kind, encoder.encode(payload)], copy=False)
+            self.output_socket.send_multipart([kind, encoder.encode(payload), *suffix], copy=False)
+
+    def _report_load(self) -> None:
+        """Data parallel: this engine's load to the coordinator, every 100 ms while it changes and
+        every second anyway (the reports double as a heartbeat). Reads the scheduler's counts
+        from this thread; a torn read only skews one report."""
+        from pagedserve.engine.coordinator import IDLE_PUBLISH_INTERVAL_S, PUBLISH_INTERVAL_S
+
+        socket = self.ctx.socket(zmq.PUSH)
+        socket.setsockopt(zmq.LINGER, 0)
+        assert self.coordinator_address is not None
+        socket.connect(self.coordinator_address)
+        encoder = MsgpackEncoder()
+        last_load, last_sent = None, 0.0
+        while True:
+            scheduler = self.scheduler
+            load = (len(scheduler.waiting), len(scheduler.running), scheduler.kv_cache_manager.usage)
+            now = time.monotonic()
+            if load != last_load or now - last_sent >= IDLE_PUBLISH_INTERVAL_S:
+                socket.send(encoder.encode((self.engine_index, *load)))
+                last_load, last_sent = load, now
+            time.sleep(PUBLISH_INTERVAL_S)
 
 
-def run_engine_core(config: EngineConfig, input_address: str, output_address: str, parent_pid: int) -> None:
-    """Entry point of the engine-core process."""
+def run_engine_core(
+    config: EngineConfig,
+    input_address: str,
+    output_address: str,
+    parent_pid: int,
+    engine_index: int | None = None,
+    coordinator_address: str | None = None,
+) -> None:
+    """Entry point of the engine-core process (of data-parallel engine core `engine_index`)."""
     set_parent_death_signal()
     watch_parent(parent_pid)
-    configure_logging()
-    # SIGTERM from the client's shutdown: exit promptly (workers die with us via PDEATHSIG).
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    configure_logging(None if engine_index is None else f"engine {engine_index}")
+    engine: EngineCoreProc | None = None
+
+    def exit_on_sigterm(*_: Any) -> None:
+        # SIGTERM from the client's shutdown: exit promptly. Local workers die with us
+        # (PDEATHSIG), but Ray actors and a local Ray cluster need the executor's shutdown.
+        threading.Timer(5.0, os._exit, (0,)).start()
+        if engine is not None:
+            engine.shutdown()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     try:
-        engine = EngineCoreProc(config, input_address, output_address)
+        engine = EngineCoreProc(config, input_address, output_address, engine_index, coordinator_address)
     except Exception as e:
         logger.exception("engine core failed to start")
         ctx = zmq.Context()
         socket = ctx.socket(zmq.PUSH)
         socket.setsockopt(zmq.LINGER, 2000)
         socket.connect(output_address)
-        socket.send_multipart([FAILED, MsgpackEncoder().encode(f"{type(e).__name__}: {e}")])
+        suffix = [] if engine_index is None else [engine_identity(engine_index)]
+        socket.send_multipart([FAILED, MsgpackEncoder().encode(f"{type(e).__name__}: {e}"), *suffix])
         socket.close()
         os._exit(1)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)  # again: ray.init installs its own
     engine.run()

@@ -413,9 +413,14 @@ class OutputProcessor:
             self._emit_parent_output(parent, request_outputs)
         return request_ids_to_abort, finished_requests
 
-    def propagate_error(self, error: Exception) -> None:
-        """Hands `error` to every request that waits on a queue (the engine core died)."""
-        queues = {id(s.queue): s.queue for s in self.request_states.values() if s.queue}
+    def propagate_error(self, error: Exception, request_ids: Iterable[str] | None = None) -> None:
+        """Hands `error` to every request that waits on a queue (the engine core died), or to
+        those of `request_ids` (engine-core request ids: one data-parallel engine core died)."""
+        if request_ids is None:
+            states = list(self.request_states.values())
+        else:
+            states = [s for r in request_ids if (s := self.request_states.get(r)) is not None]
+        queues = {id(s.queue): s.queue for s in states if s.queue}
         for queue in queues.values():
             queue.put_nowait(error)
 

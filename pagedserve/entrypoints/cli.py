@@ -77,6 +77,11 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     import asyncio
 
+    if args.headless:
+        from pagedserve.entrypoints.headless import run_headless
+
+        return run_headless(args)
+
     from pagedserve.entrypoints.openai.api_server import run_server
 
     try:

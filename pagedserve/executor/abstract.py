@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -9,6 +10,10 @@ from pagedserve.config import EngineConfig
 from pagedserve.core.kv_cache_interface import KVCacheGroupSpec
 from pagedserve.core.sched.output import GrammarOutput, SchedulerOutput
 from pagedserve.worker.outputs import ModelRunnerOutput
+
+
+class WorkerDiedError(RuntimeError):
+    """A worker process (or its node) is gone; the engine core fails with it."""
 
 
 class Executor(ABC):
@@ -19,6 +24,13 @@ class Executor(ABC):
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self._step_thread: ThreadPoolExecutor | None = None
+
+    @property
+    def max_concurrent_batches(self) -> int:
+        """Steps the engine core may keep in flight (its batch queue): two with async scheduling
+        (schedule step n+1 while step n runs), one per pipeline stage so that every stage works."""
+        pp_size = self.config.parallel_config.pipeline_parallel_size
+        return max(pp_size, 2 if self.config.scheduler_config.async_scheduling else 1)
 
     @abstractmethod
     def determine_num_kv_blocks(self) -> int: ...
@@ -58,11 +70,39 @@ class Executor(ABC):
 
 
 def get_executor_class(config: EngineConfig) -> type[Executor]:
-    """uniproc for one worker, multiproc (one process per rank) for tensor parallelism."""
-    if config.parallel_config.world_size == 1:
-        from pagedserve.executor.uniproc_executor import UniProcExecutor
+    """By `distributed_executor_backend`: uni (one worker in the engine core), mp (one process
+    per rank on this host) or ray (one Ray actor per rank, anywhere in the cluster)."""
+    backend = config.parallel_config.distributed_executor_backend
+    if backend == "ray":
+        from pagedserve.executor.ray_executor import RayDistributedExecutor
 
-        return UniProcExecutor
-    from pagedserve.executor.multiproc_executor import MultiprocExecutor
+        return RayDistributedExecutor
+    if backend == "mp":
+        from pagedserve.executor.multiproc_executor import MultiprocExecutor
 
-    return MultiprocExecutor
+        return MultiprocExecutor
+    from pagedserve.executor.uniproc_executor import UniProcExecutor
+
+    return UniProcExecutor
+
+
+def cpu_threads_per_worker(config: EngineConfig, num_workers_on_host: int) -> int:
+    """Torch threads of one worker: the host's cores shared by its workers (of every local
+    data-parallel engine core)."""
+    num_engines = config.parallel_config.data_parallel_size_local or 1
+    return max(1, (os.cpu_count() or 1) // (num_workers_on_host * num_engines))
+
+
+def merge_kv_cache_groups(groups_per_rank: list[list[KVCacheGroupSpec]]) -> list[KVCacheGroupSpec]:
+    """The groups the scheduler manages. TP ranks hold the same layers; pipeline stages hold
+    different ones, so their groups must have the same kinds (one block pool, one block table
+    per group serves every stage) and only differ in layer names."""
+    first = groups_per_rank[0]
+    for groups in groups_per_rank[1:]:
+        if [g.kv_cache_spec for g in groups] != [g.kv_cache_spec for g in first]:
+            raise ValueError(
+                "pipeline stages have different KV-cache layouts "
+                f"({[g.kv_cache_spec for g in first]} vs {[g.kv_cache_spec for g in groups]}); "
+                "use pipeline_parallel_size=1 for this model"
+            )
+    return first

@@ -1,15 +1,18 @@
-"""Tensor-parallel workers, one process per rank, driven by the engine core.
+"""Tensor- and pipeline-parallel workers, one process per rank on this host, driven by the engine core.
 
 Each step the engine sends the same msgspec-encoded SchedulerOutput to every rank (one PUSH
-socket per rank: no PUB/SUB slow-joiner losses); only rank 0 answers with its ModelRunnerOutput.
-Ranks stay in lockstep without exchanging sampled tokens: every rank computes the same gathered
-logits (all-gather copies shards bit for bit) and draws from identically seeded generators, so
-every rank samples the same tokens and keeps the same persistent batch.
+socket per rank: no PUB/SUB slow-joiner losses); only the output rank (TP rank 0 of the last
+pipeline stage) answers with its ModelRunnerOutput. TP ranks stay in lockstep without exchanging
+sampled tokens: every rank computes the same gathered logits (all-gather copies shards bit for
+bit) and draws from identically seeded generators, so every rank samples the same tokens and
+keeps the same persistent batch. Earlier pipeline stages learn the sampled tokens from the next
+step's SchedulerOutput (`new_token_ids`).
 
 Worker protocol (multipart frames):
     engine -> rank r:  [b"S", SchedulerOutput] | [b"C", (method, args)] | [b"Q", b""]
                        a step with structured requests is followed by [b"G", GrammarOutput | None]
-    rank r -> engine:  [b"O", ModelRunnerOutput] (rank 0 only) | [b"C", (rank, ok, result)]
+                       to the ranks of the last pipeline stage (the only ones that sample)
+    rank r -> engine:  [b"O", ModelRunnerOutput] (output rank only) | [b"C", (rank, ok, result)]
 """
 
 from __future__ import annotations
@@ -31,7 +34,12 @@ from pagedserve.config import EngineConfig
 from pagedserve.core.kv_cache_interface import KVCacheGroupSpec
 from pagedserve.core.sched.output import GrammarOutput, SchedulerOutput
 from pagedserve.engine.serial_utils import MsgpackDecoder, MsgpackEncoder
-from pagedserve.executor.abstract import Executor
+from pagedserve.executor.abstract import (
+    Executor,
+    WorkerDiedError,
+    cpu_threads_per_worker,
+    merge_kv_cache_groups,
+)
 from pagedserve.process_utils import ChildProcess
 from pagedserve.worker.outputs import ModelRunnerOutput
 
@@ -43,7 +51,7 @@ _POLL_MS = 200
 
 
 class _LazyFuture:
-    """The oldest in-flight step's result, received from rank 0 when asked for."""
+    """The oldest in-flight step's result, received from the output rank when asked for."""
 
     def __init__(self, executor: MultiprocExecutor) -> None:
         self._executor = executor
@@ -59,10 +67,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class WorkerDiedError(RuntimeError):
-    pass
 
 
 class MultiprocExecutor(Executor):
@@ -82,6 +86,7 @@ class MultiprocExecutor(Executor):
         self._closed = False
         self._pending: deque[Future[ModelRunnerOutput]] = deque()
         dist_init_method = f"tcp://127.0.0.1:{_free_port()}"
+        num_threads = cpu_threads_per_worker(config, self.world_size)
         for rank in range(self.world_size):
             cmd_address = f"ipc://{self._tmpdir}/cmd{rank}"
             sock = self.ctx.socket(zmq.PUSH)
@@ -90,7 +95,7 @@ class MultiprocExecutor(Executor):
             self.cmd_sockets.append(sock)
             proc = ChildProcess(
                 "pagedserve.worker.worker:run_worker",
-                (config, rank, self.world_size, dist_init_method, cmd_address, result_address, os.getpid()),
+                (config, rank, dist_init_method, cmd_address, result_address, os.getpid(), num_threads),
                 name=f"pagedserve-worker-{rank}",
             )
             self.procs.append(proc)
@@ -100,12 +105,17 @@ class MultiprocExecutor(Executor):
     def _check_alive(self) -> None:
         for rank, proc in enumerate(self.procs):
             if not proc.is_alive():
-                raise WorkerDiedError(f"tensor-parallel worker rank {rank} died (exit code {proc.exitcode})")
+                raise WorkerDiedError(f"worker rank {rank} died (exit code {proc.exitcode})")
 
-    def _send_all(self, frames: list[bytes]) -> None:
+    @property
+    def _sampler_sockets(self) -> list[zmq.Socket]:
+        """Command sockets of the last pipeline stage's ranks: they sample, so they need bitmasks."""
+        return self.cmd_sockets[self.config.parallel_config.output_rank :]
+
+    def _send_all(self, frames: list[bytes], sockets: list[zmq.Socket] | None = None) -> None:
         # NOTE: a PUSH socket whose peer died has nowhere to queue and blocks forever in a
         # plain send; poll for room and check that every worker still lives meanwhile.
-        for sock in self.cmd_sockets:
+        for sock in self.cmd_sockets if sockets is None else sockets:
             while not sock.poll(_POLL_MS, zmq.POLLOUT):
                 self._check_alive()
             sock.send_multipart(frames, copy=False)
@@ -138,8 +148,8 @@ class MultiprocExecutor(Executor):
         return min(self.collective_rpc("determine_num_kv_blocks"))
 
     def get_kv_cache_groups(self) -> list[KVCacheGroupSpec]:
-        # Every rank holds the same layers (heads are sharded, not layers): rank 0 speaks for all.
-        return msgspec.convert(self.collective_rpc("get_kv_cache_groups")[0], list[KVCacheGroupSpec])
+        groups = self.collective_rpc("get_kv_cache_groups")
+        return merge_kv_cache_groups([msgspec.convert(g, list[KVCacheGroupSpec]) for g in groups])
 
     def initialize(self, num_blocks: int) -> None:
         self.collective_rpc("initialize_cache", (num_blocks,))
@@ -156,18 +166,21 @@ class MultiprocExecutor(Executor):
         scheduler_output: SchedulerOutput,
         grammar_output: GrammarOutput | Future[GrammarOutput | None] | None = None,
     ) -> Future[ModelRunnerOutput]:
-        """The workers run the step while the engine core goes on; rank 0 answers in order.
-        NOTE: a rank reads a step's bitmask before its forward pass, so a deferred bitmask
-        (async scheduling) costs tensor-parallel workers the overlap of that step."""
+        """The workers run the step while the engine core goes on; the output rank answers in order.
+        NOTE: a rank of the last stage reads a step's bitmask before its forward pass, so a
+        deferred bitmask (async scheduling) costs tensor-parallel workers the overlap of that step."""
         self._send_all([STEP, self.encoder.encode(scheduler_output)])
         if scheduler_output.structured_output_request_ids:
+            sampler_sockets = self._sampler_sockets
             if isinstance(grammar_output, Future):
                 # Set by the engine core thread, which then sends from the thread that owns the sockets.
                 grammar_output.add_done_callback(
-                    lambda done: self._send_all([GRAMMAR, self.encoder.encode(done.result())])
+                    lambda done: self._send_all(
+                        [GRAMMAR, self.encoder.encode(done.result())], sampler_sockets
+                    )
                 )
             else:
-                self._send_all([GRAMMAR, self.encoder.encode(grammar_output)])
+                self._send_all([GRAMMAR, self.encoder.encode(grammar_output)], sampler_sockets)
         future: Future[ModelRunnerOutput] = Future()
         self._pending.append(future)
         return _LazyFuture(self)  # type: ignore[return-value]

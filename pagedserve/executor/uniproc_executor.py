@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 
+import torch
+
 from pagedserve.config import EngineConfig
 from pagedserve.core.kv_cache_interface import KVCacheGroupSpec
 from pagedserve.core.sched.output import GrammarOutput, SchedulerOutput
-from pagedserve.executor.abstract import Executor
+from pagedserve.executor.abstract import Executor, cpu_threads_per_worker
 from pagedserve.worker.outputs import ModelRunnerOutput
 from pagedserve.worker.worker import Worker
 
@@ -17,6 +19,9 @@ class UniProcExecutor(Executor):
         super().__init__(config)
         if config.parallel_config.world_size != 1:
             raise ValueError("UniProcExecutor runs exactly one worker (tensor_parallel_size=1)")
+        if (config.parallel_config.data_parallel_size_local or 1) > 1:
+            # Several engine cores on this host: share its cores.
+            torch.set_num_threads(cpu_threads_per_worker(config, 1))
         self.worker = Worker(config)
         self.worker.load_model()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 
 from pagedserve.engine import SchedulerStats
 from pagedserve.metrics.stats import IterationStats
@@ -20,39 +21,50 @@ class StatLoggerBase(ABC):
     """
 
     @abstractmethod
-    def record(self, scheduler_stats: SchedulerStats | None, iteration_stats: IterationStats) -> None: ...
+    def record(
+        self, scheduler_stats: SchedulerStats | None, iteration_stats: IterationStats, engine_idx: int = 0
+    ) -> None:
+        """`engine_idx`: the data-parallel engine core the stats come from."""
 
     def log(self) -> None:  # noqa: B027 - optional periodic hook
         """Called periodically (e.g. every 5 s) by the server; prints a summary if it has one."""
 
 
 class LoggingStatLogger(StatLoggerBase):
-    """Logs throughput and cache use every call to `log()`, like vLLM's periodic log line."""
+    """Logs throughput and cache use every call to `log()`, like vLLM's periodic log line; one
+    line per engine core ("engine 1: ...") when there are several."""
 
-    def __init__(self) -> None:
+    def __init__(self, engine_indexes: Iterable[int] = (0,)) -> None:
         self._last_log = time.monotonic()
-        self._num_generation_tokens = 0
-        self._num_prompt_tokens = 0
-        self._last: SchedulerStats | None = None
+        self._label_engines = len(list(engine_indexes)) > 1
+        # engine index -> [prompt tokens, generation tokens] since the last log, last stats
+        self._num_tokens: dict[int, list[int]] = {}
+        self._last: dict[int, SchedulerStats] = {}
 
-    def record(self, scheduler_stats: SchedulerStats | None, iteration_stats: IterationStats) -> None:
-        self._num_generation_tokens += iteration_stats.num_generation_tokens
-        self._num_prompt_tokens += iteration_stats.num_prompt_tokens
+    def record(
+        self, scheduler_stats: SchedulerStats | None, iteration_stats: IterationStats, engine_idx: int = 0
+    ) -> None:
+        num_tokens = self._num_tokens.setdefault(engine_idx, [0, 0])
+        num_tokens[0] += iteration_stats.num_prompt_tokens
+        num_tokens[1] += iteration_stats.num_generation_tokens
         if scheduler_stats is not None:
-            self._last = scheduler_stats
+            self._last[engine_idx] = scheduler_stats
 
     def log(self) -> None:
         now = time.monotonic()
         elapsed = max(now - self._last_log, 1e-9)
-        stats = self._last or SchedulerStats()
-        logger.info(
-            "prompt throughput %.1f tok/s, generation throughput %.1f tok/s, running %d, waiting %d, "
-            "KV cache usage %.1f%%",
-            self._num_prompt_tokens / elapsed,
-            self._num_generation_tokens / elapsed,
-            stats.num_running_reqs,
-            stats.num_waiting_reqs,
-            100 * stats.kv_cache_usage,
-        )
+        for engine_idx in sorted(self._num_tokens.keys() | self._last.keys()) or [0]:
+            num_prompt_tokens, num_generation_tokens = self._num_tokens.get(engine_idx, (0, 0))
+            stats = self._last.get(engine_idx) or SchedulerStats()
+            logger.info(
+                "%sprompt throughput %.1f tok/s, generation throughput %.1f tok/s, running %d, waiting %d, "
+                "KV cache usage %.1f%%",
+                f"engine {engine_idx}: " if self._label_engines else "",
+                num_prompt_tokens / elapsed,
+                num_generation_tokens / elapsed,
+                stats.num_running_reqs,
+                stats.num_waiting_reqs,
+                100 * stats.kv_cache_usage,
+            )
         self._last_log = now
-        self._num_generation_tokens = self._num_prompt_tokens = 0
+        self._num_tokens.clear()

@@ -1,7 +1,8 @@
 """PrometheusStatLogger: the engine's stats as Prometheus metrics, with vLLM's metric names under
 the `pagedserve:` prefix (`vllm:num_requests_running` is `pagedserve:num_requests_running`).
 
-Every metric carries a `model_name` label. Counters are exposed with the `_total` suffix that
+Every metric carries a `model_name` label and an `engine` label (the data-parallel engine core's
+index; "0" without data parallelism), as in vLLM. Counters are exposed with the `_total` suffix that
 Prometheus adds (`pagedserve:prompt_tokens_total`); `_created` samples are disabled, as in vLLM.
 Request-level histograms (TTFT, inter-token latency, end-to-end, queue time, token counts) are
 observed when a request finishes, from its RequestMetrics.
@@ -9,6 +10,8 @@ observed when a request finishes, from its RequestMetrics.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import prometheus_client
@@ -56,10 +59,11 @@ class PrometheusStatLogger(StatLoggerBase):
         model_name: str,
         max_model_len: int | None = None,
         registry: CollectorRegistry | None = None,
+        engine_indexes: Iterable[int] = (0,),
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.model_name = model_name
-        labels = ["model_name"]
+        labels = ["model_name", "engine"]
         registry = self.registry
 
         def gauge(name: str, doc: str) -> Gauge:
@@ -125,30 +129,37 @@ class PrometheusStatLogger(StatLoggerBase):
         )
         self.gauge_cache_config_info: Gauge | None = None
 
-        # Label children resolved once: `.labels()` is a dict lookup under a lock per call.
-        m = model_name
-        self._running = self.gauge_scheduler_running.labels(m)
-        self._waiting = self.gauge_scheduler_waiting.labels(m)
-        self._kv_usage = self.gauge_kv_cache_usage.labels(m)
-        self._prefix_queries = self.counter_prefix_cache_queries.labels(m)
-        self._prefix_hits = self.counter_prefix_cache_hits.labels(m)
-        self._preemptions = self.counter_num_preemptions.labels(m)
-        self._prompt_tokens = self.counter_prompt_tokens.labels(m)
-        self._generation_tokens = self.counter_generation_tokens.labels(m)
-        self._iteration_tokens = self.histogram_iteration_tokens.labels(m)
-        self._request_prompt_tokens = self.histogram_num_prompt_tokens_request.labels(m)
-        self._request_generation_tokens = self.histogram_num_generation_tokens_request.labels(m)
-        self._ttft = self.histogram_time_to_first_token.labels(m)
-        self._itl = self.histogram_inter_token_latency.labels(m)
-        self._tpot = self.histogram_time_per_output_token_request.labels(m)
-        self._e2e = self.histogram_e2e_time_request.labels(m)
-        self._queue = self.histogram_queue_time_request.labels(m)
-        self._inference = self.histogram_inference_time_request.labels(m)
-        self._prefill = self.histogram_prefill_time_request.labels(m)
-        self._decode = self.histogram_decode_time_request.labels(m)
-        # Zero series exist from the start, so dashboards and `rate()` see them before traffic.
-        for reason in ("stop", "length", "abort", "error"):
-            self.counter_request_success.labels(m, reason)
+        # Label children resolved once per engine core: `.labels()` is a dict lookup under a lock.
+        self._engines = {index: self._make_children(index) for index in engine_indexes}
+
+    def _make_children(self, engine_index: int) -> SimpleNamespace:
+        labels = (self.model_name, str(engine_index))
+        children = SimpleNamespace(
+            running=self.gauge_scheduler_running.labels(*labels),
+            waiting=self.gauge_scheduler_waiting.labels(*labels),
+            kv_usage=self.gauge_kv_cache_usage.labels(*labels),
+            prefix_queries=self.counter_prefix_cache_queries.labels(*labels),
+            prefix_hits=self.counter_prefix_cache_hits.labels(*labels),
+            preemptions=self.counter_num_preemptions.labels(*labels),
+            prompt_tokens=self.counter_prompt_tokens.labels(*labels),
+            generation_tokens=self.counter_generation_tokens.labels(*labels),
+            iteration_tokens=self.histogram_iteration_tokens.labels(*labels),
+            request_prompt_tokens=self.histogram_num_prompt_tokens_request.labels(*labels),
+            request_generation_tokens=self.histogram_num_generation_tokens_request.labels(*labels),
+            ttft=self.histogram_time_to_first_token.labels(*labels),
+            itl=self.histogram_inter_token_latency.labels(*labels),
+            tpot=self.histogram_time_per_output_token_request.labels(*labels),
+            e2e=self.histogram_e2e_time_request.labels(*labels),
+            queue=self.histogram_queue_time_request.labels(*labels),
+            inference=self.histogram_inference_time_request.labels(*labels),
+            prefill=self.histogram_prefill_time_request.labels(*labels),
+            decode=self.histogram_decode_time_request.labels(*labels),
+            success={
+                reason: self.counter_request_success.labels(*labels, reason)
+                for reason in ("stop", "length", "abort", "error")
+            },
+        )
+        return children
 
     def log_engine_initialized(self, config: EngineConfig) -> None:
         """Exports the cache configuration once the engine has sized the KV cache."""
@@ -167,41 +178,46 @@ class PrometheusStatLogger(StatLoggerBase):
             )
         self.gauge_cache_config_info.labels(**info).set(1)
 
-    def record(self, scheduler_stats: SchedulerStats | None, iteration_stats: IterationStats) -> None:
+    def record(
+        self, scheduler_stats: SchedulerStats | None, iteration_stats: IterationStats, engine_idx: int = 0
+    ) -> None:
+        m = self._engines.get(engine_idx)
+        if m is None:
+            m = self._engines[engine_idx] = self._make_children(engine_idx)
         if scheduler_stats is not None:
-            self._running.set(scheduler_stats.num_running_reqs)
-            self._waiting.set(scheduler_stats.num_waiting_reqs)
-            self._kv_usage.set(scheduler_stats.kv_cache_usage)
-            self._prefix_queries.inc(scheduler_stats.prefix_cache_queries)
-            self._prefix_hits.inc(scheduler_stats.prefix_cache_hits)
-            self._preemptions.inc(scheduler_stats.num_preemptions)
+            m.running.set(scheduler_stats.num_running_reqs)
+            m.waiting.set(scheduler_stats.num_waiting_reqs)
+            m.kv_usage.set(scheduler_stats.kv_cache_usage)
+            m.prefix_queries.inc(scheduler_stats.prefix_cache_queries)
+            m.prefix_hits.inc(scheduler_stats.prefix_cache_hits)
+            m.preemptions.inc(scheduler_stats.num_preemptions)
 
-        self._prompt_tokens.inc(iteration_stats.num_prompt_tokens)
-        self._generation_tokens.inc(iteration_stats.num_generation_tokens)
+        m.prompt_tokens.inc(iteration_stats.num_prompt_tokens)
+        m.generation_tokens.inc(iteration_stats.num_generation_tokens)
         num_step_tokens = iteration_stats.num_prompt_tokens + iteration_stats.num_generation_tokens
         if num_step_tokens:
-            self._iteration_tokens.observe(num_step_tokens)
+            m.iteration_tokens.observe(num_step_tokens)
 
         for finished in iteration_stats.finished_requests:
-            self.counter_request_success.labels(self.model_name, str(finished.finish_reason)).inc()
-            self._request_prompt_tokens.observe(finished.num_prompt_tokens)
-            self._request_generation_tokens.observe(finished.num_generation_tokens)
+            m.success[str(finished.finish_reason)].inc()
+            m.request_prompt_tokens.observe(finished.num_prompt_tokens)
+            m.request_generation_tokens.observe(finished.num_generation_tokens)
             metrics = finished.metrics
             for latency in metrics.inter_token_latencies:
-                self._itl.observe(latency)
+                m.itl.observe(latency)
             if (ttft := metrics.time_to_first_token) is not None:
-                self._ttft.observe(ttft)
+                m.ttft.observe(ttft)
             if (e2e := metrics.e2e_latency) is not None:
-                self._e2e.observe(e2e)
+                m.e2e.observe(e2e)
             first_token, last_token = metrics.first_token_time, metrics.last_token_time
             if first_token is not None and last_token is not None and finished.num_generation_tokens > 1:
-                self._tpot.observe((last_token - first_token) / (finished.num_generation_tokens - 1))
+                m.tpot.observe((last_token - first_token) / (finished.num_generation_tokens - 1))
             if first_token is not None and metrics.finished_time is not None:
-                self._decode.observe(metrics.finished_time - first_token)
+                m.decode.observe(metrics.finished_time - first_token)
             scheduled = metrics.first_scheduled_time
             if scheduled is not None:
-                self._queue.observe(scheduled - metrics.arrival_time)
+                m.queue.observe(scheduled - metrics.arrival_time)
                 if metrics.finished_time is not None:
-                    self._inference.observe(metrics.finished_time - scheduled)
+                    m.inference.observe(metrics.finished_time - scheduled)
                 if first_token is not None:
-                    self._prefill.observe(first_token - scheduled)
+                    m.prefill.observe(first_token - scheduled)

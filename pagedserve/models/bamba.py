@@ -190,3 +190,4 @@ class BambaForCausalLM(LlamaForCausalLM):
     `feed_forward.{gate,up,down}_proj`), loaded by Llama's loader with its fused-name mapping."""
 
     model_cls = BambaModel  # type: ignore[assignment]
+    supports_pp = False  # BambaModel builds every layer

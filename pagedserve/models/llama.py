@@ -13,14 +13,15 @@ import torch
 from torch import nn
 
 from pagedserve.attention.layer import Attention
-from pagedserve.distributed.parallel_state import get_tp_size
+from pagedserve.distributed.parallel_state import get_pp_group, get_tp_size
 from pagedserve.models.layers.activation import SiluAndMul
 from pagedserve.models.layers.fused_decode import FusedDecoder, decode_step
 from pagedserve.models.layers.layernorm import RMSNorm
 from pagedserve.models.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from pagedserve.models.layers.rotary_embedding import get_rope
 from pagedserve.models.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from pagedserve.models.utils import default_weight_loader
+from pagedserve.models.utils import PPMissingLayer, default_weight_loader, make_layers, pp_missing_prefixes
+from pagedserve.sequence import IntermediateTensors
 
 
 class LlamaMLP(nn.Module):
@@ -125,18 +126,33 @@ class LlamaModel(nn.Module):
 
     def __init__(self, config: SimpleNamespace, max_position: int) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            self.layer_cls(config, i, max_position) for i in range(config.num_hidden_layers)
+        # Under pipeline parallelism this stage builds only its layers (the others are
+        # PPMissingLayer); the first stage embeds, the last one norms (and, tied, embeds too).
+        pp_group = get_pp_group()
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+        if pp_group.is_first_rank or (tied and pp_group.is_last_rank):
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        else:
+            self.embed_tokens = PPMissingLayer()
+        self.hidden_size = config.hidden_size
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            config.num_hidden_layers, lambda i: self.layer_cls(config, i, max_position)
         )
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps) if pp_group.is_last_rank else PPMissingLayer()
 
         # Built on the first forward, once the layers' weights are in their final layout.
         self._fused: FusedDecoder | None = None
         self._fused_built = False
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate_tensors: IntermediateTensors | None = None
+    ) -> torch.Tensor | IntermediateTensors:
+        pp_group = get_pp_group()
+        if intermediate_tensors is not None:
+            return self._forward_stage(positions, intermediate_tensors, pp_group.is_last_rank)
         hidden_states = self.embed_tokens(input_ids)
+        if pp_group.world_size > 1:
+            return self._forward_stage(positions, IntermediateTensors({"hidden_states": hidden_states}), False)
         if not self._fused_built:
             self._fused, self._fused_built = FusedDecoder.build(self.layers), True
         if self._fused is not None:
@@ -151,6 +167,25 @@ class LlamaModel(nn.Module):
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 
+    def _forward_stage(
+        self, positions: torch.Tensor, inputs: IntermediateTensors, is_last_stage: bool
+    ) -> torch.Tensor | IntermediateTensors:
+        """This pipeline stage's layers, always eager: the fused decode runs every layer of the
+        model in one C++ call, and a stage holds only some of them."""
+        hidden_states, residual = inputs["hidden_states"], inputs.tensors.get("residual")
+        for layer in self.layers[self.start_layer : self.end_layer]:
+            hidden_states, residual = layer(positions, hidden_states, residual)
+        if not is_last_stage:
+            return IntermediateTensors({"hidden_states": hidden_states, "residual": residual})
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+    def make_empty_intermediate_tensors(self, num_tokens: int, dtype: torch.dtype) -> IntermediateTensors:
+        """Receive buffers for what the previous stage sends."""
+        return IntermediateTensors(
+            {key: torch.empty(num_tokens, self.hidden_size, dtype=dtype) for key in ("hidden_states", "residual")}
+        )
+
 
 class LlamaForCausalLM(nn.Module):
     model_cls: type[LlamaModel] = LlamaModel
@@ -163,17 +198,28 @@ class LlamaForCausalLM(nn.Module):
         ("gate_up_proj", "up_proj", 1),
     ]
 
+    # Splits into pipeline stages (vLLM's SupportsPP).
+    supports_pp = True
+
     def __init__(self, config: SimpleNamespace, max_position: int) -> None:
         super().__init__()
         self.config = config
         self.model = self.model_cls(config, max_position)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
-        if self.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+            if self.tie_word_embeddings:
+                self.lm_head.weight = self.model.embed_tokens.weight
+        else:
+            self.lm_head = PPMissingLayer()
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate_tensors: IntermediateTensors | None = None
+    ) -> torch.Tensor | IntermediateTensors:
+        return self.model(input_ids, positions, intermediate_tensors)
+
+    def make_empty_intermediate_tensors(self, num_tokens: int, dtype: torch.dtype) -> IntermediateTensors:
+        return self.model.make_empty_intermediate_tensors(num_tokens, dtype)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden_states)
@@ -181,9 +227,10 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Loads checkpoint tensors; returns the names of the parameters that were loaded."""
         params = dict(self.named_parameters(remove_duplicate=False))
+        other_stages = pp_missing_prefixes(self)
         loaded: set[str] = set()
         for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
+            if "rotary_emb.inv_freq" in name or name.startswith(other_stages):
                 continue
             if self.tie_word_embeddings and name == "lm_head.weight":
                 continue  # the tied head is the embedding, loaded under its own name

@@ -38,6 +38,8 @@ class ModelInfo:
     default_pooling_type: str = "LAST"
     # the longest sequence, from the config dict (default: max_position_embeddings)
     max_positions: Callable[[dict[str, Any]], int] | None = None
+    # splits into pipeline stages (vLLM's SupportsPP)
+    supports_pp: bool = False
 
 
 _BERT_EMBED = ModelInfo("bert", "BertEmbeddingModel", ("embed",), True, "CLS", _bert_max_positions)
@@ -50,10 +52,10 @@ _ROBERTA_CLASSIFY = ModelInfo(
 )
 
 _MODELS: dict[str, ModelInfo] = {
-    "LlamaForCausalLM": ModelInfo("llama", "LlamaForCausalLM"),
-    "MistralForCausalLM": ModelInfo("llama", "LlamaForCausalLM"),
-    "Qwen2ForCausalLM": ModelInfo("qwen2", "Qwen2ForCausalLM"),
-    "Qwen3ForCausalLM": ModelInfo("qwen3", "Qwen3ForCausalLM"),
+    "LlamaForCausalLM": ModelInfo("llama", "LlamaForCausalLM", supports_pp=True),
+    "MistralForCausalLM": ModelInfo("llama", "LlamaForCausalLM", supports_pp=True),
+    "Qwen2ForCausalLM": ModelInfo("qwen2", "Qwen2ForCausalLM", supports_pp=True),
+    "Qwen3ForCausalLM": ModelInfo("qwen3", "Qwen3ForCausalLM", supports_pp=True),
     "Gemma3ForCausalLM": ModelInfo("gemma3", "Gemma3ForCausalLM"),
     "BambaForCausalLM": ModelInfo("bamba", "BambaForCausalLM"),
     # Pooling models (encoder-only): embeddings, classification, cross-encoder scoring.

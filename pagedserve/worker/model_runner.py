@@ -31,10 +31,12 @@ from pagedserve.core.kv_cache_interface import (
     group_kv_cache_specs,
 )
 from pagedserve.core.sched.output import GrammarOutput, SchedulerOutput
+from pagedserve.distributed.parallel_state import get_pp_group
 from pagedserve.models.layers.pooler import PoolingMetadata, as_embedding_model
 from pagedserve.models.model_loader import get_model
 from pagedserve.sample.metadata import SamplingMetadata
 from pagedserve.sample.sampler import Sampler, gather_logprobs
+from pagedserve.sequence import IntermediateTensors
 from pagedserve.worker.input_batch import CachedRequestState, InputBatch
 from pagedserve.worker.outputs import LogprobsLists, ModelRunnerOutput
 
@@ -65,6 +67,7 @@ class ModelRunner:
         self.input_batch = self._make_input_batch(1)
         self.kv_caches: list[torch.Tensor] = []
         self.kv_cache_dtype = config.cache_config.kv_cache_torch_dtype(model_config.torch_dtype)
+        self.dtype = model_config.torch_dtype
 
     def _make_input_batch(self, num_kv_cache_groups: int) -> InputBatch:
         return InputBatch(
@@ -181,12 +184,21 @@ class ModelRunner:
         batch.condense()
 
         cached = so.scheduled_cached_reqs
+        new_token_ids = cached.new_token_ids  # pipeline parallel only
         for i, req_id in enumerate(cached.req_ids):
             state = self.requests[req_id]
             num_computed = cached.num_computed_tokens[i]
             state.num_computed_tokens = num_computed
             row = batch.req_id_to_index[req_id]
             batch.num_computed_tokens[row] = num_computed
+            if new_token_ids:
+                # Tokens another stage sampled: the step's inputs end at num_computed + scheduled.
+                num_missing = num_computed + so.num_scheduled_tokens[req_id] - state.num_tokens
+                if num_missing > 0:
+                    tokens = new_token_ids[i][-num_missing:]
+                    batch.token_ids_cpu[row, state.num_tokens : state.num_tokens + num_missing] = tokens
+                    batch.num_tokens[row] += num_missing
+                    state.output_token_ids.extend(tokens)
             new_blocks = cached.new_block_ids[i]
             if new_blocks is not None and new_blocks[0]:
                 for group_blocks, new_group_blocks in zip(state.block_ids, new_blocks):
@@ -294,11 +306,19 @@ class ModelRunner:
         commons, input_ids, positions, token_type_ids = self._prepare_inputs(so)
         common = commons[0]
         attn_metadata = self._build_attn_metadata(commons)
+        pp_group = get_pp_group()
+        model_kwargs: dict[str, Any] = {}
+        if token_type_ids is not None:
+            model_kwargs["token_type_ids"] = token_type_ids
+        if not pp_group.is_first_rank:
+            empty = self.model.make_empty_intermediate_tensors(common.num_actual_tokens, self.dtype)
+            model_kwargs["intermediate_tensors"] = IntermediateTensors(pp_group.recv_tensor_dict(empty.tensors))
         with set_forward_context(attn_metadata):
-            if token_type_ids is None:
-                hidden_states = self.model(input_ids, positions)
-            else:
-                hidden_states = self.model(input_ids, positions, token_type_ids=token_type_ids)
+            hidden_states = self.model(input_ids, positions, **model_kwargs)
+        if not pp_group.is_last_rank:
+            # Only the last stage samples; the engine hears from it alone.
+            pp_group.send_tensor_dict(hidden_states.tensors)
+            return ModelRunnerOutput([], {}, [], None, {})
         if self.is_pooling_model:
             return self._pool(hidden_states, common, req_ids)
 

@@ -130,27 +130,37 @@ class Worker:
         return self.model_runner.execute_model(scheduler_output, grammar_output)
 
 
+def init_worker_distributed(config: EngineConfig, rank: int, dist_init_method: str) -> None:
+    """Joins the workers' torch.distributed world (gloo) with this rank's TP group and stage."""
+    from pagedserve.distributed.parallel_state import init_distributed
+
+    parallel_config = config.parallel_config
+    init_distributed(
+        rank,
+        parallel_config.world_size,
+        dist_init_method,
+        tensor_parallel_size=parallel_config.tensor_parallel_size,
+    )
+
+
 def run_worker(
     config: EngineConfig,
     rank: int,
-    world_size: int,
     dist_init_method: str,
     cmd_address: str,
     result_address: str,
     parent_pid: int,
+    num_threads: int,
 ) -> None:
-    """Entry point of a tensor-parallel worker process (see executor/multiproc_executor.py)."""
-    import os
-
+    """Entry point of a worker process (see executor/multiproc_executor.py)."""
     import zmq
 
-    from pagedserve.distributed.parallel_state import init_distributed
     from pagedserve.engine.core import set_parent_death_signal, watch_parent
     from pagedserve.engine.serial_utils import MsgpackDecoder, MsgpackEncoder
 
     set_parent_death_signal()
     watch_parent(parent_pid)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    torch.set_num_threads(num_threads)
     ctx = zmq.Context()
     commands = ctx.socket(zmq.PULL)
     commands.connect(cmd_address)
@@ -160,7 +170,7 @@ def run_worker(
     step_decoder = MsgpackDecoder(SchedulerOutput)
     grammar_decoder = MsgpackDecoder(GrammarOutput | None)
     try:
-        init_distributed(rank, world_size, dist_init_method)
+        init_worker_distributed(config, rank, dist_init_method)
         worker = Worker(config, rank)
         worker.load_model()
     except Exception as e:
@@ -168,20 +178,22 @@ def run_worker(
         results.send_multipart([b"C", encoder.encode((rank, False, f"{type(e).__name__}: {e}"))])
         return
     results.send_multipart([b"C", encoder.encode((rank, True, None))])
+    is_output_rank = rank == config.parallel_config.output_rank
+    is_last_stage = rank >= config.parallel_config.output_rank
     while True:
         kind, payload = commands.recv_multipart(copy=False)
         kind = bytes(kind.buffer)
         if kind == b"S":
             scheduler_output = step_decoder.decode(payload.buffer)
             grammar_output = None
-            if scheduler_output.structured_output_request_ids:
+            if is_last_stage and scheduler_output.structured_output_request_ids:
                 # The bitmask follows the step ([b"G", GrammarOutput | None]), possibly only once
-                # the engine collected the step before.
+                # the engine collected the step before; only the last pipeline stage samples.
                 grammar_kind, grammar_payload = commands.recv_multipart(copy=False)
                 assert bytes(grammar_kind.buffer) == b"G"
                 grammar_output = grammar_decoder.decode(grammar_payload.buffer)
             output = worker.execute_model(scheduler_output, grammar_output)
-            if rank == 0:
+            if is_output_rank:
                 results.send_multipart([b"O", encoder.encode(output)], copy=False)
         elif kind == b"C":
             method, args = decoder.decode(payload.buffer)

@@ -38,13 +38,17 @@ class NewRequestData:
 class CachedRequestData:
     """Requests the workers already hold, in parallel lists.
 
-    No token ids travel: the worker appended the token it sampled last step itself.
+    No token ids travel (but see `new_token_ids`): the worker appended the token it sampled last
+    step itself.
     """
 
     req_ids: list[str] = field(default_factory=list)
     # Per request, per KV cache group: block ids appended since the last step (may be empty).
     new_block_ids: list[tuple[list[int], ...] | None] = field(default_factory=list)
     num_computed_tokens: list[int] = field(default_factory=list)
+    # Pipeline parallel only (else empty): per request, its sampled tokens among this step's
+    # input positions. Only the last stage samples; the others learn the tokens from here.
+    new_token_ids: list[list[int]] = field(default_factory=list)
 
     @property
     def num_reqs(self) -> int:

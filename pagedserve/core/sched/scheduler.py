@@ -63,6 +63,7 @@ class Scheduler:
         cache_config: CacheConfig,
         log_stats: bool = True,
         kv_cache_groups: Sequence[KVCacheGroupSpec] | None = None,
+        use_pp: bool = False,
         structured_output_manager: StructuredOutputManager | None = None,
     ) -> None:
         if cache_config.num_gpu_blocks is None:
@@ -75,6 +76,10 @@ class Scheduler:
         self.max_model_len = scheduler_config.max_model_len
         self.enable_chunked_prefill = scheduler_config.enable_chunked_prefill
         self.async_scheduling = scheduler_config.async_scheduling
+        # Pipeline parallel: several steps are in flight, and a request's sampled token reaches
+        # the first stage only through the next step's `new_token_ids`. A request whose sampled
+        # token is still in flight (it has a placeholder) therefore sits out until it arrives.
+        self.use_pp = use_pp
         self.policy = scheduler_config.policy
         self.block_size = cache_config.block_size
         # None: requests with structured outputs are refused (an engine core always has one).
@@ -102,6 +107,9 @@ class Scheduler:
         # Outputs of requests the scheduler finished outside update_from_output (errors).
         self._pending_outputs: list[EngineCoreOutput] = []
         self._num_preemptions_since_stats = 0
+        # req_id -> sampling steps still in flight for a request that was preempted meanwhile:
+        # their tokens are stale (the resumed request recomputes them) and are dropped.
+        self._num_stale_samples: dict[str, int] = {}
 
     # ---------------------------------------------------------------- requests in and out
 
@@ -215,9 +223,15 @@ class Scheduler:
         cached_req_ids: list[str] = []
         cached_new_block_ids: list[tuple[list[int], ...] | None] = []
         cached_num_computed_tokens: list[int] = []
+        cached_new_token_ids: list[list[int]] = []
+        # Whether scheduling each running request added a placeholder (parallel to the above).
+        placeholder_added: list[bool] = []
         preempted_reqs: list[Request] = []
+        use_pp = self.use_pp
+        add_placeholders = self.async_scheduling or use_pp
         structured_output_request_ids: list[str] = []
-        # Whether a structured request of this step still has a token in flight (async scheduling).
+        # Whether a structured request of this step still has a token in flight (async scheduling;
+        # never under pipeline parallel, which does not schedule such a request).
         pending_structured_output_tokens = False
 
         running = self.running
@@ -226,6 +240,9 @@ class Scheduler:
             request = running[req_index]
             num_computed_tokens = request.num_computed_tokens
             num_placeholders = request.num_output_placeholders
+            if use_pp and num_placeholders:
+                req_index += 1
+                continue
             num_new_tokens = request.num_tokens + num_placeholders - num_computed_tokens
             if num_placeholders and request.num_output_tokens + num_placeholders >= request.max_tokens:
                 # Its last token is already in flight: one more step would only be wasted.
@@ -261,13 +278,18 @@ class Scheduler:
                         # Already scheduled this step: it loses its turn and its budget, and
                         # its computed count goes back to what the KV cache really holds.
                         position = scheduled_running_reqs.index(preempted)
+                        if placeholder_added and placeholder_added[position]:
+                            preempted.num_output_placeholders -= 1  # for a step it is not in
                         for parallel_list in (
                             scheduled_running_reqs,
                             cached_req_ids,
                             cached_new_block_ids,
                             cached_num_computed_tokens,
+                            cached_new_token_ids,
+                            placeholder_added,
                         ):
-                            del parallel_list[position]
+                            if parallel_list:
+                                del parallel_list[position]
                         if preempted.structured_output_request is not None:
                             structured_output_request_ids.remove(preempted.request_id)
                         num_unscheduled = num_scheduled_tokens.pop(preempted.request_id)
@@ -286,14 +308,19 @@ class Scheduler:
             cached_req_ids.append(request_id)
             cached_new_block_ids.append(new_blocks.get_block_ids() if new_blocks.blocks[0] else None)
             cached_num_computed_tokens.append(num_computed_tokens)
+            if use_pp:
+                end = num_computed_tokens + num_new_tokens
+                cached_new_token_ids.append(
+                    request.all_token_ids[max(num_computed_tokens, request.num_prompt_tokens) : end]
+                )
             num_scheduled_tokens[request_id] = num_new_tokens
             # Advanced now (vLLM-style): the step's tokens count as computed from here on.
             request.num_computed_tokens = num_computed_tokens + num_new_tokens
             if request.structured_output_request is not None:
                 structured_output_request_ids.append(request_id)
                 pending_structured_output_tokens |= num_placeholders > 0
-            if self.async_scheduling:
-                self._add_placeholder_if_sampling(request)
+            if add_placeholders:
+                placeholder_added.append(self._add_placeholder_if_sampling(request))
             token_budget -= num_new_tokens
             req_index += 1
 
@@ -311,6 +338,7 @@ class Scheduler:
                 req_ids=cached_req_ids,
                 new_block_ids=cached_new_block_ids,
                 num_computed_tokens=cached_num_computed_tokens,
+                new_token_ids=cached_new_token_ids,
             ),
             num_scheduled_tokens=num_scheduled_tokens,
             total_num_scheduled_tokens=self.max_num_scheduled_tokens - token_budget,
@@ -384,7 +412,7 @@ class Scheduler:
             )
             num_scheduled_tokens[request_id] = num_new_tokens
             request.num_computed_tokens = num_computed_tokens + num_new_tokens
-            if self.async_scheduling:
+            if self.async_scheduling or self.use_pp:
                 self._add_placeholder_if_sampling(request)
             token_budget -= num_new_tokens
         # Back in front, in their order: they keep their place for when their grammar is ready.
@@ -422,7 +450,7 @@ class Scheduler:
         return self.running[-1]
 
     @staticmethod
-    def _add_placeholder_if_sampling(request: Request) -> None:
+    def _add_placeholder_if_sampling(request: Request) -> bool:
         """Async scheduling: a step that computes every known (and pending) token samples one
         more, whose value arrives only after the next schedule(); count it as a placeholder.
         The worker writes the sampled token into the next step's input ids itself."""
@@ -431,6 +459,8 @@ class Scheduler:
             and request.num_computed_tokens == request.num_tokens + request.num_output_placeholders
         ):
             request.num_output_placeholders += 1
+            return True
+        return False
 
     def _preempt(self, request: Request) -> None:
         """Free every block and send the request back to the front of the waiting queue.
@@ -441,6 +471,12 @@ class Scheduler:
         self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        if request.num_output_placeholders:
+            # NOTE: with more than two steps in flight (pipeline parallel) the request may be
+            # resumed before those steps come back; their tokens must not be taken as its own.
+            self._num_stale_samples[request.request_id] = (
+                self._num_stale_samples.get(request.request_id, 0) + request.num_output_placeholders
+            )
         request.num_output_placeholders = 0
         request.num_preemptions += 1
         self._num_preemptions_since_stats += 1
@@ -468,8 +504,15 @@ class Scheduler:
         self._pending_outputs = []
         finished_ids: set[str] = {output.request_id for output in outputs}
 
+        stale_samples = self._num_stale_samples
         for request_id in scheduler_output.num_scheduled_tokens:
             request = requests.get(request_id)
+            if stale_samples and request_id in stale_samples and sampled_token_ids[req_id_to_index[request_id]]:
+                if stale_samples[request_id] == 1:
+                    del stale_samples[request_id]
+                else:
+                    stale_samples[request_id] -= 1
+                continue
             if request is None or request.status is not RequestStatus.RUNNING:
                 # Aborted or finished between schedule() and now, or (async scheduling)
                 # preempted while this step was in flight: its result is stale.

@@ -123,12 +123,19 @@ async def _respond(raw_request: Request, handler: Awaitable[Any]) -> Response:
 
 @router.get("/health")
 async def health(raw_request: Request) -> Response:
+    """200 while the engine serves; 503 once it is dead. With data parallelism a server whose
+    engine cores are partly dead still serves: 200 with {"status": "degraded", "dead_engines":
+    {index: why}}."""
+    engine = engine_client(raw_request)
     try:
-        await engine_client(raw_request).check_health()
+        await engine.check_health()
     except EngineDeadError as e:
         return error_response(
             OpenAIRequestError(str(e), status_code=503, err_type="server_error", code="engine_dead")
         )
+    if engine.dead_engines:
+        dead_engines = {str(index): why for index, why in engine.dead_engines.items()}
+        return JSONResponse({"status": "degraded", "dead_engines": dead_engines})
     return Response(status_code=200)
 
 
@@ -497,10 +504,11 @@ async def run_server(args: argparse.Namespace) -> int:
     config = engine_args.create_engine_config()
     names = served_model_names(args, config)
     registry = create_metrics_registry()
-    prometheus_logger = PrometheusStatLogger(names[0], config.model_config.max_model_len, registry)
+    engine_indexes = range(config.parallel_config.data_parallel_size)
+    prometheus_logger = PrometheusStatLogger(names[0], config.model_config.max_model_len, registry, engine_indexes)
     stat_loggers: list[StatLoggerBase] = [prometheus_logger]
     if not args.disable_log_stats:
-        stat_loggers.append(LoggingStatLogger())
+        stat_loggers.append(LoggingStatLogger(engine_indexes))
 
     start = time.perf_counter()
     engine = AsyncLLM(config, log_stats=True, stat_loggers=stat_loggers)

@@ -92,6 +92,12 @@ def make_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "status 1 so that a supervisor restarts the server",
     )
     server.add_argument(
+        "--headless",
+        action="store_true",
+        help="run this host's data-parallel engine cores only (no API server); they connect to the API "
+        "server at --data-parallel-address (with --data-parallel-size-local and --data-parallel-start-rank)",
+    )
+    server.add_argument(
         "--uvicorn-log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug", "trace"],
