@@ -176,7 +176,10 @@ class BambaModel(nn.Module):
         )
         self.final_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate_tensors: None = None) -> torch.Tensor:
+        # Called as LlamaModel is; Bamba has no pipeline stages (ModelInfo.supports_pp), so no
+        # intermediate tensors ever arrive.
+        assert intermediate_tensors is None
         hidden_states = self.embed_tokens(input_ids)
         residual = None
         for layer in self.layers:
