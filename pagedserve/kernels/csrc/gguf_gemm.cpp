@@ -316,12 +316,22 @@ inline __m256i widen_u8(const uint8_t* p) {
   return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// 16 bits of `bits` -> 16 in lane i where bit i is set, else 0.
+// Entry b, int16 lane j: 16 if bit j of b is set, else 0 (Q5 fifth bits, 8 values a lookup).
+struct FifthBitTable {
+  alignas(16) int16_t lanes[256][8];
+  FifthBitTable() {
+    for (int b = 0; b < 256; ++b)
+      for (int j = 0; j < 8; ++j) lanes[b][j] = static_cast<int16_t>(((b >> j) & 1) * 16);
+  }
+};
+const FifthBitTable kFifthBits;
+
+// 16 bits of `bits` -> 16 in lane i where bit i is set, else 0. Two table loads: the compare
+// and mask sequence it replaces cost 5 vector ops per 16 values, a third of a Q5_0 block's work.
 inline __m256i fifth_bits_16(uint32_t bits) {
-  const __m256i bit = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
-                                        static_cast<int16_t>(-32768));
-  const __m256i set = _mm256_cmpeq_epi16(_mm256_and_si256(_mm256_set1_epi16(static_cast<int16_t>(bits)), bit), bit);
-  return _mm256_and_si256(set, _mm256_set1_epi16(16));
+  const __m128i low = _mm_load_si128(reinterpret_cast<const __m128i*>(kFifthBits.lanes[bits & 0xFF]));
+  const __m128i high = _mm_load_si128(reinterpret_cast<const __m128i*>(kFifthBits.lanes[(bits >> 8) & 0xFF]));
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(low), high, 1);
 }
 
 // 32 weight values as two int16 vectors (values 0-15, 16-31) and w = dw * q + mw as the pair
