@@ -149,6 +149,25 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> f
     raise RuntimeError(f"server not healthy after {timeout_s} s")
 
 
+def client_command(
+    url: str,
+    label: str,
+    args: argparse.Namespace,
+    num_prompts: int,
+    concurrency: int,
+    range_ratio: float,
+    result_file: Path,
+) -> list[str]:
+    """`pagedserve bench serve` against `url`: random token-id prompts of args.input_len /
+    args.output_len, all sent at once, `concurrency` in flight, results saved to `result_file`."""
+    client = [sys.executable, "-m", "pagedserve.entrypoints.cli", "bench", "serve", "--backend", "openai"]
+    client += ["--base-url", url, "--label", label, "--model", args.gguf, "--num-prompts", str(num_prompts)]
+    client += ["--input-len", str(args.input_len), "--output-len", str(args.output_len)]
+    client += ["--range-ratio", str(range_ratio), "--max-concurrency", str(concurrency)]
+    client += ["--request-rate", "inf", "--seed", str(args.seed), "--save-result", str(result_file)]
+    return client
+
+
 def run_one(engine: str, args: argparse.Namespace, concurrency: int, num_prompts: int, out: Path) -> dict:
     port = args.port
     cmd, env = server_command(engine, args, concurrency, port)
@@ -161,20 +180,7 @@ def run_one(engine: str, args: argparse.Namespace, concurrency: int, num_prompts
         healthy_s = wait_healthy(url, proc, args.startup_timeout)
         sampler.start()
         result_file = out / f"{engine}-c{concurrency}.json"
-        client = [sys.executable, "-m", "pagedserve.entrypoints.cli", "bench", "serve", "--backend", "openai"]
-        client += [
-            "--base-url",
-            url,
-            "--label",
-            engine,
-            "--model",
-            args.gguf,
-            "--num-prompts",
-            str(num_prompts),
-        ]
-        client += ["--input-len", str(args.input_len), "--output-len", str(args.output_len)]
-        client += ["--range-ratio", str(args.range_ratio), "--max-concurrency", str(concurrency)]
-        client += ["--request-rate", "inf", "--seed", str(args.seed), "--save-result", str(result_file)]
+        client = client_command(url, engine, args, num_prompts, concurrency, args.range_ratio, result_file)
         subprocess.run(client, check=True, stdout=subprocess.DEVNULL)
         sampler.sample()
         sampler.stop()

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from compare_serving import server_command, wait_healthy  # noqa: E402
+from compare_serving import client_command, server_command, wait_healthy  # noqa: E402
 
 
 def run_engine(engine: str, args: argparse.Namespace, out: Path) -> dict:
@@ -34,34 +34,8 @@ def run_engine(engine: str, args: argparse.Namespace, out: Path) -> dict:
         url = f"http://127.0.0.1:{args.port}"
         healthy_s = wait_healthy(url, proc, args.startup_timeout)
         result_file = out / f"{engine}-structured.json"
-        client = [sys.executable, "-m", "pagedserve.entrypoints.cli", "bench", "serve", "--backend", "openai"]
-        client += [
-            "--base-url",
-            url,
-            "--label",
-            engine,
-            "--model",
-            args.gguf,
-            "--num-prompts",
-            str(args.num_prompts),
-        ]
-        client += [
-            "--input-len",
-            str(args.input_len),
-            "--output-len",
-            str(args.output_len),
-            "--range-ratio",
-            "0",
-        ]
-        client += ["--max-concurrency", str(args.concurrency), "--seed", str(args.seed)]
-        client += [
-            "--structured-output-ratio",
-            "0",
-            "1",
-            "--structured-output-ttft-samples",
-            str(args.ttft_samples),
-        ]
-        client += ["--save-result", str(result_file)]
+        client = client_command(url, engine, args, args.num_prompts, args.concurrency, 0.0, result_file)
+        client += ["--structured-output-ratio", "0", "1", "--structured-output-ttft-samples", str(args.ttft_samples)]
         subprocess.run(client, check=True)
         unconstrained, constrained = json.loads(result_file.read_text())
         return {"unconstrained": unconstrained, "constrained": constrained, "healthy_s": healthy_s}
