@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from pagedserve.attention.backends.abstract import get_attn_backend
 from pagedserve.attention.backends.mamba2_attn import Mamba2AttentionMetadata
 from pagedserve.attention.forward_context import set_forward_context
 from pagedserve.attention.layer import Attention
 from pagedserve.attention.metadata import CommonAttentionMetadata
+from pagedserve.attention.selector import get_attn_backend
 from pagedserve.config import EngineConfig
 from pagedserve.core.kv_cache_interface import (
     KVCacheGroupSpec,

@@ -155,8 +155,8 @@ def run_worker(
     """Entry point of a worker process (see executor/multiproc_executor.py)."""
     import zmq
 
-    from pagedserve.engine.core import set_parent_death_signal, watch_parent
     from pagedserve.engine.serial_utils import MsgpackDecoder, MsgpackEncoder
+    from pagedserve.process_utils import set_parent_death_signal, watch_parent
 
     set_parent_death_signal()
     watch_parent(parent_pid)
