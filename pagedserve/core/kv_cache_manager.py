@@ -82,7 +82,7 @@ class KVCacheManager:
             # can be reused. Turned off for the whole model (every group must hit together).
             logger.info("prefix caching is off: the model has Mamba layers, whose state cannot be shared")
             enable_caching = False
-        # --- no-KV-cache mode (issue 6): no block pool at all when the model keeps no KV.
+        # --- no-KV-cache mode: no block pool at all when the model keeps no KV.
         enable_caching = enable_caching and num_blocks > 0
         self.block_size = block_size
         self.enable_caching = enable_caching

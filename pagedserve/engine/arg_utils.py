@@ -133,7 +133,7 @@ class EngineArgs:
         default=False,
         metadata={"help": "send a request to the engine core that served its prompt's prefix (unless much busier)"},
     )
-    # --- pooling models (issue 6) ---
+    # --- pooling models ---
     task: str = dataclasses.field(
         default="auto",
         metadata={

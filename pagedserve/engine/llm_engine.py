@@ -30,7 +30,7 @@ class LLMEngine:
             model_config,
             self.tokenizer,
             get_eos_token_ids(model_config.model, self.tokenizer),
-            config.scheduler_config,  # issue 6: prompts that must fit one step (no chunking)
+            config.scheduler_config,  # prompts that must fit one step (pooling: no chunking)
             structured_outputs_config=config.structured_outputs_config,
         )
         self.output_processor = OutputProcessor(self.tokenizer, log_stats=log_stats)
@@ -50,7 +50,7 @@ class LLMEngine:
         priority: int = 0,
         cache_salt: str | None = None,
     ) -> None:
-        # --- issue 6 (pooling): PoolingParams, and requests the Processor already built
+        # --- pooling: PoolingParams, and requests the Processor already built
         # (cross-encoder pairs from Processor.process_score_pair; `params` is then None).
         if isinstance(prompt, EngineCoreRequest):
             request, prompt_text = prompt, None

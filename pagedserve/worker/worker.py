@@ -71,7 +71,7 @@ class Worker:
         """KV blocks that fit the configured (or default) budget, capped at what
         max_num_seqs sequences of max_model_len could ever use."""
         if not self.model_runner.kv_cache_groups:
-            return 0  # issue 6: the model keeps no KV cache (encoder-only); allocate none
+            return 0  # the model keeps no KV cache (encoder-only); allocate none
         cache_config = self.config.cache_config
         if cache_config.num_gpu_blocks is not None:
             return cache_config.num_gpu_blocks

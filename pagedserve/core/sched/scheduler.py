@@ -407,7 +407,7 @@ class Scheduler:
                     sampling_params=request.sampling_params,
                     block_ids=kv_cache_manager.get_block_ids(request_id),
                     num_computed_tokens=num_computed_tokens,
-                    pooling_params=request.pooling_params,  # issue 6: pooling requests
+                    pooling_params=request.pooling_params,
                 )
             )
             num_scheduled_tokens[request_id] = num_new_tokens
