@@ -103,6 +103,6 @@ def test_every_module_imports_in_a_fresh_interpreter_in_random_order() -> None:
     names = sorted(_module_files())
     order = names[:]
     random.Random(1234).shuffle(order)
-    script = "import importlib\nfor name in %r:\n    importlib.import_module(name)\n" % order
+    script = f"import importlib\nfor name in {order!r}:\n    importlib.import_module(name)\n"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
