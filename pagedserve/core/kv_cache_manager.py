@@ -44,10 +44,6 @@ class PrefixCacheStats:
     num_hit_tokens: int = 0
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 class KVCacheManager:
     """Allocates, shares and frees the KV cache blocks of requests, for every KV-cache group.
 

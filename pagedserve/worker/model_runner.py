@@ -37,6 +37,7 @@ from pagedserve.models.model_loader import get_model
 from pagedserve.sample.metadata import SamplingMetadata
 from pagedserve.sample.sampler import Sampler, gather_logprobs
 from pagedserve.sequence import IntermediateTensors
+from pagedserve.utils import cdiv
 from pagedserve.worker.input_batch import CachedRequestState, InputBatch
 from pagedserve.worker.outputs import LogprobsLists, ModelRunnerOutput
 
@@ -73,7 +74,7 @@ class ModelRunner:
         return InputBatch(
             self.max_num_reqs,
             self.max_model_len,
-            -(-self.max_model_len // self.block_size),
+            cdiv(self.max_model_len, self.block_size),
             self.vocab_size,
             self.device,
             num_kv_cache_groups=num_kv_cache_groups,

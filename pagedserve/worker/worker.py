@@ -14,6 +14,7 @@ from torch import nn
 from pagedserve.config import EngineConfig
 from pagedserve.core.kv_cache_interface import KVCacheGroupSpec
 from pagedserve.core.sched.output import GrammarOutput, SchedulerOutput
+from pagedserve.utils import cdiv
 from pagedserve.worker.model_runner import ModelRunner
 from pagedserve.worker.outputs import ModelRunnerOutput
 
@@ -88,7 +89,7 @@ class Worker:
         per_block = self.model_runner.kv_cache_bytes_per_block()
         max_useful = (
             self.config.scheduler_config.max_num_seqs
-            * -(-int(self.config.model_config.max_model_len) // cache_config.block_size)  # type: ignore[arg-type]
+            * cdiv(int(self.config.model_config.max_model_len), cache_config.block_size)  # type: ignore[arg-type]
             * len(self.model_runner.kv_cache_groups)
             + 1
         )
