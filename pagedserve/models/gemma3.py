@@ -21,7 +21,12 @@ from pagedserve.models.layers.activation import GeluAndMul
 from pagedserve.models.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from pagedserve.models.layers.rotary_embedding import RotaryEmbedding, get_rope
 from pagedserve.models.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from pagedserve.models.utils import default_weight_loader, set_weight_attrs
+from pagedserve.models.utils import (
+    DECODER_STACKED_PARAMS_MAPPING,
+    default_weight_loader,
+    load_checkpoint_weights,
+    set_weight_attrs,
+)
 
 _SLIDING = "sliding_attention"
 _FULL = "full_attention"
@@ -172,14 +177,7 @@ class Gemma3Model(nn.Module):
 
 
 class Gemma3ForCausalLM(nn.Module):
-    # (our fused parameter, checkpoint name, shard id)
-    stacked_params_mapping = [
-        ("qkv_proj", "q_proj", "q"),
-        ("qkv_proj", "k_proj", "k"),
-        ("qkv_proj", "v_proj", "v"),
-        ("gate_up_proj", "gate_proj", 0),
-        ("gate_up_proj", "up_proj", 1),
-    ]
+    stacked_params_mapping = DECODER_STACKED_PARAMS_MAPPING
 
     def __init__(self, config: SimpleNamespace, max_position: int) -> None:
         super().__init__()
@@ -203,29 +201,9 @@ class Gemma3ForCausalLM(nn.Module):
         return logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Loads checkpoint tensors; returns the names of the parameters that were loaded."""
-        params = dict(self.named_parameters(remove_duplicate=False))
-        loaded: set[str] = set()
-        for name, tensor in weights:
+        def map_name(name: str) -> str | None:
             if self.tie_word_embeddings and name == "lm_head.weight":
-                continue  # the tied head is the embedding, loaded under its own name
-            for param_part, ckpt_part, shard_id in self.stacked_params_mapping:
-                target = name.replace(f".{ckpt_part}.", f".{param_part}.")
-                if target != name and target in params:
-                    params[target].weight_loader(params[target], tensor, shard_id)
-                    loaded.add(target)
-                    break
-            else:
-                if name not in params:
-                    raise ValueError(
-                        f"checkpoint tensor {name!r} matches no parameter of {type(self).__name__}"
-                    )
-                param = params[name]
-                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
-                loaded.add(name)
-        if self.tie_word_embeddings:
-            loaded.add("lm_head.weight")
-        missing = set(params) - loaded
-        if missing:
-            raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:8]}")
-        return loaded
+                return None  # the tied head is the embedding, loaded under its own name
+            return name
+
+        return load_checkpoint_weights(self, weights, self.stacked_params_mapping, map_name)

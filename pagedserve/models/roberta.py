@@ -11,15 +11,16 @@ import torch
 from torch import nn
 
 from pagedserve.models.bert import (
+    BERT_STACKED_PARAMS_MAPPING,
     BertEmbedding,
     BertEmbeddingModel,
     BertModel,
     _is_unused_tensor,
     _pooler_config,
-    load_encoder_weights,
 )
 from pagedserve.models.layers.linear import ReplicatedLinear
 from pagedserve.models.layers.pooler import Pooler
+from pagedserve.models.utils import load_checkpoint_weights
 from pagedserve.pooling_params import PoolingTask
 
 
@@ -96,4 +97,4 @@ class RobertaForSequenceClassification(nn.Module):
         return name
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return load_encoder_weights(self, weights, self._map_name)
+        return load_checkpoint_weights(self, weights, BERT_STACKED_PARAMS_MAPPING, self._map_name)
