@@ -191,6 +191,11 @@ BERT_STACKED_PARAMS_MAPPING: StackedParamsMapping = (
 )
 
 
+def num_labels_of(config: SimpleNamespace) -> int:
+    id2label = getattr(config, "id2label", None)
+    return len(id2label) if id2label else int(getattr(config, "num_labels", 2))
+
+
 def _is_unused_tensor(name: str) -> bool:
     # Buffers saved by older transformers and heads that pooling never uses.
     return name.endswith(".position_ids") or name.startswith("cls.") or name.startswith("lm_head.")
@@ -241,8 +246,7 @@ class BertForSequenceClassification(nn.Module):
     def __init__(self, config: SimpleNamespace, max_position: int) -> None:
         super().__init__()
         self.config = config
-        id2label = getattr(config, "id2label", None)
-        num_labels = len(id2label) if id2label else int(getattr(config, "num_labels", 2))
+        num_labels = num_labels_of(config)
         self.bert = BertModel(config, prefix="bert.", add_pooling_layer=True)
         self.classifier = ReplicatedLinear(config.hidden_size, num_labels, bias=True)
         self.pooler = Pooler.for_classify(_pooler_config(config, self.default_pooling_type), self._classify, config)

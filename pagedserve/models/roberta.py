@@ -17,6 +17,7 @@ from pagedserve.models.bert import (
     BertModel,
     _is_unused_tensor,
     _pooler_config,
+    num_labels_of,
 )
 from pagedserve.models.layers.linear import ReplicatedLinear
 from pagedserve.models.layers.pooler import Pooler
@@ -74,8 +75,7 @@ class RobertaForSequenceClassification(nn.Module):
     def __init__(self, config: SimpleNamespace, max_position: int) -> None:
         super().__init__()
         self.config = config
-        id2label = getattr(config, "id2label", None)
-        num_labels = len(id2label) if id2label else int(getattr(config, "num_labels", 2))
+        num_labels = num_labels_of(config)
         self.roberta = RobertaModel(config, prefix="roberta.")
         self.classifier = RobertaClassificationHead(config, num_labels)
         self.pooler = Pooler.for_classify(
