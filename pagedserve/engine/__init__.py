@@ -10,6 +10,7 @@ import time
 
 import msgspec
 
+from pagedserve.lora.request import LoRARequest
 from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams
 
@@ -38,6 +39,8 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=
     cache_salt: str | None = None
     # Set (and sampling_params None) for embedding / classification / scoring requests.
     pooling_params: PoolingParams | None = None
+    # The adapter to run with; None: the base model.
+    lora_request: LoRARequest | None = None
 
 
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
