@@ -17,6 +17,8 @@ SUPPORTED_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
 
 # base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight -> (3, "q_proj", "A")
 _TENSOR_NAME = re.compile(r"^base_model\.model\.(?:model\.)?layers\.(\d+)\.\w+\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
+# Any LoRA tensor, to name the module of one that does not fit the above (lm_head, embed_tokens).
+_ANY_LORA_TENSOR = re.compile(r"(?:^|\.)(\w+)\.lora_(?:embedding_)?[AB]\b")
 _CONFIG_FILE = "adapter_config.json"
 _WEIGHTS_FILE = "adapter_model.safetensors"
 
@@ -96,15 +98,16 @@ def _tensor_target_modules(path: str, r: int) -> tuple[str, ...]:
     modules: set[str] = set()
     for name, shape in shapes.items():
         match = _TENSOR_NAME.match(name)
-        if match is None:
-            raise ValueError(f"LoRA adapter {path!r}: tensor {name!r} is not a LoRA A/B weight of a decoder layer")
-        module, kind = match.group(2), match.group(3)
-        if module not in SUPPORTED_TARGET_MODULES:
+        any_match = _ANY_LORA_TENSOR.search(name)
+        module = match.group(2) if match is not None else any_match.group(1) if any_match is not None else None
+        if module is None:
+            raise ValueError(f"LoRA adapter {path!r}: tensor {name!r} is not a LoRA A/B weight")
+        if match is None or module not in SUPPORTED_TARGET_MODULES:
             raise ValueError(
                 f"LoRA adapter {path!r}: target module {module!r} is not supported "
                 f"(supported: {', '.join(SUPPORTED_TARGET_MODULES)})"
             )
-        rank = shape[0] if kind == "A" else shape[-1]
+        rank = shape[0] if match.group(3) == "A" else shape[-1]
         if len(shape) != 2 or rank != r:
             raise ValueError(f"LoRA adapter {path!r}: tensor {name!r} of shape {shape} does not have rank {r}")
         modules.add(module)

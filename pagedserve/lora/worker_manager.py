@@ -48,6 +48,15 @@ class LRUCacheWorkerLoRAManager:
         self.lora_config = lora_config
         self.dtype = dtype
         self.layers = add_lora_slots(model, lora_config, dtype)
+        # llama.cpp's checkpoints keep q/k rows in interleaved-rotary order (GGUF Llama): the
+        # adapter's q/k output rows (B) must follow the base weights' order.
+        config = getattr(model, "config", None)
+        self._interleaved_qk_heads: dict[str, int] | None = None
+        if config is not None and getattr(config, "rope_is_neox_style", True) is False:
+            self._interleaved_qk_heads = {
+                "q_proj": config.num_attention_heads,
+                "k_proj": config.num_key_value_heads,
+            }
         # Adapters the batch's requests name, by id (where to load them from).
         self._known: dict[int, LoRARequest] = {}
         self._cpu_cache: OrderedDict[int, LoRAModel] = OrderedDict()  # LRU order: oldest first
@@ -111,9 +120,21 @@ class LRUCacheWorkerLoRAManager:
         model = LoRAModel.from_local_checkpoint(
             request.lora_path, lora_id, self.lora_config.max_lora_rank, self.dtype
         )
+        if self._interleaved_qk_heads is not None:
+            for (layer, module), (lora_a, lora_b) in model.weights.items():
+                num_heads = self._interleaved_qk_heads.get(module)
+                if num_heads is not None:
+                    model.weights[layer, module] = (lora_a, _interleave_rotary_rows(lora_b, num_heads))
         cache[lora_id] = model
         max_cpu_loras = self.lora_config.max_cpu_loras
         assert max_cpu_loras is not None
         while len(cache) > max_cpu_loras:
             cache.popitem(last=False)
         return model
+
+
+def _interleave_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Rows of each head from HF's half-split rotary order [x0..x(d/2-1), y0..] to llama.cpp's
+    interleaved pairs [x0, y0, x1, y1, ...] (what llama.cpp's converter does to q/k weights)."""
+    rows = weight.shape[0]
+    return weight.reshape(num_heads, 2, rows // num_heads // 2, -1).transpose(1, 2).reshape(rows, -1).contiguous()
