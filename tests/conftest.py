@@ -277,11 +277,16 @@ def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int) -> 
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return greedy_generate(model, prompts, max_new_tokens)
+
+
+def greedy_generate(model: Any, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """A transformers (or peft) model's greedy generate, one prompt at a time."""
     outs = []
     with torch.no_grad():
         for ids in prompts:
             gen = model.generate(
-                torch.tensor([ids]),
+                input_ids=torch.tensor([ids]),
                 attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,

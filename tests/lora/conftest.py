@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import greedy_generate
+
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -49,16 +51,4 @@ def peft_greedy(
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir)
-    model.eval()
-    outs = []
-    with torch.no_grad():
-        for ids in prompts:
-            gen = model.generate(
-                input_ids=torch.tensor([ids]),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=0,
-            )
-            outs.append(gen[0, len(ids) :].tolist())
-    return outs
+    return greedy_generate(model.eval(), prompts, max_new_tokens)
