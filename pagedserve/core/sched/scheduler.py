@@ -48,6 +48,15 @@ def _chunk_start(scheduler_output: SchedulerOutput, request_id: str) -> int:
     raise KeyError(f"request {request_id} was not scheduled in this step")
 
 
+def _count_loras(requests: Iterable[Request]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for request in requests:
+        if request.lora_request is not None:
+            name = request.lora_request.lora_name
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
 class Scheduler:
     """Decides, each step, which requests compute how many tokens, and applies the results.
 
@@ -663,7 +672,7 @@ class Scheduler:
         prefix_stats = self.kv_cache_manager.make_prefix_cache_stats()
         num_preemptions = self._num_preemptions_since_stats
         self._num_preemptions_since_stats = 0
-        return SchedulerStats(
+        stats = SchedulerStats(
             num_running_reqs=len(self.running),
             num_waiting_reqs=len(self.waiting),
             kv_cache_usage=self.kv_cache_manager.usage,
@@ -671,3 +680,8 @@ class Scheduler:
             prefix_cache_hits=prefix_stats.num_hit_tokens,
             num_preemptions=num_preemptions,
         )
+        if self.lora_config is not None:
+            # O(running + waiting) per step, with LoRA enabled only.
+            stats.running_lora_adapters = _count_loras(self.running)
+            stats.waiting_lora_adapters = _count_loras(self.waiting)
+        return stats
