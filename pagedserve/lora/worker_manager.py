@@ -20,6 +20,9 @@ from pagedserve.lora.lora_model import LoRAModel
 from pagedserve.lora.request import LoRARequest
 from pagedserve.models.layers.linear import LinearBase
 
+# Up to this many tokens a step runs every token through every used slot (see lora/layers.py).
+DENSE_LORA_MAX_TOKENS = 64
+
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -79,16 +82,27 @@ class LRUCacheWorkerLoRAManager:
         if not active_ids:
             return None
         self._num_steps += 1
+        slots = [self._activate(lora_id, active_ids) for lora_id in active_ids]
+        num_tokens = token_lora_ids.shape[0]
+        if num_tokens <= DENSE_LORA_MAX_TOKENS:
+            # slot_of_id[id] = slot + 1 for the step's adapters, 0 for the base model.
+            slot_of_id = np.zeros(max(active_ids) + 1, dtype=np.int64)
+            slot_of_id[active_ids] = np.asarray(slots) + 1
+            token_slots = torch.from_numpy(slot_of_id[token_lora_ids])
+            num_slots = max(slots) + 1
+            # Column 0 of the one-hot is the base model's: dropped.
+            slot_mask = torch.zeros(num_tokens, num_slots + 1, dtype=self.dtype)
+            slot_mask[torch.arange(num_tokens), token_slots] = 1
+            return LoRAMapping(slot_mask=slot_mask[:, 1:, None, None])
         groups: list[tuple[int, slice | torch.Tensor]] = []
-        for lora_id in active_ids:
-            slot = self._activate(lora_id, active_ids)
+        for lora_id, slot in zip(active_ids, slots):
             rows = np.flatnonzero(token_lora_ids == lora_id)
             first, last = int(rows[0]), int(rows[-1])
             if last - first + 1 == rows.size:
                 groups.append((slot, slice(first, last + 1)))
             else:
                 groups.append((slot, torch.from_numpy(rows)))
-        return LoRAMapping(groups)
+        return LoRAMapping(groups=groups)
 
     def _activate(self, lora_id: int, step_ids: list[int]) -> int:
         owners = self._slot_owner

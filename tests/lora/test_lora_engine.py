@@ -9,7 +9,7 @@ import torch
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.lora.request import LoRARequest
-from tests.lora.conftest import peft_greedy
+from tests.conftest import LORA_ALL_TARGETS, peft_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -46,9 +46,7 @@ def _reference(base_dir: str, prompts: list[list[int]], loras: list[LoRARequest 
 @pytest.fixture(scope="module")
 def adapters(make_tiny_checkpoint, make_lora_adapter) -> tuple[str, list[LoRARequest]]:
     base = make_tiny_checkpoint("llama")
-    specs = [(8, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
-             (16, ("q_proj", "v_proj", "down_proj")),
-             (8, ("k_proj", "o_proj", "gate_proj", "up_proj"))]
+    specs = [(8, LORA_ALL_TARGETS), (16, ("q_proj", "v_proj", "down_proj")), (8, ("k_proj", "o_proj", "gate_proj", "up_proj"))]
     loras = [
         LoRARequest(f"adapter{i}", i + 1, make_lora_adapter(base, rank, targets, seed=i + 1))
         for i, (rank, targets) in enumerate(specs)
@@ -76,7 +74,7 @@ def test_mixed_batch_with_chunked_prefill_and_preemption_matches_peft(adapters) 
     assert all(b != t for b, t, lora in zip(base_only, ours, request_loras) if lora is not None)
 
 
-def test_prefix_cache_never_crosses_adapters(adapters) -> None:
+def test_prefix_cache_never_crosses_adapters(adapters, tmp_path) -> None:
     base, loras = adapters
     llm = LLM(base, dtype="float32", max_model_len=256, enable_lora=True, max_loras=2, max_lora_rank=16)
     prompt = _prompts(llm.get_tokenizer().vocab_size, [64], seed=3)[0]  # 4 full blocks
@@ -96,11 +94,21 @@ def test_prefix_cache_never_crosses_adapters(adapters) -> None:
     assert cached_tokens(None) == (48, base_first[1])
     assert first[1] == _reference(base, [prompt], [loras[0]])[0]
 
+    # Invalid adapter requests are refused before they reach the engine, which keeps serving.
+    with pytest.raises(ValueError, match="does not exist"):
+        llm.generate("hi", _greedy(), use_tqdm=False, lora_request=LoRARequest("x", 9, str(tmp_path / "no")))
+    with pytest.raises(ValueError, match="already names adapter"):
+        llm.generate("hi", _greedy(), use_tqdm=False, lora_request=LoRARequest("y", 1, loras[2].lora_path))
+    with pytest.raises(ValueError, match="one per prompt"):
+        llm.generate(["a", "b"], _greedy(), use_tqdm=False, lora_request=[loras[0]])
+    assert cached_tokens(loras[0]) == again
+
 
 def test_gguf_base_weights_with_adapters_match_peft_on_the_dequantized_weights(make_tiny_gguf, make_lora_adapter):
     from gguf import GGMLQuantizationType as T
 
-    path, reference_dir = make_tiny_gguf("llama", [T.Q8_0, T.Q4_0])
+    # The block types of tests/quantization/test_gguf.py: the session builds the file once.
+    path, reference_dir = make_tiny_gguf("llama", [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1])
     # Llama GGUF keeps llama.cpp's q/k row order: q and k adapters must follow it.
     lora = LoRARequest("gguf", 1, make_lora_adapter(reference_dir, 8, ("q_proj", "k_proj", "down_proj"), seed=5))
     llm = LLM(path, tokenizer=reference_dir, max_model_len=256, enable_lora=True, max_lora_rank=8)
@@ -118,15 +126,3 @@ def test_tensor_parallel_adapters_match_peft(adapters) -> None:
     prompts = _prompts(llm.get_tokenizer().vocab_size, [5, 30, 12, 20])
     request_loras = [loras[0], loras[1], None, loras[2]]
     assert _generate(llm, prompts, request_loras) == _reference(base, prompts, request_loras)
-
-
-def test_invalid_lora_requests_are_refused_before_the_engine(adapters, make_tiny_checkpoint, tmp_path) -> None:
-    base, loras = adapters
-    llm = LLM(base, dtype="float32", max_model_len=256, enable_lora=True, max_lora_rank=8)
-    with pytest.raises(ValueError, match="rank 16 is greater than max_lora_rank=8"):
-        llm.generate("hi", _greedy(), use_tqdm=False, lora_request=loras[1])
-    with pytest.raises(ValueError, match="does not exist"):
-        llm.generate("hi", _greedy(), use_tqdm=False, lora_request=LoRARequest("x", 9, str(tmp_path / "no")))
-    with pytest.raises(ValueError, match="one per prompt"):
-        llm.generate(["a", "b"], _greedy(), use_tqdm=False, lora_request=[loras[0]])
-    assert llm.generate("hi", _greedy(), use_tqdm=False)[0].outputs[0].token_ids

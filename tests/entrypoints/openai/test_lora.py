@@ -11,8 +11,8 @@ import openai
 import pytest
 
 from pagedserve.envs import environment
+from tests.conftest import peft_greedy
 from tests.entrypoints.openai.utils import TINY_SERVER_ARGS, RemoteOpenAIServer, metric_value
-from tests.lora.conftest import make_lora_adapter, peft_greedy  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.slow
 
@@ -22,12 +22,13 @@ MAX_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def lora_server(
-    make_tiny_checkpoint, make_lora_adapter, tmp_path_factory: pytest.TempPathFactory  # noqa: F811
+    make_tiny_checkpoint, make_lora_adapter, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[RemoteOpenAIServer, str, dict[str, str]]]:
     base = make_tiny_checkpoint("llama")
+    # The adapters of tests/lora/test_lora_engine.py: the session makes them once.
     adapters = {
-        "sql": make_lora_adapter(base, 8, seed=11),
-        "chat": make_lora_adapter(base, 16, ("q_proj", "v_proj", "gate_proj"), seed=12),
+        "sql": make_lora_adapter(base, 8, seed=1),
+        "chat": make_lora_adapter(base, 16, ("q_proj", "v_proj", "down_proj"), seed=2),
     }
     log_path = tmp_path_factory.mktemp("lora_server") / "server.log"
     with environment(PAGEDSERVE_ALLOW_RUNTIME_LORA_UPDATING="1"):
