@@ -11,6 +11,7 @@ from typing import Any
 from pagedserve.config import (
     CacheConfig,
     EngineConfig,
+    LoRAConfig,
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
@@ -133,6 +134,15 @@ class EngineArgs:
         default=False,
         metadata={"help": "send a request to the engine core that served its prompt's prefix (unless much busier)"},
     )
+    # --- LoRA adapters ---
+    enable_lora: bool = dataclasses.field(
+        default=False, metadata={"help": "serve PEFT LoRA adapters over the base model (per request)"}
+    )
+    max_loras: int = dataclasses.field(default=1, metadata={"help": "most distinct LoRA adapters in one step"})
+    max_lora_rank: int = dataclasses.field(default=16, metadata={"help": "largest LoRA rank accepted"})
+    max_cpu_loras: int | None = dataclasses.field(
+        default=None, metadata={"help": "LoRA adapters kept loaded in CPU memory (default: max_loras)"}
+    )
     # --- pooling models ---
     task: str = dataclasses.field(
         default="auto",
@@ -198,6 +208,7 @@ class EngineArgs:
                 data_parallel_prefix_affinity=self.data_parallel_prefix_affinity,
             ),
             structured_outputs_config=StructuredOutputsConfig(backend=self.structured_outputs_backend),
+            lora_config=LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras) if self.enable_lora else None,
         )
 
     @classmethod

@@ -29,6 +29,7 @@ from pagedserve.engine.exceptions import EngineDeadError
 from pagedserve.engine.output_processor import OutputProcessor, OutputQueue
 from pagedserve.engine.parallel_sampling import ParentRequest
 from pagedserve.engine.processor import Processor, PromptType, parse_prompt
+from pagedserve.lora.request import LoRARequest
 from pagedserve.metrics.loggers import StatLoggerBase
 from pagedserve.metrics.stats import EngineTotals, IterationStats
 from pagedserve.outputs import CompletionOutput, PoolingOutput, PoolingRequestOutput, RequestOutput
@@ -69,6 +70,7 @@ class AsyncLLM:
             get_eos_token_ids(self.model_config.model, self.tokenizer),
             config.scheduler_config,
             structured_outputs_config=config.structured_outputs_config,
+            lora_config=config.lora_config,
         )
         self.output_processor = OutputProcessor(self.tokenizer, log_stats=log_stats)
         self.stat_loggers = list(stat_loggers or [])
@@ -128,6 +130,7 @@ class AsyncLLM:
         params: SamplingParams | PoolingParams | None,
         priority: int = 0,
         cache_salt: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> OutputQueue:
         """Validates and submits one request; returns the queue its outputs arrive in.
 
@@ -147,7 +150,7 @@ class AsyncLLM:
             if params is None:
                 raise ValueError("params are needed unless the prompt is a prebuilt EngineCoreRequest")
             request, prompt_text = self.processor.process_inputs(
-                request_id, prompt, params, time.monotonic(), priority, cache_salt
+                request_id, prompt, params, time.monotonic(), priority, cache_salt, lora_request
             )
         queue: OutputQueue = asyncio.Queue()
         if request.sampling_params is None or request.sampling_params.n == 1:
@@ -175,13 +178,16 @@ class AsyncLLM:
         request_id: str,
         priority: int = 0,
         cache_salt: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Yields the request's outputs until it finishes. Closing or cancelling the consumer
         aborts the request in the engine. `prompt` may be a request the Processor already built
         (see `add_request`)."""
         if not isinstance(sampling_params, SamplingParams):
             raise TypeError(f"generate takes SamplingParams, got {type(sampling_params).__name__}; use encode")
-        return self._stream_outputs(request_id, prompt, sampling_params, priority, cache_salt, RequestOutput)
+        return self._stream_outputs(
+            request_id, prompt, sampling_params, priority, cache_salt, RequestOutput, lora_request
+        )
 
     async def beam_search(
         self,
@@ -299,9 +305,10 @@ class AsyncLLM:
         priority: int,
         cache_salt: str | None,
         output_type: type[_OutputT],
+        lora_request: LoRARequest | None = None,
     ) -> AsyncGenerator[_OutputT, None]:
         """The path generate and encode share: submit, then yield from the request's queue."""
-        queue = await self.add_request(request_id, prompt, params, priority, cache_salt)
+        queue = await self.add_request(request_id, prompt, params, priority, cache_salt, lora_request)
         finished = False
         try:
             while not finished:

@@ -12,6 +12,7 @@ from pagedserve.engine.core_client import make_sync_client
 from pagedserve.engine.output_processor import OutputProcessor
 from pagedserve.engine.parallel_sampling import ParentRequest
 from pagedserve.engine.processor import Processor, PromptType
+from pagedserve.lora.request import LoRARequest
 from pagedserve.metrics.stats import EngineTotals
 from pagedserve.outputs import RequestOutput
 from pagedserve.pooling_params import PoolingParams
@@ -32,6 +33,7 @@ class LLMEngine:
             get_eos_token_ids(model_config.model, self.tokenizer),
             config.scheduler_config,  # prompts that must fit one step (pooling: no chunking)
             structured_outputs_config=config.structured_outputs_config,
+            lora_config=config.lora_config,
         )
         self.output_processor = OutputProcessor(self.tokenizer, log_stats=log_stats)
         self.engine_core = make_sync_client(config)
@@ -49,6 +51,7 @@ class LLMEngine:
         arrival_time: float | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         # --- pooling: PoolingParams, and requests the Processor already built
         # (cross-encoder pairs from Processor.process_score_pair; `params` is then None).
@@ -57,7 +60,7 @@ class LLMEngine:
         else:
             assert params is not None
             request, prompt_text = self.processor.process_inputs(
-                request_id, prompt, params, arrival_time or time.monotonic(), priority, cache_salt
+                request_id, prompt, params, arrival_time or time.monotonic(), priority, cache_salt, lora_request
             )
         if request.sampling_params is None or request.sampling_params.n == 1:
             self.output_processor.add_request(request, prompt_text)

@@ -128,6 +128,10 @@ class PrometheusStatLogger(StatLoggerBase):
             "request_decode_time_seconds", "Time from the first token to finish.", _REQUEST_LATENCY_BUCKETS
         )
         self.gauge_cache_config_info: Gauge | None = None
+        # vLLM's lora_requests_info, made once the engine reports a LoRA config (its labels name
+        # the adapters of the newest stats; the value is when they were recorded).
+        self.gauge_lora_info: Gauge | None = None
+        self.max_lora = 0
 
         # Label children resolved once per engine core: `.labels()` is a dict lookup under a lock.
         self._engines = {index: self._make_children(index) for index in engine_indexes}
@@ -177,6 +181,26 @@ class PrometheusStatLogger(StatLoggerBase):
                 registry=self.registry,
             )
         self.gauge_cache_config_info.labels(**info).set(1)
+        if config.lora_config is not None and self.gauge_lora_info is None:
+            self.max_lora = config.lora_config.max_loras
+            self.gauge_lora_info = Gauge(
+                METRIC_PREFIX + "lora_requests_info",
+                "Running stats on lora requests.",
+                ["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+                registry=self.registry,
+                multiprocess_mode="livemostrecent",
+            )
+
+    def _record_lora_info(self, stats: SchedulerStats) -> None:
+        assert self.gauge_lora_info is not None
+        # NOTE: one series, the newest: vLLM keeps a series per label set ever seen, which grows
+        # with every mix of adapters; the newest timestamp is what dashboards read either way.
+        self.gauge_lora_info.clear()
+        self.gauge_lora_info.labels(
+            max_lora=str(self.max_lora),
+            waiting_lora_adapters=",".join(sorted(stats.waiting_lora_adapters)),
+            running_lora_adapters=",".join(sorted(stats.running_lora_adapters)),
+        ).set_to_current_time()
 
     def record(
         self, scheduler_stats: SchedulerStats | None, iteration_stats: IterationStats, engine_idx: int = 0
@@ -191,6 +215,8 @@ class PrometheusStatLogger(StatLoggerBase):
             m.prefix_queries.inc(scheduler_stats.prefix_cache_queries)
             m.prefix_hits.inc(scheduler_stats.prefix_cache_hits)
             m.preemptions.inc(scheduler_stats.num_preemptions)
+            if self.gauge_lora_info is not None:
+                self._record_lora_info(scheduler_stats)
 
         m.prompt_tokens.inc(iteration_stats.num_prompt_tokens)
         m.generation_tokens.inc(iteration_stats.num_generation_tokens)

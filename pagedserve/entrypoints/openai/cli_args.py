@@ -30,6 +30,13 @@ def make_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "(default: the MODEL argument)",
     )
     server.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=None,
+        metavar="NAME=PATH",
+        help="LoRA adapters (PEFT directories) to serve by name over the base model; needs --enable-lora",
+    )
+    server.add_argument(
         "--api-key",
         default=os.environ.get(API_KEY_ENV),
         help=f"require `Authorization: Bearer <key>` on every route except /health, /metrics, /version and "
@@ -140,6 +147,12 @@ def validate_parsed_serve_args(args: argparse.Namespace) -> None:
         raise ValueError("--served-model-name values must be non-empty")
     if getattr(args, "enable_auto_tool_choice", False) and not getattr(args, "tool_call_parser", None):
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+    if getattr(args, "lora_modules", None):
+        from pagedserve.entrypoints.openai.serving_models import parse_lora_module
+
+        if not getattr(args, "enable_lora", False):
+            raise ValueError("--lora-modules needs --enable-lora")
+        args.lora_modules = [parse_lora_module(value) for value in args.lora_modules]
     from pagedserve.entrypoints.openai.reasoning import ReasoningParserManager
     from pagedserve.entrypoints.openai.tool_parsers import ToolParserManager
 
