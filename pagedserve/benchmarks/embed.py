@@ -308,6 +308,7 @@ def main(args: argparse.Namespace) -> int:
     from pagedserve.tokenizer import get_tokenizer
 
     logging.getLogger("pagedserve").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     args.model = args.model or all_minilm_l6_v2()
     model_config = ModelConfig(args.model, dtype=args.dtype)
     max_length = int(model_config.max_model_len)  # type: ignore[arg-type]
