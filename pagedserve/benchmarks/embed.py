@@ -105,7 +105,11 @@ def _sentence_transformers_encoder(args: argparse.Namespace) -> Callable[[list[s
 
     def encode(sentences: list[str]) -> torch.Tensor:
         return model.encode(
-            sentences, batch_size=args.hf_batch_size, normalize_embeddings=True, convert_to_tensor=True
+            sentences,
+            batch_size=args.hf_batch_size,
+            normalize_embeddings=True,
+            convert_to_tensor=True,
+            show_progress_bar=False,
         ).to(torch.float32)
 
     return encode
