@@ -10,6 +10,11 @@ time (it shares the machine with the server), start-to-healthy; ratios against p
 same run, and the cosine between the two servers' vectors for every sentence. Both servers compute
 in float32 with up to --max-num-seqs requests per step. vLLM is optional (install: see
 benchmarks/peers/vllm_pooling.py); `--engines pagedserve` runs ours alone.
+
+Trap when reading the figures on a small machine: the client and the server's frontend share the
+cores with the engine's OpenMP threads, and a parallel region waits for its slowest thread, so an
+engine thread preempted by the frontend stalls the others. On 2 cores the served rate then sits near
+the offline rate of one thread, whatever the engine's thread count; compare served with served.
 """
 
 from __future__ import annotations
