@@ -13,10 +13,8 @@ benchmarks/peers/vllm_pooling.py); `--engines pagedserve` runs ours alone.
 
 Trap when reading the figures on a small machine: the client and the server's frontend share the
 cores with the engine's OpenMP threads, and a parallel region waits for its slowest thread, so an
-engine thread preempted by the frontend stalls the others. With spinning OpenMP waits the served
-rate on 2 cores sat near the offline rate of one thread, whatever the engine's thread count; hence
-`pagedserve serve` sets OMP_WAIT_POLICY=PASSIVE for pooling models (vLLM's server keeps its own
-settings). Compare served with served.
+engine thread preempted by the frontend stalls the others. On 2 cores the served rate then sits near
+the offline rate of one thread, whatever the engine's thread count; compare served with served.
 """
 
 from __future__ import annotations
