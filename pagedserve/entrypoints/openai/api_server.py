@@ -18,10 +18,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from http import HTTPStatus
@@ -117,20 +116,6 @@ async def _respond(raw_request: Request, handler: Awaitable[Any]) -> Response:
     # NOTE: pydantic's own JSON encoder, 8x faster than model_dump + json.dumps on a 1M-token
     # /tokenize answer; either holds the GIL, so the event loop waits for it.
     return Response(result.model_dump_json(), media_type="application/json")
-
-
-def prefer_passive_omp_waits(runner_type: str, environ: MutableMapping[str, str]) -> None:
-    """A pooling model's server: the engine core's OpenMP threads sleep instead of spinning when
-    they wait at a barrier, unless the user set OMP_WAIT_POLICY.
-
-    NOTE: the engine core reads this when it is spawned (set it before AsyncLLM starts). Many small
-    embedding requests keep the frontend busy on the same cores; a spinning OpenMP thread holds a
-    core the frontend then takes from a working one, and every parallel region waits for its
-    slowest thread. Generation is left alone: its decode steps are many short parallel regions,
-    where waking sleeping threads costs more than spinning.
-    """
-    if runner_type == "pooling":
-        environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 # ---------------------------------------------------------------------------------- routes
@@ -526,7 +511,6 @@ async def run_server(args: argparse.Namespace) -> int:
         stat_loggers.append(LoggingStatLogger(engine_indexes))
 
     start = time.perf_counter()
-    prefer_passive_omp_waits(config.model_config.runner_type, os.environ)
     engine = AsyncLLM(config, log_stats=True, stat_loggers=stat_loggers)
     app = None
     try:

@@ -306,16 +306,3 @@ def test_server_log_names_no_unhandled_errors(minilm_server: RemoteOpenAIServer,
     for remote in (minilm_server, cross_server):
         log = Path(remote.log_path).read_text(errors="replace")
         assert "unhandled error" not in log and "Traceback" not in log
-
-
-def test_a_pooling_server_prefers_passive_openmp_waits_unless_the_user_chose() -> None:
-    from pagedserve.entrypoints.openai.api_server import prefer_passive_omp_waits
-
-    environ: dict[str, str] = {}
-    prefer_passive_omp_waits("generate", environ)
-    assert environ == {}
-    prefer_passive_omp_waits("pooling", environ)
-    assert environ == {"OMP_WAIT_POLICY": "PASSIVE"}
-    chosen = {"OMP_WAIT_POLICY": "ACTIVE"}
-    prefer_passive_omp_waits("pooling", chosen)
-    assert chosen == {"OMP_WAIT_POLICY": "ACTIVE"}
