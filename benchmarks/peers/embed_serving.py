@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from compare_serving import wait_healthy  # noqa: E402
 
 from pagedserve.benchmarks.embed import DEFAULT_VLLM_PYTHON, VLLM_POOLING_SCRIPT, report_agreement  # noqa: E402
-from pagedserve.benchmarks.serve import start_pagedserve_server, stop_server  # noqa: E402
+from pagedserve.benchmarks.server_process import start_pagedserve_server, stop_server  # noqa: E402
 
 
 def start_server(engine: str, args: argparse.Namespace, out: Path) -> tuple[subprocess.Popen[bytes], float]:

@@ -306,7 +306,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pagedserve.benchmarks._workload import measure_gemm_flops
+    from pagedserve.benchmarks.utils import measure_gemm_flops
     from pagedserve.config.model import ModelConfig
     from pagedserve.model_files import all_minilm_l6_v2
     from pagedserve.tokenizer import get_tokenizer
@@ -393,7 +393,7 @@ class ServedResult:
         return self.num_sentences / self.seconds
 
     def latency_ms(self, q: float) -> float:
-        from pagedserve.benchmarks._workload import percentile
+        from pagedserve.benchmarks.utils import percentile
 
         return 1e3 * percentile(self.latencies_s, q)
 

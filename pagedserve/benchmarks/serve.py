@@ -49,7 +49,6 @@ import os
 from datetime import datetime
 from typing import Any
 
-from pagedserve.benchmarks._workload import resolve_model
 from pagedserve.benchmarks.serve_client import ServeResult, run_benchmark
 from pagedserve.benchmarks.serve_datasets import TextWorkload, make_prefix_repetition_workload
 from pagedserve.benchmarks.serve_results import (
@@ -71,6 +70,7 @@ from pagedserve.benchmarks.server_process import (
     stop_server,
 )
 from pagedserve.benchmarks.throughput import Workload, make_workload
+from pagedserve.benchmarks.utils import resolve_model
 
 DATASETS = ("random", "prefix_repetition")
 

@@ -13,9 +13,9 @@ from typing import Any
 import httpx
 import numpy as np
 
-from pagedserve.benchmarks._workload import percentile
 from pagedserve.benchmarks.serve_datasets import TextWorkload, workload_prompt_lens
 from pagedserve.benchmarks.throughput import Workload
+from pagedserve.benchmarks.utils import percentile
 
 _WARMUP_TEXT = "The benchmark starts."
 

@@ -20,8 +20,8 @@ from pagedserve.benchmarks import (
     serve_structured,
     server_process,
 )
-from pagedserve.benchmarks._workload import ModelFlops, percentile
 from pagedserve.benchmarks.throughput import Workload, make_workload, model_flops, workload_flops
+from pagedserve.benchmarks.utils import ModelFlops, percentile
 
 
 def test_exclusive_timers_count_nested_calls_once_in_the_innermost_category() -> None:
@@ -84,7 +84,7 @@ def test_throughput_counts_each_requests_useful_work_once() -> None:
 
 
 def test_throughput_counts_the_models_linear_weights_on_the_meta_device(tmp_path: object) -> None:
-    from pagedserve.benchmarks._workload import make_tiny_llama_checkpoint
+    from pagedserve.benchmarks.utils import make_tiny_llama_checkpoint
     from pagedserve.config.model import ModelConfig
 
     model_config = ModelConfig(make_tiny_llama_checkpoint(str(tmp_path)), dtype="float32", max_model_len=256)
