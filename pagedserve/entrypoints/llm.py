@@ -354,7 +354,7 @@ class LLM:
         added: list[str] = []
         try:
             for request in requests:
-                self.llm_engine.add_request(request.request_id, request, None)
+                self.llm_engine.add_processed_request(request)
                 added.append(request.request_id)
         except Exception:
             self.llm_engine.abort_request(added)
