@@ -8,6 +8,7 @@ from pagedserve.config.cache import CacheConfig
 from pagedserve.config.model import ModelConfig
 from pagedserve.config.parallel import ParallelConfig
 from pagedserve.config.scheduler import SchedulerConfig
+from pagedserve.config.speculative import SpeculativeConfig
 from pagedserve.config.structured_outputs import StructuredOutputsConfig
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "ModelConfig",
     "ParallelConfig",
     "SchedulerConfig",
+    "SpeculativeConfig",
     "StructuredOutputsConfig",
 ]
 
@@ -27,3 +29,5 @@ class EngineConfig:
     scheduler_config: SchedulerConfig
     parallel_config: ParallelConfig
     structured_outputs_config: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
+    # None: no speculative decoding.
+    speculative_config: SpeculativeConfig | None = None

@@ -12,6 +12,7 @@ import msgspec
 
 from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.spec_decode.metrics import SpecDecodingStats
 
 # Wire protocol frame kinds (see engine/core.py): frontend -> engine core, engine core -> frontend.
 ADD, ABORT, UTILITY = b"A", b"X", b"U"
@@ -67,6 +68,8 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     prefix_cache_queries: int = 0  # tokens looked up this step
     prefix_cache_hits: int = 0  # tokens found this step
     num_preemptions: int = 0  # preemptions this step
+    # Speculative decoding: drafts verified this step (None without speculative decoding).
+    spec_decoding_stats: SpecDecodingStats | None = None
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import re
 from dataclasses import dataclass, fields
 from typing import Any
@@ -14,9 +15,12 @@ from pagedserve.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    SpeculativeConfig,
     StructuredOutputsConfig,
 )
 from pagedserve.config.parallel import DEFAULT_DP_RPC_PORT
+
+logger = logging.getLogger(__name__)
 
 _MEMORY_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -133,6 +137,15 @@ class EngineArgs:
         default=False,
         metadata={"help": "send a request to the engine core that served its prompt's prefix (unless much busier)"},
     )
+    # --- speculative decoding (issue 15) ---
+    speculative_config: str | dict[str, Any] | SpeculativeConfig | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "speculative decoding as JSON (vLLM's fields), e.g. "
+            '\'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}\'; '
+            "methods: ngram (prompt_lookup_min/max), suffix. Turns async scheduling off"
+        },
+    )
     # --- pooling models (issue 6) ---
     task: str = dataclasses.field(
         default="auto",
@@ -163,6 +176,20 @@ class EngineArgs:
             # Bidirectional attention (or CLS/mean pooling) needs each prompt whole in one step,
             # and an encoder-only model keeps no KV cache to share.
             enable_chunked_prefill = enable_prefix_caching = False
+        speculative_config = SpeculativeConfig.from_value(self.speculative_config)
+        async_scheduling = self.async_scheduling
+        if speculative_config is not None:
+            if model_config.runner_type != "generate":
+                raise ValueError("speculative decoding needs a generative model (task generate)")
+            if self.pipeline_parallel_size > 1:
+                raise ValueError("speculative decoding does not work with pipeline_parallel_size > 1")
+            if async_scheduling:
+                # NOTE: step n+1 would be scheduled before step n's drafts (and acceptance) are known.
+                logger.warning(
+                    "speculative decoding (%s) runs with synchronous scheduling: async scheduling is off",
+                    speculative_config,
+                )
+                async_scheduling = False
         max_num_batched_tokens = self.max_num_batched_tokens
         if max_num_batched_tokens is None:
             max_num_batched_tokens = 2048 if enable_chunked_prefill else max(2048, max_model_len)
@@ -182,7 +209,7 @@ class EngineArgs:
                 max_model_len=max_model_len,
                 enable_chunked_prefill=enable_chunked_prefill,
                 policy=self.scheduling_policy,  # type: ignore[arg-type]
-                async_scheduling=self.async_scheduling,
+                async_scheduling=async_scheduling,
                 runner_type=model_config.runner_type,
                 disable_hybrid_kv_cache_manager=self.disable_hybrid_kv_cache_manager,
             ),
@@ -198,6 +225,7 @@ class EngineArgs:
                 data_parallel_prefix_affinity=self.data_parallel_prefix_affinity,
             ),
             structured_outputs_config=StructuredOutputsConfig(backend=self.structured_outputs_backend),
+            speculative_config=speculative_config,
         )
 
     @classmethod

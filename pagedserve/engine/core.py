@@ -93,6 +93,7 @@ class EngineCore:
             kv_cache_groups=kv_cache_groups,
             use_pp=config.parallel_config.pipeline_parallel_size > 1,
             structured_output_manager=self.structured_output_manager,
+            speculative_config=config.speculative_config,
         )
         # Steps in flight at most (1: run each step to its end before scheduling the next).
         self.batch_queue_size = self.executor.max_concurrent_batches
