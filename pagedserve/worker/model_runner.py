@@ -74,6 +74,8 @@ class ModelRunner:
         speculative_config = config.speculative_config
         self.drafter = make_proposer(speculative_config, self.max_model_len) if speculative_config else None
         self.rejection_sampler = RejectionSampler()
+        # A verification (last token + drafts) runs as decodes in the attention backends.
+        self.max_decode_query_len = 1 + (speculative_config.num_speculative_tokens or 0) if speculative_config else 1
         # req_id -> whether its sampling parameters allow drafts (see _can_speculate).
         self._speculates: dict[str, bool] = {}
 
@@ -400,6 +402,7 @@ class ModelRunner:
             max_seq_len=int(seq_lens.max()),
             block_size=self.block_size,
             causal=not self.is_encoder_only,
+            max_decode_query_len=self.max_decode_query_len,
         )
         token_type_ids = None
         if self.is_pooling_model:
