@@ -36,3 +36,7 @@ class CommonAttentionMetadata:
     block_size: int
     # False for encoder-only models: every token attends to its whole sequence.
     causal: bool = True
+    # Speculative decoding: a request whose query continues its computed tokens and is at most
+    # this long (its last token and its drafts) runs as decodes, one query per token, each seeing
+    # the keys up to its own position (vLLM's decode threshold). 1: only single-token decodes.
+    max_decode_query_len: int = 1

@@ -9,6 +9,7 @@ from pagedserve.config.lora import LoRAConfig
 from pagedserve.config.model import ModelConfig
 from pagedserve.config.parallel import ParallelConfig
 from pagedserve.config.scheduler import SchedulerConfig
+from pagedserve.config.speculative import SpeculativeConfig
 from pagedserve.config.structured_outputs import StructuredOutputsConfig
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "ModelConfig",
     "ParallelConfig",
     "SchedulerConfig",
+    "SpeculativeConfig",
     "StructuredOutputsConfig",
 ]
 
@@ -31,3 +33,5 @@ class EngineConfig:
     structured_outputs_config: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
     # None: LoRA disabled (no adapter slots, requests naming an adapter are refused).
     lora_config: LoRAConfig | None = None
+    # None: no speculative decoding.
+    speculative_config: SpeculativeConfig | None = None

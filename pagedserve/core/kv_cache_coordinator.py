@@ -77,6 +77,12 @@ class KVCacheCoordinator:
         for manager in self.managers:
             manager.free(request)
 
+    def free_blocks_beyond(self, request_id: str, num_tokens: int) -> bool:
+        freed = False
+        for manager in self.managers:
+            freed |= manager.free_blocks_beyond(request_id, num_tokens)
+        return freed
+
     def remove_skipped_blocks(self, request_id: str, num_computed_tokens: int) -> None:
         for manager in self.window_managers:
             manager.remove_skipped_blocks(request_id, num_computed_tokens)

@@ -11,6 +11,7 @@ from pagedserve.core.kv_cache_coordinator import KVCacheCoordinator
 from pagedserve.core.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec, MambaSpec
 from pagedserve.core.kv_cache_utils import RequestBlockHasher, get_request_block_hasher
 from pagedserve.core.request import Request
+from pagedserve.utils import cdiv
 
 logger = logging.getLogger(__name__)
 
@@ -227,6 +228,14 @@ class KVCacheManager:
         """Release every block of `request` in every group (tail blocks first)."""
         if self.coordinator is not None:
             self.coordinator.free(request)
+
+    def free_blocks_beyond(self, request: Request, num_tokens: int) -> int | None:
+        """Speculative decoding: give back the tail blocks that held only rejected draft tokens;
+        every attention group keeps the blocks of the request's first `num_tokens` tokens.
+        -> the blocks each group kept, or None when nothing was freed."""
+        if self.coordinator is None or not self.coordinator.free_blocks_beyond(request.request_id, num_tokens):
+            return None
+        return cdiv(num_tokens, self.block_size)
 
     def reset_prefix_cache(self) -> bool:
         return self.block_pool.reset_prefix_cache() if self.block_pool is not None else True

@@ -71,6 +71,7 @@ class Request:
         "num_preemptions",
         "first_scheduled_time",
         "num_output_placeholders",
+        "spec_token_ids",
         "stop_reason",
         "max_tokens",
         "min_tokens",
@@ -118,6 +119,9 @@ class Request:
         self.first_scheduled_time: float | None = None
         # Async scheduling: tokens scheduled to be sampled whose values are not known yet.
         self.num_output_placeholders = 0
+        # Speculative decoding: draft tokens proposed to follow the request's tokens, to be
+        # verified by its next step (never part of `all_token_ids`).
+        self.spec_token_ids: list[int] = []
         self.stop_reason: int | str | None = None
 
         # Stop conditions, resolved once so the per-step check is a few comparisons.

@@ -114,6 +114,18 @@ class SingleTypeKVCacheManager(ABC):
         # free queue and are the last to be evicted.
         self.block_pool.free_blocks(block for block in reversed(req_blocks) if not block.is_null)
 
+    def free_blocks_beyond(self, request_id: str, num_tokens: int) -> bool:
+        """Speculative decoding: give back the blocks past the first `num_tokens` tokens (they held
+        only rejected drafts: never hashed, never shared). -> whether any block went back."""
+        req_blocks = self.req_to_blocks.get(request_id)
+        num_kept = cdiv(num_tokens, self.block_size)
+        if req_blocks is None or len(req_blocks) <= num_kept:
+            return False
+        tail = req_blocks[num_kept:]
+        del req_blocks[num_kept:]
+        self.block_pool.free_blocks(block for block in reversed(tail) if not block.is_null)
+        return True
+
     def remove_skipped_blocks(self, request_id: str, num_computed_tokens: int) -> None:
         """Give back blocks that no query from position `num_computed_tokens` on can attend to
         (none for full attention)."""
@@ -246,6 +258,9 @@ class MambaManager(SingleTypeKVCacheManager):
 
     def cache_blocks(self, request: Request, num_tokens: int) -> None:
         return None
+
+    def free_blocks_beyond(self, request_id: str, num_tokens: int) -> bool:
+        return False  # the slot holds the state after the last token, whatever the length
 
     def free(self, request: Request) -> None:
         self.num_cached_block.pop(request.request_id, None)

@@ -13,6 +13,7 @@ import msgspec
 from pagedserve.lora.request import LoRARequest
 from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.spec_decode.metrics import SpecDecodingStats
 
 # Wire protocol frame kinds (see engine/core.py): frontend -> engine core, engine core -> frontend.
 ADD, ABORT, UTILITY = b"A", b"X", b"U"
@@ -73,6 +74,8 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     # LoRA only: adapter name -> its running / waiting requests (vLLM's lora_requests_info).
     running_lora_adapters: dict[str, int] = {}
     waiting_lora_adapters: dict[str, int] = {}
+    # Speculative decoding: drafts verified this step (None without speculative decoding).
+    spec_decoding_stats: SpecDecodingStats | None = None
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import re
 from dataclasses import dataclass, fields
 from typing import Any
@@ -15,9 +16,12 @@ from pagedserve.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    SpeculativeConfig,
     StructuredOutputsConfig,
 )
 from pagedserve.config.parallel import DEFAULT_DP_RPC_PORT
+
+logger = logging.getLogger(__name__)
 
 _MEMORY_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -143,6 +147,15 @@ class EngineArgs:
     max_cpu_loras: int | None = dataclasses.field(
         default=None, metadata={"help": "LoRA adapters kept loaded in CPU memory (default: max_loras)"}
     )
+    # --- speculative decoding ---
+    speculative_config: str | dict[str, Any] | SpeculativeConfig | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "speculative decoding as JSON (vLLM's fields), e.g. "
+            '\'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}\'; '
+            "methods: ngram (prompt_lookup_min/max), suffix. Turns async scheduling off"
+        },
+    )
     # --- pooling models ---
     task: str = dataclasses.field(
         default="auto",
@@ -173,6 +186,20 @@ class EngineArgs:
             # Bidirectional attention (or CLS/mean pooling) needs each prompt whole in one step,
             # and an encoder-only model keeps no KV cache to share.
             enable_chunked_prefill = enable_prefix_caching = False
+        speculative_config = SpeculativeConfig.from_value(self.speculative_config)
+        async_scheduling = self.async_scheduling
+        if speculative_config is not None:
+            if model_config.runner_type != "generate":
+                raise ValueError("speculative decoding needs a generative model (task generate)")
+            if self.pipeline_parallel_size > 1:
+                raise ValueError("speculative decoding does not work with pipeline_parallel_size > 1")
+            if async_scheduling:
+                # NOTE: step n+1 would be scheduled before step n's drafts (and acceptance) are known.
+                logger.warning(
+                    "speculative decoding (%s) runs with synchronous scheduling: async scheduling is off",
+                    speculative_config,
+                )
+                async_scheduling = False
         max_num_batched_tokens = self.max_num_batched_tokens
         if max_num_batched_tokens is None:
             max_num_batched_tokens = 2048 if enable_chunked_prefill else max(2048, max_model_len)
@@ -192,7 +219,7 @@ class EngineArgs:
                 max_model_len=max_model_len,
                 enable_chunked_prefill=enable_chunked_prefill,
                 policy=self.scheduling_policy,  # type: ignore[arg-type]
-                async_scheduling=self.async_scheduling,
+                async_scheduling=async_scheduling,
                 runner_type=model_config.runner_type,
                 disable_hybrid_kv_cache_manager=self.disable_hybrid_kv_cache_manager,
             ),
@@ -209,6 +236,7 @@ class EngineArgs:
             ),
             structured_outputs_config=StructuredOutputsConfig(backend=self.structured_outputs_backend),
             lora_config=LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras) if self.enable_lora else None,
+            speculative_config=speculative_config,
         )
 
     @classmethod

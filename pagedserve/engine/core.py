@@ -95,6 +95,7 @@ class EngineCore:
             use_pp=config.parallel_config.pipeline_parallel_size > 1,
             structured_output_manager=self.structured_output_manager,
             lora_config=config.lora_config,
+            speculative_config=config.speculative_config,
         )
         # Steps in flight at most (1: run each step to its end before scheduling the next).
         self.batch_queue_size = self.executor.max_concurrent_batches

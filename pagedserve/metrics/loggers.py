@@ -9,6 +9,7 @@ from collections.abc import Iterable
 
 from pagedserve.engine import SchedulerStats
 from pagedserve.metrics.stats import IterationStats
+from pagedserve.spec_decode.metrics import SpecDecodingStats
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ class LoggingStatLogger(StatLoggerBase):
         # engine index -> [prompt tokens, generation tokens] since the last log, last stats
         self._num_tokens: dict[int, list[int]] = {}
         self._last: dict[int, SchedulerStats] = {}
+        # engine index -> speculative decoding counts since the last log
+        self._spec: dict[int, SpecDecodingStats] = {}
 
     def record(
         self, scheduler_stats: SchedulerStats | None, iteration_stats: IterationStats, engine_idx: int = 0
@@ -49,6 +52,8 @@ class LoggingStatLogger(StatLoggerBase):
         num_tokens[1] += iteration_stats.num_generation_tokens
         if scheduler_stats is not None:
             self._last[engine_idx] = scheduler_stats
+            if scheduler_stats.spec_decoding_stats is not None:
+                self._spec.setdefault(engine_idx, SpecDecodingStats()).add(scheduler_stats.spec_decoding_stats)
 
     def log(self) -> None:
         now = time.monotonic()
@@ -66,5 +71,27 @@ class LoggingStatLogger(StatLoggerBase):
                 stats.num_waiting_reqs,
                 100 * stats.kv_cache_usage,
             )
+            spec = self._spec.get(engine_idx)
+            if spec is not None and spec.num_drafts:
+                self._log_spec_decoding(spec, elapsed, f"engine {engine_idx}: " if self._label_engines else "")
         self._last_log = now
         self._num_tokens.clear()
+        self._spec.clear()
+
+    @staticmethod
+    def _log_spec_decoding(spec: SpecDecodingStats, elapsed: float, label: str) -> None:
+        """vLLM's SpecDecoding line: per position, the share of drafts accepted up to there."""
+        per_position = ", ".join(f"{count / spec.num_drafts:.3f}" for count in spec.num_accepted_tokens_per_pos)
+        logger.info(
+            "%sSpecDecoding metrics: mean acceptance length %.2f, accepted throughput %.1f tok/s, drafted "
+            "throughput %.1f tok/s, accepted %d tokens, drafted %d tokens, per-position acceptance rate %s, "
+            "avg draft acceptance rate %.1f%%",
+            label,
+            spec.mean_acceptance_length,
+            spec.num_accepted_tokens / elapsed,
+            spec.num_draft_tokens / elapsed,
+            spec.num_accepted_tokens,
+            spec.num_draft_tokens,
+            per_position,
+            100 * spec.acceptance_rate,
+        )

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pagedserve.engine import SchedulerStats
 from pagedserve.metrics.loggers import StatLoggerBase
 from pagedserve.metrics.stats import IterationStats
+from pagedserve.spec_decode.metrics import SpecDecodingStats
 
 if TYPE_CHECKING:
     from pagedserve.config import EngineConfig
@@ -132,6 +133,9 @@ class PrometheusStatLogger(StatLoggerBase):
         # the adapters of the newest stats; the value is when they were recorded).
         self.gauge_lora_info: Gauge | None = None
         self.max_lora = 0
+        # Speculative decoding (vLLM's spec_decode_* counters): registered by
+        # log_engine_initialized for an engine that speculates, or with the first drafts.
+        self.counter_spec_decode: SimpleNamespace | None = None
 
         # Label children resolved once per engine core: `.labels()` is a dict lookup under a lock.
         self._engines = {index: self._make_children(index) for index in engine_indexes}
@@ -190,6 +194,8 @@ class PrometheusStatLogger(StatLoggerBase):
                 registry=self.registry,
                 multiprocess_mode="livemostrecent",
             )
+        if config.speculative_config is not None:
+            self._register_spec_decode_metrics()
 
     def _record_lora_info(self, stats: SchedulerStats) -> None:
         assert self.gauge_lora_info is not None
@@ -201,6 +207,34 @@ class PrometheusStatLogger(StatLoggerBase):
             waiting_lora_adapters=",".join(sorted(stats.waiting_lora_adapters)),
             running_lora_adapters=",".join(sorted(stats.running_lora_adapters)),
         ).set_to_current_time()
+
+    def _register_spec_decode_metrics(self) -> SimpleNamespace:
+        if self.counter_spec_decode is None:
+            labels = ["model_name", "engine"]
+
+            def counter(name: str, doc: str, extra_labels: tuple[str, ...] = ()) -> Counter:
+                return Counter(METRIC_PREFIX + name, doc, labels + list(extra_labels), registry=self.registry)
+
+            self.counter_spec_decode = SimpleNamespace(
+                num_drafts=counter("spec_decode_num_drafts", "Draft sequences verified (speculative decoding)."),
+                num_draft_tokens=counter("spec_decode_num_draft_tokens", "Draft tokens verified."),
+                num_accepted_tokens=counter("spec_decode_num_accepted_tokens", "Draft tokens accepted."),
+                num_accepted_tokens_per_pos=counter(
+                    "spec_decode_num_accepted_tokens_per_pos",
+                    "Drafts whose token at this position (0-based) was accepted.",
+                    ("position",),
+                ),
+            )
+        return self.counter_spec_decode
+
+    def _record_spec_decoding(self, spec: SpecDecodingStats, engine_idx: int) -> None:
+        counters = self._register_spec_decode_metrics()
+        labels = (self.model_name, str(engine_idx))
+        counters.num_drafts.labels(*labels).inc(spec.num_drafts)
+        counters.num_draft_tokens.labels(*labels).inc(spec.num_draft_tokens)
+        counters.num_accepted_tokens.labels(*labels).inc(spec.num_accepted_tokens)
+        for position, count in enumerate(spec.num_accepted_tokens_per_pos):
+            counters.num_accepted_tokens_per_pos.labels(*labels, str(position)).inc(count)
 
     def record(
         self, scheduler_stats: SchedulerStats | None, iteration_stats: IterationStats, engine_idx: int = 0
@@ -217,6 +251,8 @@ class PrometheusStatLogger(StatLoggerBase):
             m.preemptions.inc(scheduler_stats.num_preemptions)
             if self.gauge_lora_info is not None:
                 self._record_lora_info(scheduler_stats)
+            if scheduler_stats.spec_decoding_stats is not None:
+                self._record_spec_decoding(scheduler_stats.spec_decoding_stats, engine_idx)
 
         m.prompt_tokens.inc(iteration_stats.num_prompt_tokens)
         m.generation_tokens.inc(iteration_stats.num_generation_tokens)

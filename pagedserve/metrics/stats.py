@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pagedserve.engine import SchedulerStats
+from pagedserve.spec_decode.metrics import SpecDecodingStats
 
 if TYPE_CHECKING:
     from pagedserve.engine.output_processor import FinishedRequestStats
@@ -18,6 +19,8 @@ class EngineTotals:
     prefix_cache_hits: int = 0  # tokens found there
     num_preemptions: int = 0
     last: SchedulerStats | None = None
+    # Speculative decoding: every draft verified (None until the first).
+    spec_decoding: SpecDecodingStats | None = None
 
     def observe(self, stats: SchedulerStats) -> None:
         self.num_steps += 1
@@ -25,6 +28,10 @@ class EngineTotals:
         self.prefix_cache_hits += stats.prefix_cache_hits
         self.num_preemptions += stats.num_preemptions
         self.last = stats
+        if stats.spec_decoding_stats is not None:
+            if self.spec_decoding is None:
+                self.spec_decoding = SpecDecodingStats()
+            self.spec_decoding.add(stats.spec_decoding_stats)
 
 
 @dataclass

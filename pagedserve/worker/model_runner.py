@@ -37,8 +37,10 @@ from pagedserve.lora.worker_manager import LRUCacheWorkerLoRAManager
 from pagedserve.models.layers.pooler import PoolingMetadata, as_embedding_model
 from pagedserve.models.model_loader import get_model
 from pagedserve.sample.metadata import SamplingMetadata
+from pagedserve.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID, RejectionSampler
 from pagedserve.sample.sampler import Sampler, gather_logprobs
 from pagedserve.sequence import IntermediateTensors
+from pagedserve.spec_decode.ngram_proposer import make_proposer
 from pagedserve.utils import cdiv
 from pagedserve.worker.input_batch import CachedRequestState, InputBatch
 from pagedserve.worker.outputs import LogprobsLists, ModelRunnerOutput
@@ -73,6 +75,14 @@ class ModelRunner:
         self.dtype = model_config.torch_dtype
         # Adapter slots and CPU cache; None unless LoRA is enabled.
         self.lora_manager: LRUCacheWorkerLoRAManager | None = None
+        # Speculative decoding: drafts proposed after each step, verified by the next one.
+        speculative_config = config.speculative_config
+        self.drafter = make_proposer(speculative_config, self.max_model_len) if speculative_config else None
+        self.rejection_sampler = RejectionSampler()
+        # A verification (last token + drafts) runs as decodes in the attention backends.
+        self.max_decode_query_len = 1 + (speculative_config.num_speculative_tokens or 0) if speculative_config else 1
+        # req_id -> whether its sampling parameters allow drafts (see _can_speculate).
+        self._speculates: dict[str, bool] = {}
 
     def _make_input_batch(self, num_kv_cache_groups: int) -> InputBatch:
         return InputBatch(
@@ -182,6 +192,7 @@ class ModelRunner:
         for req_id in so.finished_req_ids:
             self.requests.pop(req_id, None)
             self._preempted_generators.pop(req_id, None)
+            self._speculates.pop(req_id, None)
             batch.remove_request(req_id)
         for req_id in so.preempted_req_ids:
             state = self.requests.pop(req_id, None)
@@ -189,6 +200,8 @@ class ModelRunner:
                 self._preempted_generators[req_id] = state.generator
             batch.remove_request(req_id)
         batch.condense()
+        if so.num_kept_blocks:
+            self._drop_rejected_blocks(so.num_kept_blocks)
 
         cached = so.scheduled_cached_reqs
         new_token_ids = cached.new_token_ids  # pipeline parallel only
@@ -237,6 +250,129 @@ class ModelRunner:
                 self.lora_manager.add_request(new.lora_request)
             self.requests[new.req_id] = state
             batch.add_request(state)
+        if so.scheduled_spec_decode_tokens:
+            self._write_draft_tokens(so.scheduled_spec_decode_tokens)
+
+    # ------------------------------------------------------------------ speculative decoding
+    def _drop_rejected_blocks(self, num_kept_blocks: dict[str, int]) -> None:
+        """The scheduler gave back the blocks that held only rejected drafts: cut the tables."""
+        batch = self.input_batch
+        for req_id, num_kept in num_kept_blocks.items():
+            state = self.requests.get(req_id)
+            if state is None:
+                continue
+            row = batch.req_id_to_index[req_id]
+            for group_id, group_blocks in enumerate(state.block_ids):
+                if group_id < len(self.is_mamba_group) and self.is_mamba_group[group_id]:
+                    continue
+                del group_blocks[num_kept:]
+                batch.num_blocks[group_id, row] = min(int(batch.num_blocks[group_id, row]), num_kept)
+
+    def _write_draft_tokens(self, spec_tokens: dict[str, list[int]]) -> None:
+        """Drafts go after each request's known tokens (not counted in them): the step's inputs."""
+        batch = self.input_batch
+        for req_id, draft_token_ids in spec_tokens.items():
+            row = batch.req_id_to_index[req_id]
+            start = int(batch.num_tokens[row])
+            batch.token_ids_cpu[row, start : start + len(draft_token_ids)] = draft_token_ids
+
+    def _can_speculate(self, state: CachedRequestState) -> bool:
+        """Drafts are verified against the raw (temperature, top-k/p, min-p) distribution: requests
+        whose sampling depends on more (penalties, logit bias, bad or allowed words, a grammar,
+        min_tokens not reached yet) or that want logprobs of every token get none."""
+        speculates = self._speculates.get(state.req_id)
+        if speculates is None:
+            sp = state.sampling_params
+            speculates = (
+                sp is not None
+                and sp.logprobs is None
+                and sp.presence_penalty == 0
+                and sp.frequency_penalty == 0
+                and sp.repetition_penalty == 1
+                and not sp.logit_bias
+                and not sp.bad_words_token_ids
+                and not sp.allowed_token_ids
+                and sp.structured_outputs is None
+            )
+            self._speculates[state.req_id] = speculates
+        if not speculates:
+            return False
+        sp = state.sampling_params
+        return not sp.min_tokens or len(state.output_token_ids) >= sp.min_tokens  # type: ignore[union-attr]
+
+    def _propose_draft_token_ids(self, sampled_token_ids: list[list[int]]) -> list[list[int]]:
+        """Drafts to follow each request that sampled this step (one numpy pass per request)."""
+        assert self.drafter is not None
+        batch = self.input_batch
+        drafts: list[list[int]] = [[] for _ in sampled_token_ids]
+        for row, tokens in enumerate(sampled_token_ids):
+            if not tokens:
+                continue
+            state = batch.states[row]
+            assert state is not None
+            if self._can_speculate(state):
+                drafts[row] = self.drafter.propose(batch.token_ids_cpu[row, : batch.num_tokens[row]]).tolist()
+        return drafts
+
+    def _sample_with_drafts(
+        self,
+        hidden_states: torch.Tensor,
+        common: CommonAttentionMetadata,
+        spec_tokens: dict[str, list[int]],
+        grammar_output: GrammarOutput | Future[GrammarOutput | None] | None,
+    ) -> tuple[list[list[int]], LogprobsLists | None]:
+        """Verifies the step's drafts: logits at each draft position and after the last one (the
+        bonus), in one LM-head call; the Sampler draws the bonus tokens, the RejectionSampler
+        decides. -> (tokens per request: accepted drafts then a replacement or bonus token,
+        logprobs of the bonus rows)."""
+        assert self.model is not None
+        batch = self.input_batch
+        n = batch.num_reqs
+        req_ids = batch.req_ids[:n]
+        num_draft = np.fromiter((len(spec_tokens.get(r, ())) for r in req_ids), dtype=np.int64, count=n)  # type: ignore[arg-type]
+        num_rows = num_draft + 1
+        row_ends = np.cumsum(num_rows)
+        row_req = np.repeat(np.arange(n), num_rows)
+        # Each request's last 1 + d positions of the step: d draft positions, then the bonus.
+        token_ends = common.query_start_loc[1:].numpy()
+        logits_indices = token_ends[row_req] - row_ends[row_req] + np.arange(int(row_ends[-1]))
+        logits = self.model.compute_logits(hidden_states[torch.from_numpy(logits_indices).to(self.device)])
+        is_bonus = np.zeros(int(row_ends[-1]), dtype=bool)
+        is_bonus[row_ends - 1] = True
+        bonus_logits = logits[torch.from_numpy(is_bonus).to(self.device)]
+        target_logits = logits[torch.from_numpy(~is_bonus).to(self.device)]
+
+        seq_lens = common.seq_lens.numpy()
+        sampling_rows = (seq_lens >= batch.num_tokens[:n]) & (common.query_lens.numpy() > 0)
+        sampling_metadata = batch.make_sampling_metadata(sampling_rows)
+        if isinstance(grammar_output, Future):
+            grammar_output = grammar_output.result()
+        if grammar_output is not None:
+            self._set_grammar_bitmask(sampling_metadata, grammar_output)
+        sampler_output = self.sampler(bonus_logits, sampling_metadata)
+        draft_token_ids = torch.tensor(
+            [token for r in req_ids if r in spec_tokens for token in spec_tokens[r]],  # type: ignore[operator,index]
+            dtype=torch.int64,
+            device=self.device,
+        )
+        output = self.rejection_sampler(
+            draft_token_ids, num_draft.tolist(), target_logits, sampler_output.sampled_token_ids, sampling_metadata
+        ).cpu().numpy()
+
+        valid = (output != PLACEHOLDER_TOKEN_ID) & sampling_rows[:, None]
+        counts = valid.sum(axis=1)
+        rows, cols = np.nonzero(valid)
+        batch.token_ids_cpu[rows, batch.num_tokens[rows] + cols] = output[rows, cols]
+        batch.num_tokens[:n] += counts
+        sampled_token_ids: list[list[int]] = [[] for _ in range(n)]
+        for row in np.nonzero(counts)[0].tolist():
+            tokens = output[row, : counts[row]].tolist()
+            sampled_token_ids[row] = tokens
+            batch.states[row].output_token_ids.extend(tokens)  # type: ignore[union-attr]
+        logprobs = None
+        if sampler_output.logprobs_tensors is not None:
+            logprobs = sampler_output.logprobs_tensors.tolists()
+        return sampled_token_ids, logprobs
 
     # ------------------------------------------------------------------ inputs
     def _prepare_inputs(
@@ -278,6 +414,7 @@ class ModelRunner:
             max_seq_len=int(seq_lens.max()),
             block_size=self.block_size,
             causal=not self.is_encoder_only,
+            max_decode_query_len=self.max_decode_query_len,
         )
         token_type_ids = None
         if self.is_pooling_model:
@@ -335,6 +472,12 @@ class ModelRunner:
         if self.is_pooling_model:
             return self._pool(hidden_states, common, req_ids)
 
+        if so.scheduled_spec_decode_tokens:
+            sampled_token_ids, logprobs = self._sample_with_drafts(
+                hidden_states, common, so.scheduled_spec_decode_tokens, grammar_output
+            )
+            return self._make_output(hidden_states, common, req_ids, sampled_token_ids, logprobs)
+
         logits_indices = common.query_start_loc[1:] - 1
         logits = self.model.compute_logits(hidden_states[logits_indices.to(self.device)])
         seq_lens = common.seq_lens.numpy()
@@ -360,6 +503,17 @@ class ModelRunner:
         logprobs = None
         if sampler_output.logprobs_tensors is not None:
             logprobs = sampler_output.logprobs_tensors.tolists()
+        return self._make_output(hidden_states, common, req_ids, sampled_token_ids, logprobs)
+
+    def _make_output(
+        self,
+        hidden_states: torch.Tensor,
+        common: CommonAttentionMetadata,
+        req_ids: list[str],
+        sampled_token_ids: list[list[int]],
+        logprobs: LogprobsLists | None,
+    ) -> ModelRunnerOutput:
+        batch = self.input_batch
         prompt_logprobs = self._prompt_logprobs(hidden_states, common) if batch.prompt_logprobs else {}
         return ModelRunnerOutput(
             req_ids=list(req_ids),
@@ -367,6 +521,7 @@ class ModelRunner:
             sampled_token_ids=sampled_token_ids,
             logprobs=logprobs,
             prompt_logprobs_dict=prompt_logprobs,
+            spec_token_ids=self._propose_draft_token_ids(sampled_token_ids) if self.drafter is not None else None,
         )
 
     def _lora_mapping(self, common: CommonAttentionMetadata) -> LoRAMapping | None:

@@ -59,3 +59,6 @@ class ModelRunnerOutput:
     prompt_logprobs_dict: dict[str, LogprobsLists | None]
     # req_id -> pooled hidden state, for pooling models.
     pooler_output: dict[str, np.ndarray] | None = None
+    # Speculative decoding: per request (batch order), the draft tokens proposed to follow the
+    # tokens sampled this step; None without speculative decoding.
+    spec_token_ids: list[list[int]] | None = None

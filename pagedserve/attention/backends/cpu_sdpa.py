@@ -98,9 +98,25 @@ class CpuSdpaBackend(AttentionBackend):
     def build_metadata(self, common: CommonAttentionMetadata) -> CpuSdpaMetadata:
         query_lens = common.query_lens
         is_decode = (query_lens == 1) & common.causal
+        if common.max_decode_query_len > 1 and common.causal:
+            # Speculative decoding: verification queries (a request's last token and its drafts).
+            is_decode |= (query_lens > 1) & (query_lens <= common.max_decode_query_len) & (common.num_computed_tokens > 0)
         decode_reqs = torch.nonzero(is_decode).squeeze(1)
         seq_lens_dec = common.seq_lens[decode_reqs]
         max_blocks = cdiv(int(seq_lens_dec.max()), common.block_size) if decode_reqs.numel() else 0
+        decode_token_indices = common.query_start_loc[decode_reqs]
+        decode_block_table = common.block_table[decode_reqs, :max_blocks]
+        decode_query_lens = query_lens[decode_reqs]
+        if decode_reqs.numel() and int(decode_query_lens.max()) > 1:
+            # One decode query per token, at consecutive positions: query j of a request sees its
+            # keys up to num_computed + j (its own K/V and its earlier queries' are written first).
+            rows = torch.repeat_interleave(torch.arange(decode_reqs.numel()), decode_query_lens)
+            offsets = torch.arange(rows.numel()) - torch.repeat_interleave(
+                torch.cumsum(decode_query_lens, 0) - decode_query_lens, decode_query_lens
+            )
+            decode_token_indices = decode_token_indices[rows] + offsets
+            seq_lens_dec = common.num_computed_tokens[decode_reqs][rows] + offsets + 1
+            decode_block_table = decode_block_table[rows.to(decode_block_table.device)]
         prefills = []
         if common.causal:  # bidirectional steps use prompt buckets instead
             starts = common.query_start_loc.tolist()
@@ -114,8 +130,8 @@ class CpuSdpaBackend(AttentionBackend):
                 )
         return CpuSdpaMetadata(
             common=common,
-            decode_token_indices=common.query_start_loc[decode_reqs].to(common.slot_mapping.device),
-            decode_block_table=common.block_table[decode_reqs, :max_blocks],
+            decode_token_indices=decode_token_indices.to(common.slot_mapping.device),
+            decode_block_table=decode_block_table,
             decode_seq_lens=seq_lens_dec.to(common.slot_mapping.device),
             prefills=prefills,
             prompt_buckets=None if common.causal else self._prompt_buckets(common),

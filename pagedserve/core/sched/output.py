@@ -75,6 +75,13 @@ class SchedulerOutput:
     # Some of them still have a token in flight (async scheduling): their bitmask can be built only
     # once the previous step's tokens reached the matchers.
     pending_structured_output_tokens: bool = False
+    # Speculative decoding (vLLM's name): req_id -> draft tokens scheduled after the request's
+    # known tokens (they count in its num_scheduled_tokens). Requests without drafts are absent.
+    scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
+    # Speculative decoding: req_id -> blocks the request keeps in each attention group, after the
+    # scheduler gave back blocks that held only rejected drafts. Workers cut their block tables
+    # to this length before appending this step's new blocks.
+    num_kept_blocks: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -9,12 +9,14 @@ from collections.abc import Iterable, Sequence
 from pagedserve.config.cache import CacheConfig
 from pagedserve.config.lora import LoRAConfig
 from pagedserve.config.scheduler import SchedulerConfig
-from pagedserve.core.kv_cache_interface import KVCacheGroupSpec
+from pagedserve.config.speculative import SpeculativeConfig
+from pagedserve.core.kv_cache_interface import KVCacheGroupSpec, MambaSpec
 from pagedserve.core.kv_cache_manager import KVCacheManager
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.sched.output import CachedRequestData, GrammarOutput, NewRequestData, SchedulerOutput
 from pagedserve.core.sched.request_queue import create_request_queue
 from pagedserve.engine import EngineCoreOutput, EngineCoreOutputs, SchedulerStats
+from pagedserve.spec_decode.metrics import SpecDecodingStats
 from pagedserve.structured_output import StructuredOutputManager
 from pagedserve.worker.outputs import LogprobsLists, ModelRunnerOutput
 
@@ -76,6 +78,7 @@ class Scheduler:
         use_pp: bool = False,
         structured_output_manager: StructuredOutputManager | None = None,
         lora_config: LoRAConfig | None = None,
+        speculative_config: SpeculativeConfig | None = None,
     ) -> None:
         if cache_config.num_gpu_blocks is None:
             raise ValueError("cache_config.num_gpu_blocks must be set before building a Scheduler")
@@ -123,6 +126,26 @@ class Scheduler:
         # req_id -> sampling steps still in flight for a request that was preempted meanwhile:
         # their tokens are stale (the resumed request recomputes them) and are dropped.
         self._num_stale_samples: dict[str, int] = {}
+        self._init_spec_decode(speculative_config, kv_cache_groups)
+
+    def _init_spec_decode(
+        self, speculative_config: SpeculativeConfig | None, kv_cache_groups: Sequence[KVCacheGroupSpec] | None
+    ) -> None:
+        """Speculative decoding: the worker proposes drafts after each step (ModelRunnerOutput's
+        `spec_token_ids`); a request carries them to its next step, which verifies them."""
+        self.num_spec_tokens = 0 if speculative_config is None else int(speculative_config.num_speculative_tokens or 0)
+        self._spec_stats: SpecDecodingStats | None = None
+        # req_id -> blocks per attention group kept after rejected drafts gave theirs back; sent
+        # with the next step (SchedulerOutput.num_kept_blocks).
+        self._num_kept_blocks: dict[str, int] = {}
+        if not self.num_spec_tokens:
+            return
+        if self.async_scheduling or self.use_pp:
+            raise ValueError("speculative decoding needs synchronous scheduling and no pipeline parallelism")
+        if any(isinstance(group.kv_cache_spec, MambaSpec) for group in kv_cache_groups or ()):
+            # A Mamba state slot cannot be rolled back past rejected drafts.
+            raise ValueError("speculative decoding does not support models with Mamba layers")
+        self._spec_stats = SpecDecodingStats.new(self.num_spec_tokens)
 
     # ---------------------------------------------------------------- requests in and out
 
@@ -204,6 +227,8 @@ class Scheduler:
     def _free_request(self, request: Request) -> None:
         assert request.is_finished()
         self.kv_cache_manager.free(request)
+        if self._num_kept_blocks:
+            self._num_kept_blocks.pop(request.request_id, None)
         self.finished_req_ids.add(request.request_id)
         del self.requests[request.request_id]
 
@@ -248,6 +273,8 @@ class Scheduler:
         # Whether a structured request of this step still has a token in flight (async scheduling;
         # never under pipeline parallel, which does not schedule such a request).
         pending_structured_output_tokens = False
+        # Speculative decoding: the drafts each running request verifies this step.
+        scheduled_spec_decode_tokens: dict[str, list[int]] = {}
 
         running = self.running
         req_index = 0
@@ -258,7 +285,7 @@ class Scheduler:
             if use_pp and num_placeholders:
                 req_index += 1
                 continue
-            num_new_tokens = request.num_tokens + num_placeholders - num_computed_tokens
+            num_new_tokens = request.num_tokens + len(request.spec_token_ids) + num_placeholders - num_computed_tokens
             if num_placeholders and request.num_output_tokens + num_placeholders >= request.max_tokens:
                 # Its last token is already in flight: one more step would only be wasted.
                 num_new_tokens = 0
@@ -275,6 +302,13 @@ class Scheduler:
                 new_blocks = allocate_slots(request, num_new_tokens)
                 if new_blocks is not None:
                     break
+                if request.spec_token_ids:
+                    # Drafts are optional: drop them before preempting anyone.
+                    request.spec_token_ids = []
+                    num_known = request.num_tokens + num_placeholders - num_computed_tokens
+                    if 0 < num_known < num_new_tokens:
+                        num_new_tokens = num_known
+                        continue
                 preempted = self._pick_request_to_preempt()
                 if preempted is request and len(running) == 1:
                     # Alone and still out of blocks: it can never fit the pool.
@@ -307,6 +341,7 @@ class Scheduler:
                                 del parallel_list[position]
                         if preempted.structured_output_request is not None:
                             structured_output_request_ids.remove(preempted.request_id)
+                        scheduled_spec_decode_tokens.pop(preempted.request_id, None)
                         num_unscheduled = num_scheduled_tokens.pop(preempted.request_id)
                         preempted.num_computed_tokens -= num_unscheduled
                         token_budget += num_unscheduled
@@ -336,6 +371,8 @@ class Scheduler:
                 pending_structured_output_tokens |= num_placeholders > 0
             if add_placeholders:
                 placeholder_added.append(self._add_placeholder_if_sampling(request))
+            if request.spec_token_ids:
+                self._schedule_spec_tokens(request, num_new_tokens, scheduled_spec_decode_tokens)
             token_budget -= num_new_tokens
             req_index += 1
 
@@ -361,9 +398,25 @@ class Scheduler:
             preempted_req_ids={request.request_id for request in preempted_reqs},
             structured_output_request_ids=structured_output_request_ids,
             pending_structured_output_tokens=pending_structured_output_tokens,
+            scheduled_spec_decode_tokens=scheduled_spec_decode_tokens,
+            num_kept_blocks=self._num_kept_blocks,
         )
         self.finished_req_ids = set()
+        if self._num_kept_blocks:
+            self._num_kept_blocks = {}
         return scheduler_output
+
+    @staticmethod
+    def _schedule_spec_tokens(
+        request: Request, num_new_tokens: int, scheduled_spec_decode_tokens: dict[str, list[int]]
+    ) -> None:
+        """The drafts that fit this step's `num_new_tokens` (after every known token) are verified
+        now; the request's own list is emptied: the worker proposes the next drafts."""
+        # request.num_computed_tokens already counts this step's tokens.
+        num_scheduled_spec = request.num_computed_tokens - request.num_tokens
+        if num_scheduled_spec > 0:
+            scheduled_spec_decode_tokens[request.request_id] = request.spec_token_ids[:num_scheduled_spec]
+        request.spec_token_ids = []
 
     def _schedule_waiting(
         self,
@@ -509,6 +562,9 @@ class Scheduler:
         self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        if self.num_spec_tokens:
+            request.spec_token_ids = []
+            self._num_kept_blocks.pop(request.request_id, None)
         if request.num_output_placeholders:
             # NOTE: with more than two steps in flight (pipeline parallel) the request may be
             # resumed before those steps come back; their tokens must not be taken as its own.
@@ -537,6 +593,8 @@ class Scheduler:
         pooler_output = model_runner_output.pooler_output
         requests = self.requests
         max_model_len = self.max_model_len
+        scheduled_spec_decode_tokens = scheduler_output.scheduled_spec_decode_tokens
+        spec_token_ids = model_runner_output.spec_token_ids
 
         outputs = self._pending_outputs
         self._pending_outputs = []
@@ -563,6 +621,7 @@ class Scheduler:
             pooling_output = None
 
             if new_token_ids:
+                num_sampled = len(new_token_ids)
                 if request.num_output_placeholders:
                     request.num_output_placeholders -= 1
                 if len(new_token_ids) == 1:
@@ -579,6 +638,12 @@ class Scheduler:
                             break
                 if not stopped and request.structured_output_request is not None:
                     stopped = self._advance_grammar(request, new_token_ids)
+                if scheduled_spec_decode_tokens:
+                    scheduled_spec = scheduled_spec_decode_tokens.get(request_id)
+                    if scheduled_spec:
+                        self._update_after_verification(request, scheduled_spec, num_sampled, stopped)
+                if spec_token_ids is not None and not stopped:
+                    self._set_draft_token_ids(request, spec_token_ids[req_index])
                 if logprobs is not None and request.num_sample_logprobs is not None:
                     new_logprobs = _logprobs_rows(
                         logprobs, req_index, req_index + 1, request.num_sample_logprobs
@@ -631,6 +696,38 @@ class Scheduler:
             finished_requests=finished_ids or None,
         )
 
+    def _update_after_verification(
+        self, request: Request, scheduled_spec: list[int], num_sampled: int, stopped: bool
+    ) -> None:
+        """A step verified `scheduled_spec` and sampled `num_sampled` tokens (accepted drafts, then
+        a replacement or bonus token): rejected drafts are not computed after all, and the blocks
+        that only they used go back to the pool (the worker cuts its block table likewise)."""
+        num_draft = len(scheduled_spec)
+        num_accepted = num_sampled - 1
+        num_rejected = num_draft - num_accepted
+        if self._spec_stats is not None:
+            self._spec_stats.observe_draft(num_draft, num_accepted)
+        if num_rejected <= 0:
+            return
+        request.num_computed_tokens -= num_rejected
+        if not stopped:
+            # Keep the blocks of every known token: the last one is computed next step.
+            num_kept = self.kv_cache_manager.free_blocks_beyond(request, request.num_tokens)
+            if num_kept is not None:
+                self._num_kept_blocks[request.request_id] = num_kept
+
+    def _set_draft_token_ids(self, request: Request, draft_token_ids: list[int]) -> None:
+        """Drafts the worker proposed after this step's tokens, cut so that the accepted drafts and
+        the bonus token never run past max_tokens."""
+        if not draft_token_ids:
+            return
+        max_tokens = request.max_tokens
+        if max_tokens is not None:
+            num_allowed = max_tokens - request.num_output_tokens - 1
+            if num_allowed < len(draft_token_ids):
+                draft_token_ids = draft_token_ids[: max(num_allowed, 0)]
+        request.spec_token_ids = draft_token_ids
+
     @staticmethod
     def _advance_grammar(request: Request, new_token_ids: list[int]) -> bool:
         """Feeds the accepted tokens to the request's matcher. -> whether that finished it: the
@@ -679,9 +776,18 @@ class Scheduler:
             prefix_cache_queries=prefix_stats.num_query_tokens,
             prefix_cache_hits=prefix_stats.num_hit_tokens,
             num_preemptions=num_preemptions,
+            spec_decoding_stats=self._take_spec_stats(),
         )
         if self.lora_config is not None:
             # O(running + waiting) per step, with LoRA enabled only.
             stats.running_lora_adapters = _count_loras(self.running)
             stats.waiting_lora_adapters = _count_loras(self.waiting)
+        return stats
+
+    def _take_spec_stats(self) -> SpecDecodingStats | None:
+        """The drafts verified since the last call, or None (no speculative decoding, or no draft)."""
+        stats = self._spec_stats
+        if stats is None or not stats.num_drafts:
+            return None
+        self._spec_stats = SpecDecodingStats.new(self.num_spec_tokens)
         return stats

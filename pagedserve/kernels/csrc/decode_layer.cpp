@@ -15,8 +15,10 @@
 //   residual += a @ Wo^T (+ bias)
 //   out = (silu(g) * u) @ Wdown^T (+ bias), [g | u] = (rms_norm(residual) * post_norm) @ Wgate_up^T
 //
-// Every token is a decode: token t is request token_indices[r]'s one new token, at position
-// seq_lens[r] - 1 (so T == number of requests). Each linear runs gguf_gemm on its weights as
+// Every token is a decode: query r is token token_indices[r], at position seq_lens[r] - 1. A
+// request has one query, or (speculative decoding: its last token and the drafts after it) several
+// adjacent ones at consecutive positions; then every K/V of the step is written before any query
+// attends (StepInputs::kv_first). Each linear runs gguf_gemm on its weights as
 // stored (GGUF blocks, or plain F32/F16/BF16 rows); everything else is float32, with the KV cache
 // in float32, bfloat16 or float16. At decode batch sizes an eager layer spends more time
 // dispatching ~20 torch ops than computing; and every parallel op forks the thread team again,
@@ -281,7 +283,23 @@ struct StepInputs {
   const int64_t* seq_lens;
   const int32_t* block_table;
   int64_t table_stride;
+  // Some query reads a slot another query of the step writes (several queries of one request):
+  // the attention phase writes every K/V first, then attends (one more barrier).
+  bool kv_first = false;
 };
+
+// Whether a query reads the slot written by the query before it: then they belong to one request
+// (a block with a slot written in the step belongs to one request only). A request's queries are
+// adjacent, so checking neighbours finds every such request.
+bool queries_share_slots(const StepInputs& in, int64_t block_size) {
+  for (int64_t r = 1; r < in.T; ++r) {
+    const int64_t p = in.seq_lens[r - 1] - 1;  // the position query r - 1 writes
+    if (p < 0 || p >= in.seq_lens[r] - 1) continue;  // query r does not read it
+    const int64_t block = in.block_table[r * in.table_stride + p / block_size];
+    if (block * block_size + p % block_size == in.slots[in.tokens[r - 1]]) return true;
+  }
+  return false;
+}
 
 StepInputs step_inputs(int64_t T, const at::Tensor& positions, const at::Tensor& slot_mapping,
                        const at::Tensor& token_indices, const at::Tensor& block_table, const at::Tensor& seq_lens) {
@@ -318,9 +336,12 @@ void check_cache(const at::Tensor& kv_cache, const LayerWeights& lw) {
 // Rows [t_begin, t_end) of the attention phase's items: q/k norms and RoPE of request r's query
 // heads of KV head h and of its key head, K/V into the cache, then attention. Items (r, h) are
 // independent: each touches only its heads of qkv, its cache slot, its output heads.
+// What attend_items does with its items: prepare q, k and write K/V, attend, or both.
+enum AttendPhase { kPrepare = 1, kAttend = 2, kPrepareAndAttend = 3 };
+
 template <typename C>
 void attend_items(const LayerWeights& lw, const StepInputs& in, at::Tensor& kv_cache, float* qkv, float* attn,
-                  int64_t item_begin, int64_t item_end, std::vector<float>& scores) {
+                  int64_t item_begin, int64_t item_end, std::vector<float>& scores, AttendPhase phase) {
   const int64_t D = lw.head_dim, group = lw.num_heads / lw.num_kv_heads;
   const int64_t q_size = lw.q_size(), kv_size = lw.kv_size(), qkv_size = lw.qkv_size();
   const int64_t half = lw.rotary_dim / 2, block_size = kv_cache.size(2);
@@ -340,16 +361,19 @@ void attend_items(const LayerWeights& lw, const StepInputs& in, at::Tensor& kv_c
       }
       rope_head(x, cos, sin, lw.rotary_dim, lw.neox);
     };
-    for (int64_t g = 0; g < group; ++g) prepare(row + (h * group + g) * D, lw.q_norm);
-    float* k = row + q_size + h * D;
-    const float* v = row + q_size + kv_size + h * D;
-    prepare(k, lw.k_norm);
-    C* kd = k_cache + in.slots[t] * kv_size + h * D;
-    C* vd = v_cache + in.slots[t] * kv_size + h * D;
-    for (int64_t i = 0; i < D; ++i) {
-      kd[i] = static_cast<C>(k[i]);
-      vd[i] = static_cast<C>(v[i]);
+    if (phase & kPrepare) {
+      for (int64_t g = 0; g < group; ++g) prepare(row + (h * group + g) * D, lw.q_norm);
+      float* k = row + q_size + h * D;
+      const float* v = row + q_size + kv_size + h * D;
+      prepare(k, lw.k_norm);
+      C* kd = k_cache + in.slots[t] * kv_size + h * D;
+      C* vd = v_cache + in.slots[t] * kv_size + h * D;
+      for (int64_t i = 0; i < D; ++i) {
+        kd[i] = static_cast<C>(k[i]);
+        vd[i] = static_cast<C>(v[i]);
+      }
     }
+    if (!(phase & kAttend)) continue;
     const int64_t seq_len = in.seq_lens[r];
     const int64_t first = lw.sliding_window > 0 ? std::max<int64_t>(0, seq_len - lw.sliding_window) : 0;
     const AttendWork work{row + h * group * D,  attn + t * q_size + h * group * D, in.block_table + r * in.table_stride,
@@ -361,16 +385,16 @@ void attend_items(const LayerWeights& lw, const StepInputs& in, at::Tensor& kv_c
 }
 
 void attend_items_any(const LayerWeights& lw, const StepInputs& in, at::Tensor& kv_cache, float* qkv, float* attn,
-                      int64_t item_begin, int64_t item_end, std::vector<float>& scores) {
+                      int64_t item_begin, int64_t item_end, std::vector<float>& scores, AttendPhase phase) {
   switch (kv_cache.scalar_type()) {
     case at::kFloat:
-      attend_items<float>(lw, in, kv_cache, qkv, attn, item_begin, item_end, scores);
+      attend_items<float>(lw, in, kv_cache, qkv, attn, item_begin, item_end, scores, phase);
       break;
     case at::kBFloat16:
-      attend_items<c10::BFloat16>(lw, in, kv_cache, qkv, attn, item_begin, item_end, scores);
+      attend_items<c10::BFloat16>(lw, in, kv_cache, qkv, attn, item_begin, item_end, scores, phase);
       break;
     default:
-      attend_items<c10::Half>(lw, in, kv_cache, qkv, attn, item_begin, item_end, scores);
+      attend_items<c10::Half>(lw, in, kv_cache, qkv, attn, item_begin, item_end, scores, phase);
   }
 }
 
@@ -465,7 +489,13 @@ void layer_in_region(const LayerWeights& lw, const StepInputs& in, float* residu
   gemm(b.x.data(), H, lw.qkv, lw.qkv_bias, b.qkv.data(), lw.qkv_size());
 
   const auto [i0, i1] = share(T * lw.num_kv_heads, tid, nt);
-  attend_items_any(lw, in, kv_cache, b.qkv.data(), b.attn.data(), i0, i1, scores);
+  if (in.kv_first) {
+    attend_items_any(lw, in, kv_cache, b.qkv.data(), b.attn.data(), i0, i1, scores, kPrepare);
+    barrier();
+    attend_items_any(lw, in, kv_cache, b.qkv.data(), b.attn.data(), i0, i1, scores, kAttend);
+  } else {
+    attend_items_any(lw, in, kv_cache, b.qkv.data(), b.attn.data(), i0, i1, scores, kPrepareAndAttend);
+  }
   barrier();
   quantize(b.attn.data(), lw.q_size(), lw.o);
   gemm(b.attn.data(), lw.q_size(), lw.o, lw.o_bias, b.o.data(), H);
@@ -488,7 +518,7 @@ void layer_in_region(const LayerWeights& lw, const StepInputs& in, float* residu
 
 // Layers [0, L) of a step in one parallel region; returns the last layer's output.
 at::Tensor run_layers(const std::vector<LayerWeights>& layers, at::Tensor& residual, const at::Tensor* first_hidden,
-                      const StepInputs& in, std::vector<at::Tensor>& kv_caches) {
+                      StepInputs in, std::vector<at::Tensor>& kv_caches) {
   const int64_t T = in.T, H = layers.front().hidden;
   TORCH_CHECK(residual.dim() == 2 && residual.size(0) == T && residual.size(1) == H &&
                   residual.scalar_type() == at::kFloat && residual.is_contiguous(),
@@ -507,6 +537,7 @@ at::Tensor run_layers(const std::vector<LayerWeights>& layers, at::Tensor& resid
                 "llama decode: hidden must match residual");
     first = first_hidden->data_ptr<float>();
   }
+  in.kv_first = queries_share_slots(in, kv_caches.front().size(2));
   StepBuffers b;
   for (const LayerWeights& lw : layers) {  // every layer's sizes are the same in these models
     TORCH_CHECK(lw.hidden == H, "llama decode: layers of different widths");

@@ -1,0 +1,122 @@
+"""Speculative decoding configuration (vLLM's SpeculativeConfig: its names, fields and defaults).
+
+`--speculative-config '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}'`
+on the CLI, `LLM(..., speculative_config={...})` offline. Methods:
+
+- `ngram`: prompt lookup. The last n tokens of the request (prompt + output), for the longest n
+  in [prompt_lookup_min, prompt_lookup_max], are looked up earlier in the same request; the tokens
+  that followed the (earliest) match are proposed.
+- `suffix`: suffix matching over the prompt and the request's own output: the longest suffix
+  match (up to `suffix_decoding_max_tree_depth` tokens) and, among its occurrences, the most
+  frequent continuation, token by token while its share stays at least
+  `suffix_decoding_min_token_prob`; at most `suffix_decoding_max_spec_factor` x the match length
+  tokens are proposed.
+- `draft_model`: a smaller model with the same tokenizer (`model`). Not implemented yet: refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from typing import Any
+
+SPECULATIVE_METHODS = ("ngram", "suffix", "draft_model")
+
+
+@dataclass
+class SpeculativeConfig:
+    method: str | None = None
+    num_speculative_tokens: int | None = None
+    # ngram
+    prompt_lookup_min: int | None = None
+    prompt_lookup_max: int | None = None
+    # draft_model: the draft checkpoint (vLLM also takes "ngram"/"[ngram]" here for the method)
+    model: str | None = None
+    # suffix (vLLM's defaults)
+    suffix_decoding_max_tree_depth: int = 24
+    suffix_decoding_max_spec_factor: float = 1.0
+    suffix_decoding_min_token_prob: float = 0.1
+
+    def __post_init__(self) -> None:
+        method = self.method
+        if method is None:
+            if self.model in ("ngram", "[ngram]"):
+                method = "ngram"
+            elif self.model is not None:
+                method = "draft_model"
+            else:
+                raise ValueError(
+                    f"speculative_config needs a method: one of {', '.join(SPECULATIVE_METHODS)}"
+                )
+        if method in ("ngram", "suffix") and self.model in ("ngram", "[ngram]"):
+            self.model = None
+        if method not in SPECULATIVE_METHODS:
+            raise ValueError(
+                f"speculative_config method must be one of {', '.join(SPECULATIVE_METHODS)}, got {method!r}"
+            )
+        self.method = method
+        if method == "draft_model":
+            raise NotImplementedError(
+                "speculative_config method 'draft_model' is not implemented yet; use 'ngram' or 'suffix'"
+            )
+        if method == "ngram":
+            if self.num_speculative_tokens is None:
+                raise ValueError("speculative_config method 'ngram' needs num_speculative_tokens")
+            if self.prompt_lookup_min is None and self.prompt_lookup_max is None:
+                # vLLM's defaults.
+                self.prompt_lookup_min = self.prompt_lookup_max = 5
+            elif self.prompt_lookup_min is None:
+                self.prompt_lookup_min = self.prompt_lookup_max
+            elif self.prompt_lookup_max is None:
+                self.prompt_lookup_max = self.prompt_lookup_min
+            assert self.prompt_lookup_min is not None and self.prompt_lookup_max is not None
+            if self.prompt_lookup_min < 1:
+                raise ValueError(f"prompt_lookup_min must be >= 1, got {self.prompt_lookup_min}")
+            if self.prompt_lookup_max < self.prompt_lookup_min:
+                raise ValueError(
+                    f"prompt_lookup_max ({self.prompt_lookup_max}) must be >= prompt_lookup_min "
+                    f"({self.prompt_lookup_min})"
+                )
+        if method == "suffix":
+            if self.suffix_decoding_max_tree_depth < 1:
+                raise ValueError("suffix_decoding_max_tree_depth must be >= 1")
+            if self.suffix_decoding_max_spec_factor <= 0:
+                raise ValueError("suffix_decoding_max_spec_factor must be > 0")
+            if not 0 <= self.suffix_decoding_min_token_prob <= 1:
+                raise ValueError("suffix_decoding_min_token_prob must be in [0, 1]")
+            if self.num_speculative_tokens is None:
+                self.num_speculative_tokens = self.suffix_decoding_max_tree_depth
+        assert self.num_speculative_tokens is not None
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+
+    @classmethod
+    def from_value(cls, value: SpeculativeConfig | dict[str, Any] | str | None) -> SpeculativeConfig | None:
+        """A config from `LLM(speculative_config=...)` or `--speculative-config` (JSON text)."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise ValueError(f"--speculative-config is not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a JSON object, got {type(value).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(value) - known
+        if unknown:
+            raise ValueError(f"speculative_config has unknown fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**value)
+
+    def __str__(self) -> str:
+        if self.method == "ngram":
+            return (
+                f"ngram (num_speculative_tokens={self.num_speculative_tokens}, "
+                f"prompt_lookup_min={self.prompt_lookup_min}, prompt_lookup_max={self.prompt_lookup_max})"
+            )
+        return (
+            f"suffix (num_speculative_tokens={self.num_speculative_tokens}, "
+            f"max_tree_depth={self.suffix_decoding_max_tree_depth}, "
+            f"max_spec_factor={self.suffix_decoding_max_spec_factor}, "
+            f"min_token_prob={self.suffix_decoding_min_token_prob})"
+        )

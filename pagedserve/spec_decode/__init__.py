@@ -1,0 +1,1 @@
+"""Speculative decoding: draft proposers (n-gram, suffix matching) and their metrics."""
