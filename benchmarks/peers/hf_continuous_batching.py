@@ -28,8 +28,8 @@ import time
 
 import torch
 
-from pagedserve.benchmarks._workload import ModelFlops, measure_gemm_flops, resolve_model
 from pagedserve.benchmarks.throughput import Workload, make_workload, run_pagedserve
+from pagedserve.benchmarks.utils import ModelFlops, measure_gemm_flops, resolve_model
 
 
 def load_hf_model(model: str, dtype: torch.dtype) -> torch.nn.Module:

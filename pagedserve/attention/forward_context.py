@@ -18,14 +18,17 @@ _CURRENT: ForwardContext | None = None
 class ForwardContext:
     # Backend-specific metadata, built once per step and shared by all layers.
     attn_metadata: Any
+    # pagedserve.lora.layers.LoRAMapping of the step, None when no token runs an adapter
+    # (adapted linear layers then add nothing, and fused decode paths stay allowed).
+    lora_mapping: Any = None
 
 
 @contextmanager
-def set_forward_context(attn_metadata: Any) -> Iterator[ForwardContext]:
+def set_forward_context(attn_metadata: Any, lora_mapping: Any = None) -> Iterator[ForwardContext]:
     global _CURRENT
     if _CURRENT is not None:
         raise RuntimeError("set_forward_context() does not nest: a forward is already running")
-    _CURRENT = ForwardContext(attn_metadata)
+    _CURRENT = ForwardContext(attn_metadata, lora_mapping)
     try:
         yield _CURRENT
     finally:

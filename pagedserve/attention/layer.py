@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pagedserve.attention.backends.abstract import AttentionBackend, get_attn_backend
+from pagedserve.attention.backends.abstract import AttentionBackend
 from pagedserve.attention.forward_context import get_forward_context
+from pagedserve.attention.selector import get_attn_backend
 
 
 class Attention(nn.Module):

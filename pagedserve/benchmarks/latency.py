@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from pagedserve.benchmarks._workload import resolve_model
+from pagedserve.benchmarks.utils import resolve_model
 from pagedserve.config.model import ModelConfig
 
 

@@ -45,12 +45,12 @@ from typing import Any
 import torch
 
 from pagedserve.attention.forward_context import set_forward_context
-from pagedserve.benchmarks._workload import (
+from pagedserve.benchmarks.throughput import Workload, make_workload
+from pagedserve.benchmarks.utils import (
     ModelFlops,
     measure_gemm_flops,
     resolve_model,
 )
-from pagedserve.benchmarks.throughput import Workload, make_workload
 from pagedserve.envs import environment
 
 # Breakdown rows, in the order of a step. Each maps to the methods whose exclusive time it sums.

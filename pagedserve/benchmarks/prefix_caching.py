@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pagedserve.benchmarks._workload import resolve_model
 from pagedserve.benchmarks.throughput import Workload, make_workload
+from pagedserve.benchmarks.utils import resolve_model
 
 
 def _engine(args: argparse.Namespace, model: str, enable_prefix_caching: bool) -> Any:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pagedserve.benchmarks._workload import ModelFlops, measure_gemm_flops
+from pagedserve.benchmarks.utils import ModelFlops, measure_gemm_flops
 from pagedserve.config.model import ModelConfig
 
 

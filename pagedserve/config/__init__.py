@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pagedserve.config.cache import CacheConfig
+from pagedserve.config.lora import LoRAConfig
 from pagedserve.config.model import ModelConfig
 from pagedserve.config.parallel import ParallelConfig
 from pagedserve.config.scheduler import SchedulerConfig
@@ -14,6 +15,7 @@ from pagedserve.config.structured_outputs import StructuredOutputsConfig
 __all__ = [
     "CacheConfig",
     "EngineConfig",
+    "LoRAConfig",
     "ModelConfig",
     "ParallelConfig",
     "SchedulerConfig",
@@ -29,5 +31,7 @@ class EngineConfig:
     scheduler_config: SchedulerConfig
     parallel_config: ParallelConfig
     structured_outputs_config: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
+    # None: LoRA disabled (no adapter slots, requests naming an adapter are refused).
+    lora_config: LoRAConfig | None = None
     # None: no speculative decoding.
     speculative_config: SpeculativeConfig | None = None

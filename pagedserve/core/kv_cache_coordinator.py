@@ -15,6 +15,7 @@ from pagedserve.core.kv_cache_interface import KVCacheGroupSpec, MambaSpec, Slid
 from pagedserve.core.kv_cache_utils import BlockHash
 from pagedserve.core.request import Request
 from pagedserve.core.single_type_kv_cache_manager import SingleTypeKVCacheManager, make_single_type_manager
+from pagedserve.utils import cdiv
 
 
 class KVCacheCoordinator:
@@ -113,14 +114,14 @@ class KVCacheCoordinator:
     def get_max_num_blocks(self, num_tokens: int, max_chunk_tokens: int) -> int:
         """Most blocks a request of `num_tokens` tokens holds at once over all groups: a
         sliding-window group holds its window, the block being filled and one chunk's blocks."""
-        num_full = -(-num_tokens // self.block_size)
+        num_full = cdiv(num_tokens, self.block_size)
         total = 0
         for group in self.kv_cache_groups:
             spec = group.kv_cache_spec
             if isinstance(spec, MambaSpec):
                 continue  # a slot of its own pool
             if isinstance(spec, SlidingWindowSpec):
-                window_blocks = spec.max_num_blocks_per_request(num_tokens) + -(-max_chunk_tokens // self.block_size)
+                window_blocks = spec.max_num_blocks_per_request(num_tokens) + cdiv(max_chunk_tokens, self.block_size)
                 total += min(num_full, window_blocks)
             else:
                 total += num_full

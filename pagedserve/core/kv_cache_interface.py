@@ -23,6 +23,8 @@ import msgspec
 import torch
 from torch import nn
 
+from pagedserve.utils import cdiv
+
 
 class KVCacheSpec(msgspec.Struct, frozen=True, tag=True):
     """Per-layer cache of one kind. `block_size` tokens share one block (one page)."""
@@ -44,7 +46,7 @@ class KVCacheSpec(msgspec.Struct, frozen=True, tag=True):
 
     def max_num_blocks_per_request(self, max_model_len: int) -> int:
         """Most blocks one request can hold at once in this layer's group."""
-        return -(-max_model_len // self.block_size)
+        return cdiv(max_model_len, self.block_size)
 
 
 class FullAttentionSpec(KVCacheSpec, frozen=True, tag=True):
@@ -66,7 +68,7 @@ class SlidingWindowSpec(KVCacheSpec, frozen=True, tag=True):
         # max_num_batched_tokens holds more while it runs, which the pool's slack covers.
         return min(
             super().max_num_blocks_per_request(max_model_len),
-            -(-(self.sliding_window - 1) // self.block_size) + 1,
+            cdiv(self.sliding_window - 1, self.block_size) + 1,
         )
 
 

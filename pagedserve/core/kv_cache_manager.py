@@ -11,6 +11,7 @@ from pagedserve.core.kv_cache_coordinator import KVCacheCoordinator
 from pagedserve.core.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec, MambaSpec
 from pagedserve.core.kv_cache_utils import RequestBlockHasher, get_request_block_hasher
 from pagedserve.core.request import Request
+from pagedserve.utils import cdiv
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +43,6 @@ class PrefixCacheStats:
     num_requests: int = 0
     num_query_tokens: int = 0
     num_hit_tokens: int = 0
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class KVCacheManager:
@@ -82,7 +79,7 @@ class KVCacheManager:
             # can be reused. Turned off for the whole model (every group must hit together).
             logger.info("prefix caching is off: the model has Mamba layers, whose state cannot be shared")
             enable_caching = False
-        # --- no-KV-cache mode (issue 6): no block pool at all when the model keeps no KV.
+        # --- no-KV-cache mode: no block pool at all when the model keeps no KV.
         enable_caching = enable_caching and num_blocks > 0
         self.block_size = block_size
         self.enable_caching = enable_caching
@@ -238,7 +235,7 @@ class KVCacheManager:
         -> the blocks each group kept, or None when nothing was freed."""
         if self.coordinator is None or not self.coordinator.free_blocks_beyond(request.request_id, num_tokens):
             return None
-        return _cdiv(num_tokens, self.block_size)
+        return cdiv(num_tokens, self.block_size)
 
     def reset_prefix_cache(self) -> bool:
         return self.block_pool.reset_prefix_cache() if self.block_pool is not None else True

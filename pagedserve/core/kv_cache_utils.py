@@ -79,10 +79,17 @@ def block_extra_keys(request: Request, block_index: int) -> tuple[ExtraKey, ...]
     The cache salt goes into the first block only: through the chain it changes every later
     hash, so requests with different salts never share a block.
     """
-    # Slot for LoRA adapter names and multimodal input hashes overlapping the block.
-    if block_index == 0 and request.cache_salt is not None:
-        return (request.cache_salt,)
-    return None
+    # Slot for multimodal input hashes overlapping the block.
+    if block_index != 0:
+        return None
+    # Like the salt, the adapter id changes every later hash through the chain: a base-model
+    # prefix never serves an adapter's request, nor one adapter's prefix another's.
+    lora_request = request.lora_request
+    if lora_request is None:
+        return None if request.cache_salt is None else (request.cache_salt,)
+    if request.cache_salt is None:
+        return (lora_request.lora_int_id,)
+    return (request.cache_salt, lora_request.lora_int_id)
 
 
 class RequestBlockHasher:

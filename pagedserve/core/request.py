@@ -7,6 +7,7 @@ import time
 
 from pagedserve.core.kv_cache_utils import BlockHash, RequestBlockHasher
 from pagedserve.engine import EngineCoreRequest, FinishReason
+from pagedserve.lora.request import LoRARequest
 from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.structured_output.request import StructuredOutputRequest
@@ -63,6 +64,7 @@ class Request:
         "arrival_time",
         "priority",
         "cache_salt",
+        "lora_request",
         "status",
         "num_computed_tokens",
         "num_cached_tokens",
@@ -96,6 +98,7 @@ class Request:
         cache_salt: str | None = None,
         block_hasher: RequestBlockHasher | None = None,
         pooling_params: PoolingParams | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
@@ -105,6 +108,8 @@ class Request:
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.priority = priority
         self.cache_salt = cache_salt
+        # Set before the block hasher runs: the adapter id is part of every block's hash.
+        self.lora_request = lora_request
 
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
@@ -172,6 +177,7 @@ class Request:
             cache_salt=request.cache_salt,
             block_hasher=block_hasher,
             pooling_params=request.pooling_params,
+            lora_request=request.lora_request,
         )
 
     def set_block_hasher(self, block_hasher: RequestBlockHasher) -> None:

@@ -18,6 +18,7 @@ from pagedserve.core.block_pool import BlockPool, KVCacheBlock
 from pagedserve.core.kv_cache_interface import FullAttentionSpec, KVCacheSpec, MambaSpec, SlidingWindowSpec
 from pagedserve.core.kv_cache_utils import BlockHash
 from pagedserve.core.request import Request
+from pagedserve.utils import cdiv
 
 
 class SingleTypeKVCacheManager(ABC):
@@ -47,7 +48,7 @@ class SingleTypeKVCacheManager(ABC):
         hits that leave the free queue when touched."""
         req_blocks = self.req_to_blocks.get(request_id)
         num_owned = 0 if req_blocks is None else len(req_blocks)
-        num_new_blocks = -(-num_tokens // self.block_size) - num_owned - len(new_computed_blocks)
+        num_new_blocks = cdiv(num_tokens, self.block_size) - num_owned - len(new_computed_blocks)
         num_revived_blocks = 0
         for block in new_computed_blocks:
             if block.ref_cnt == 0 and not block.is_null:
@@ -66,7 +67,7 @@ class SingleTypeKVCacheManager(ABC):
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int) -> list[KVCacheBlock]:
         req_blocks = self.req_to_blocks[request_id]
-        num_new_blocks = -(-num_tokens // self.block_size) - len(req_blocks)
+        num_new_blocks = cdiv(num_tokens, self.block_size) - len(req_blocks)
         if num_new_blocks <= 0:
             return []
         new_blocks = self.block_pool.get_new_blocks(num_new_blocks)
@@ -117,7 +118,7 @@ class SingleTypeKVCacheManager(ABC):
         """Speculative decoding: give back the blocks past the first `num_tokens` tokens (they held
         only rejected drafts: never hashed, never shared). -> whether any block went back."""
         req_blocks = self.req_to_blocks.get(request_id)
-        num_kept = -(-num_tokens // self.block_size)
+        num_kept = cdiv(num_tokens, self.block_size)
         if req_blocks is None or len(req_blocks) <= num_kept:
             return False
         tail = req_blocks[num_kept:]
@@ -166,7 +167,7 @@ class SlidingWindowManager(SingleTypeKVCacheManager):
         self.sliding_window = kv_cache_spec.sliding_window
         # A hit of n blocks is usable when the blocks holding the n*B - W + 1 .. n*B - 1 keys of
         # its first query are cached: at most this many blocks, right before the cut.
-        self.num_window_blocks = max(1, -(-(self.sliding_window - 1) // self.block_size))
+        self.num_window_blocks = max(1, cdiv(self.sliding_window - 1, self.block_size))
 
     def remove_skipped_blocks(self, request_id: str, num_computed_tokens: int) -> None:
         # The next query sits at num_computed_tokens and sees keys from first_useful_token on;

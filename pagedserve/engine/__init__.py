@@ -10,6 +10,7 @@ import time
 
 import msgspec
 
+from pagedserve.lora.request import LoRARequest
 from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.spec_decode.metrics import SpecDecodingStats
@@ -39,6 +40,8 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=
     cache_salt: str | None = None
     # Set (and sampling_params None) for embedding / classification / scoring requests.
     pooling_params: PoolingParams | None = None
+    # The adapter to run with; None: the base model.
+    lora_request: LoRARequest | None = None
 
 
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -68,6 +71,9 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     prefix_cache_queries: int = 0  # tokens looked up this step
     prefix_cache_hits: int = 0  # tokens found this step
     num_preemptions: int = 0  # preemptions this step
+    # LoRA only: adapter name -> its running / waiting requests (vLLM's lora_requests_info).
+    running_lora_adapters: dict[str, int] = {}
+    waiting_lora_adapters: dict[str, int] = {}
     # Speculative decoding: drafts verified this step (None without speculative decoding).
     spec_decoding_stats: SpecDecodingStats | None = None
 

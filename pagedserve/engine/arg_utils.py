@@ -12,6 +12,7 @@ from typing import Any
 from pagedserve.config import (
     CacheConfig,
     EngineConfig,
+    LoRAConfig,
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
@@ -137,7 +138,16 @@ class EngineArgs:
         default=False,
         metadata={"help": "send a request to the engine core that served its prompt's prefix (unless much busier)"},
     )
-    # --- speculative decoding (issue 15) ---
+    # --- LoRA adapters ---
+    enable_lora: bool = dataclasses.field(
+        default=False, metadata={"help": "serve PEFT LoRA adapters over the base model (per request)"}
+    )
+    max_loras: int = dataclasses.field(default=1, metadata={"help": "most distinct LoRA adapters in one step"})
+    max_lora_rank: int = dataclasses.field(default=16, metadata={"help": "largest LoRA rank accepted"})
+    max_cpu_loras: int | None = dataclasses.field(
+        default=None, metadata={"help": "LoRA adapters kept loaded in CPU memory (default: max_loras)"}
+    )
+    # --- speculative decoding ---
     speculative_config: str | dict[str, Any] | SpeculativeConfig | None = dataclasses.field(
         default=None,
         metadata={
@@ -146,7 +156,7 @@ class EngineArgs:
             "methods: ngram (prompt_lookup_min/max), suffix. Turns async scheduling off"
         },
     )
-    # --- pooling models (issue 6) ---
+    # --- pooling models ---
     task: str = dataclasses.field(
         default="auto",
         metadata={
@@ -225,6 +235,7 @@ class EngineArgs:
                 data_parallel_prefix_affinity=self.data_parallel_prefix_affinity,
             ),
             structured_outputs_config=StructuredOutputsConfig(backend=self.structured_outputs_backend),
+            lora_config=LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras) if self.enable_lora else None,
             speculative_config=speculative_config,
         )
 

@@ -27,8 +27,9 @@ from pagedserve.engine.arg_utils import EngineArgs
 from pagedserve.engine.core_client import make_async_mp_client
 from pagedserve.engine.exceptions import EngineDeadError
 from pagedserve.engine.output_processor import OutputProcessor, OutputQueue
-from pagedserve.engine.parallel_sampling import ParentRequest
+from pagedserve.engine.parallel_sampling import fan_out
 from pagedserve.engine.processor import Processor, PromptType, parse_prompt
+from pagedserve.lora.request import LoRARequest
 from pagedserve.metrics.loggers import StatLoggerBase
 from pagedserve.metrics.stats import EngineTotals, IterationStats
 from pagedserve.outputs import CompletionOutput, PoolingOutput, PoolingRequestOutput, RequestOutput
@@ -69,6 +70,7 @@ class AsyncLLM:
             get_eos_token_ids(self.model_config.model, self.tokenizer),
             config.scheduler_config,
             structured_outputs_config=config.structured_outputs_config,
+            lora_config=config.lora_config,
         )
         self.output_processor = OutputProcessor(self.tokenizer, log_stats=log_stats)
         self.stat_loggers = list(stat_loggers or [])
@@ -128,43 +130,45 @@ class AsyncLLM:
         params: SamplingParams | PoolingParams | None,
         priority: int = 0,
         cache_salt: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> OutputQueue:
         """Validates and submits one request; returns the queue its outputs arrive in.
 
-        `prompt` may be a request the Processor already built (`process_inputs`, or
-        `process_score_pair` for a cross-encoder pair); `params`, `priority` and `cache_salt`
-        are then the request's own and these arguments are ignored."""
-        if self.errored:
-            raise self.dead_error or EngineDeadError()
-        self._ensure_output_handler()
+        A request the Processor already built (vLLM accepts one here too) goes straight to
+        `add_processed_request`; `params`, `priority` and `cache_salt` are then its own."""
         if isinstance(prompt, EngineCoreRequest):
             if prompt.request_id != request_id:
                 raise ValueError(
                     f"request_id {request_id!r} differs from the prebuilt request's {prompt.request_id!r}"
                 )
-            request, prompt_text = prompt, None
-        else:
-            if params is None:
-                raise ValueError("params are needed unless the prompt is a prebuilt EngineCoreRequest")
-            request, prompt_text = self.processor.process_inputs(
-                request_id, prompt, params, time.monotonic(), priority, cache_salt
-            )
+            return await self.add_processed_request(prompt)
+        if params is None:
+            raise ValueError("params are needed unless the prompt is a prebuilt EngineCoreRequest")
+        if self.errored:
+            raise self.dead_error or EngineDeadError()
+        request, prompt_text = self.processor.process_inputs(
+            request_id, prompt, params, time.monotonic(), priority, cache_salt, lora_request
+        )
+        return await self.add_processed_request(request, prompt_text)
+
+    async def add_processed_request(self, request: EngineCoreRequest, prompt_text: str | None = None) -> OutputQueue:
+        """Submits a request the Processor built (`process_inputs`, or `process_score_pair` for a
+        cross-encoder pair), fanned out into its n children when n > 1; returns the queue its
+        outputs arrive in."""
+        if self.errored:
+            raise self.dead_error or EngineDeadError()
+        self._ensure_output_handler()
         queue: OutputQueue = asyncio.Queue()
-        if request.sampling_params is None or request.sampling_params.n == 1:
-            engine_requests = [request]
-            self.output_processor.add_request(request, prompt_text, queue=queue)
-        else:
-            parent = ParentRequest(request_id, request.sampling_params)
-            engine_requests = parent.make_child_requests(request)
-            for index, child in enumerate(engine_requests):
-                self.output_processor.add_request(child, prompt_text, parent, index, queue=queue)
+        engine_requests = fan_out(request)
+        for engine_request, parent, index in engine_requests:
+            self.output_processor.add_request(engine_request, prompt_text, parent, index, queue=queue)
         try:
-            for engine_request in engine_requests:
+            for engine_request, _, _ in engine_requests:
                 await self.engine_core.add_request_async(engine_request)
         except BaseException:
             # NOTE: a send cut short (the caller was cancelled, the engine died) may or may not
             # have reached the engine core: forget the request on both sides, or it leaks.
-            await self.abort(request_id)
+            await self.abort(request.request_id)
             raise
         return queue
 
@@ -175,13 +179,16 @@ class AsyncLLM:
         request_id: str,
         priority: int = 0,
         cache_salt: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Yields the request's outputs until it finishes. Closing or cancelling the consumer
         aborts the request in the engine. `prompt` may be a request the Processor already built
         (see `add_request`)."""
         if not isinstance(sampling_params, SamplingParams):
             raise TypeError(f"generate takes SamplingParams, got {type(sampling_params).__name__}; use encode")
-        return self._stream_outputs(request_id, prompt, sampling_params, priority, cache_salt, RequestOutput)
+        return self._stream_outputs(
+            request_id, prompt, sampling_params, priority, cache_salt, RequestOutput, lora_request
+        )
 
     async def beam_search(
         self,
@@ -299,9 +306,10 @@ class AsyncLLM:
         priority: int,
         cache_salt: str | None,
         output_type: type[_OutputT],
+        lora_request: LoRARequest | None = None,
     ) -> AsyncGenerator[_OutputT, None]:
         """The path generate and encode share: submit, then yield from the request's queue."""
-        queue = await self.add_request(request_id, prompt, params, priority, cache_salt)
+        queue = await self.add_request(request_id, prompt, params, priority, cache_salt, lora_request)
         finished = False
         try:
             while not finished:

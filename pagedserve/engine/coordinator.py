@@ -34,7 +34,7 @@ class EngineLoad(msgspec.Struct, array_like=True):
 
 def run_coordinator(num_engines: int, engine_address: str, publish_address: str, parent_pid: int) -> None:
     """Entry point of the coordinator process."""
-    from pagedserve.engine.core import set_parent_death_signal, watch_parent
+    from pagedserve.process_utils import set_parent_death_signal, watch_parent
 
     set_parent_death_signal()
     watch_parent(parent_pid)

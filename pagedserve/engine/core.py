@@ -22,7 +22,6 @@ reports the engine's load to the coordinator (engine/coordinator.py).
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import queue
@@ -53,8 +52,10 @@ from pagedserve.engine import (
 )
 from pagedserve.engine.serial_utils import MsgpackDecoder, MsgpackEncoder
 from pagedserve.engine.utils import engine_identity
-from pagedserve.executor.abstract import Executor, get_executor_class
+from pagedserve.executor.abstract import Executor
+from pagedserve.executor.selector import get_executor_class
 from pagedserve.logger import configure_logging
+from pagedserve.process_utils import set_parent_death_signal, watch_parent
 from pagedserve.structured_output import StructuredOutputManager
 from pagedserve.worker.outputs import ModelRunnerOutput
 
@@ -93,6 +94,7 @@ class EngineCore:
             kv_cache_groups=kv_cache_groups,
             use_pp=config.parallel_config.pipeline_parallel_size > 1,
             structured_output_manager=self.structured_output_manager,
+            lora_config=config.lora_config,
             speculative_config=config.speculative_config,
         )
         # Steps in flight at most (1: run each step to its end before scheduling the next).
@@ -193,27 +195,6 @@ class EngineCore:
             self._deferred_grammar = None
         self.structured_output_manager.shutdown()
         self.executor.shutdown()
-
-
-def set_parent_death_signal() -> None:
-    """Asks Linux to SIGKILL this process when its parent dies, so nothing is orphaned."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def watch_parent(parent_pid: int) -> None:
-    """Fallback for platforms without prctl: exit when the parent is gone."""
-
-    def watch() -> None:
-        while True:
-            if os.getppid() != parent_pid:
-                os._exit(1)
-            time.sleep(1.0)
-
-    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
 class EngineCoreProc(EngineCore):

@@ -10,8 +10,9 @@ from pagedserve.engine import EngineCoreRequest
 from pagedserve.engine.arg_utils import EngineArgs
 from pagedserve.engine.core_client import make_sync_client
 from pagedserve.engine.output_processor import OutputProcessor
-from pagedserve.engine.parallel_sampling import ParentRequest
+from pagedserve.engine.parallel_sampling import fan_out
 from pagedserve.engine.processor import Processor, PromptType
+from pagedserve.lora.request import LoRARequest
 from pagedserve.metrics.stats import EngineTotals
 from pagedserve.outputs import RequestOutput
 from pagedserve.pooling_params import PoolingParams
@@ -30,8 +31,9 @@ class LLMEngine:
             model_config,
             self.tokenizer,
             get_eos_token_ids(model_config.model, self.tokenizer),
-            config.scheduler_config,  # issue 6: prompts that must fit one step (no chunking)
+            config.scheduler_config,  # prompts that must fit one step (pooling: no chunking)
             structured_outputs_config=config.structured_outputs_config,
+            lora_config=config.lora_config,
         )
         self.output_processor = OutputProcessor(self.tokenizer, log_stats=log_stats)
         self.engine_core = make_sync_client(config)
@@ -49,24 +51,26 @@ class LLMEngine:
         arrival_time: float | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> None:
-        # --- issue 6 (pooling): PoolingParams, and requests the Processor already built
-        # (cross-encoder pairs from Processor.process_score_pair; `params` is then None).
+        """Processes `prompt` with `params` and submits it; a request the Processor already built
+        (vLLM accepts one here too) goes straight to `add_processed_request`."""
         if isinstance(prompt, EngineCoreRequest):
-            request, prompt_text = prompt, None
-        else:
-            assert params is not None
-            request, prompt_text = self.processor.process_inputs(
-                request_id, prompt, params, arrival_time or time.monotonic(), priority, cache_salt
-            )
-        if request.sampling_params is None or request.sampling_params.n == 1:
-            self.output_processor.add_request(request, prompt_text)
-            self.engine_core.add_request(request)
+            self.add_processed_request(prompt)
             return
-        parent = ParentRequest(request_id, request.sampling_params)
-        for index, child in enumerate(parent.make_child_requests(request)):
-            self.output_processor.add_request(child, prompt_text, parent, index)
-            self.engine_core.add_request(child)
+        if params is None:
+            raise ValueError("params are needed unless the prompt is a prebuilt EngineCoreRequest")
+        request, prompt_text = self.processor.process_inputs(
+            request_id, prompt, params, arrival_time or time.monotonic(), priority, cache_salt, lora_request
+        )
+        self.add_processed_request(request, prompt_text)
+
+    def add_processed_request(self, request: EngineCoreRequest, prompt_text: str | None = None) -> None:
+        """Submits a request the Processor built (`process_inputs`, or `process_score_pair` for a
+        cross-encoder pair), fanned out into its n children when n > 1."""
+        for engine_request, parent, index in fan_out(request):
+            self.output_processor.add_request(engine_request, prompt_text, parent, index)
+            self.engine_core.add_request(engine_request)
 
     def abort_request(self, request_ids: list[str]) -> None:
         engine_ids, _ = self.output_processor.abort_requests(request_ids)

@@ -142,3 +142,13 @@ class ParentRequest:
             num_generation_tokens=sum(m.num_generation_tokens for m in child_metrics),
             inter_token_latencies=[t for m in child_metrics for t in m.inter_token_latencies],
         )
+
+
+def fan_out(request: EngineCoreRequest) -> list[tuple[EngineCoreRequest, ParentRequest | None, int]]:
+    """(engine request, parent, index) for every engine-core request one user request becomes:
+    itself alone (n = 1, or a pooling request), or the n children of one ParentRequest. Shared by
+    LLMEngine and AsyncLLM, which register each with their OutputProcessor in this order."""
+    if request.sampling_params is None or request.sampling_params.n == 1:
+        return [(request, None, 0)]
+    parent = ParentRequest(request.request_id, request.sampling_params)
+    return [(child, parent, index) for index, child in enumerate(parent.make_child_requests(request))]

@@ -16,10 +16,13 @@ import time
 from collections.abc import Sequence
 from typing import Any, TypedDict
 
+from pagedserve.config.lora import LoRAConfig
 from pagedserve.config.model import ModelConfig
 from pagedserve.config.scheduler import SchedulerConfig
 from pagedserve.config.structured_outputs import StructuredOutputsConfig
 from pagedserve.engine import EngineCoreRequest
+from pagedserve.lora.peft_helper import PEFTHelper
+from pagedserve.lora.request import LoRARequest
 from pagedserve.pooling_params import PoolingParams, PoolingTask
 from pagedserve.sampling_params import INT64_MAX, INT64_MIN, SamplingParams, StructuredOutputsParams
 from pagedserve.structured_output.validation import validate_structured_outputs
@@ -65,8 +68,12 @@ class Processor:
         eos_token_ids: list[int],
         scheduler_config: SchedulerConfig | None = None,
         structured_outputs_config: StructuredOutputsConfig | None = None,
+        lora_config: LoRAConfig | None = None,
     ) -> None:
         self.model_config = model_config
+        self.lora_config = lora_config
+        # lora_int_id -> (path, name) of adapters already validated: an id names one adapter.
+        self._validated_loras: dict[int, tuple[str, str]] = {}
         self.structured_outputs_config = structured_outputs_config or StructuredOutputsConfig()
         self.tokenizer = tokenizer
         self.max_model_len = int(model_config.max_model_len)  # type: ignore[arg-type]
@@ -87,9 +94,12 @@ class Processor:
         arrival_time: float | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> tuple[EngineCoreRequest, str | None]:
         """-> (the request for the engine core, the prompt's text when known)."""
         _check_priority(priority)
+        if lora_request is not None:
+            self.validate_lora_request(lora_request)
         if isinstance(params, PoolingParams):
             return self._process_pooling_inputs(request_id, prompt, params, arrival_time, priority, cache_salt)
         if not isinstance(params, SamplingParams):
@@ -118,8 +128,29 @@ class Processor:
             arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
             priority=priority,
             cache_salt=cache_salt,
+            lora_request=lora_request,
         )
         return request, text
+
+    def validate_lora_request(self, lora_request: LoRARequest) -> None:
+        """LoRA enabled, the adapter directory readable, its rank and target modules supported
+        (checked once per adapter id; the weights themselves are loaded by the workers)."""
+        if not isinstance(lora_request, LoRARequest):
+            raise ValueError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
+        if self.lora_config is None:
+            raise ValueError(f"LoRA adapter {lora_request.lora_name!r} requested, but LoRA is not enabled (enable_lora)")
+        if self.model_config.runner_type != "generate":
+            raise ValueError("LoRA adapters are supported for generation only")
+        known = self._validated_loras.get(lora_request.lora_int_id)
+        identity = (lora_request.lora_path, lora_request.lora_name)
+        if known is not None:
+            if known != identity:
+                raise ValueError(
+                    f"lora_int_id {lora_request.lora_int_id} already names adapter {known[1]!r} at {known[0]!r}"
+                )
+            return
+        PEFTHelper.from_local_dir(lora_request.lora_path, self.lora_config.max_lora_rank)
+        self._validated_loras[lora_request.lora_int_id] = identity
 
     # ------------------------------------------------------------------ pooling
 

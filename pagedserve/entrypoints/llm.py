@@ -22,6 +22,7 @@ from pagedserve.engine import EngineCoreRequest
 from pagedserve.engine.arg_utils import EngineArgs
 from pagedserve.engine.llm_engine import LLMEngine
 from pagedserve.engine.processor import PromptType
+from pagedserve.lora.request import LoRARequest
 from pagedserve.outputs import (
     ClassificationRequestOutput,
     EmbeddingRequestOutput,
@@ -63,8 +64,10 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         priority: list[int] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Generates completions for the prompts; outputs are in the order of the prompts."""
+        """Generates completions for the prompts; outputs are in the order of the prompts.
+        `lora_request`: one adapter for every prompt, or one (or None: the base model) per prompt."""
         model_config = self.llm_engine.config.model_config
         if model_config.runner_type != "generate":
             raise ValueError(
@@ -84,6 +87,7 @@ class LLM:
                 )
         if priority is not None and len(priority) != len(prompt_list):
             raise ValueError("priority needs one value per prompt")
+        lora_requests = self._lora_request_list(lora_request, len(prompt_list))
         # Validate everything before anything reaches the engine, so a bad prompt in the
         # middle of a list leaves no half-submitted batch behind.
         requests = []
@@ -91,11 +95,11 @@ class LLM:
             sp = sp.clone()
             sp.output_kind = RequestOutputKind.FINAL_ONLY
             request_id = str(next(self._request_counter))
-            requests.append((request_id, prompt, sp, priority[i] if priority else 0))
+            requests.append((request_id, prompt, sp, priority[i] if priority else 0, lora_requests[i]))
         added: list[str] = []
         try:
-            for request_id, prompt, sp, prio in requests:
-                self.llm_engine.add_request(request_id, prompt, sp, priority=prio)
+            for request_id, prompt, sp, prio, lora in requests:
+                self.llm_engine.add_request(request_id, prompt, sp, priority=prio, lora_request=lora)
                 added.append(request_id)
         except Exception:
             self.llm_engine.abort_request(added)
@@ -137,6 +141,7 @@ class LLM:
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Applies the tokenizer's chat template to each conversation and generates replies."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
@@ -154,7 +159,20 @@ class LLM:
                 return_dict=False,
             )
             prompts.append({"prompt_token_ids": list(token_ids)})
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+
+    @staticmethod
+    def _lora_request_list(
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None, num_prompts: int
+    ) -> list[LoRARequest | None]:
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            return [lora_request] * num_prompts
+        lora_requests = list(lora_request)
+        if len(lora_requests) != num_prompts:
+            raise ValueError(
+                f"got {len(lora_requests)} LoRA requests for {num_prompts} prompts; pass one, or one per prompt"
+            )
+        return lora_requests
 
     def reset_prefix_cache(self) -> bool:
         return self.llm_engine.reset_prefix_cache()
@@ -336,7 +354,7 @@ class LLM:
         added: list[str] = []
         try:
             for request in requests:
-                self.llm_engine.add_request(request.request_id, request, None)
+                self.llm_engine.add_processed_request(request)
                 added.append(request.request_id)
         except Exception:
             self.llm_engine.abort_request(added)

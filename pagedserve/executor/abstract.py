@@ -69,23 +69,6 @@ class Executor(ABC):
             self._step_thread = None
 
 
-def get_executor_class(config: EngineConfig) -> type[Executor]:
-    """By `distributed_executor_backend`: uni (one worker in the engine core), mp (one process
-    per rank on this host) or ray (one Ray actor per rank, anywhere in the cluster)."""
-    backend = config.parallel_config.distributed_executor_backend
-    if backend == "ray":
-        from pagedserve.executor.ray_executor import RayDistributedExecutor
-
-        return RayDistributedExecutor
-    if backend == "mp":
-        from pagedserve.executor.multiproc_executor import MultiprocExecutor
-
-        return MultiprocExecutor
-    from pagedserve.executor.uniproc_executor import UniProcExecutor
-
-    return UniProcExecutor
-
-
 def cpu_threads_per_worker(config: EngineConfig, num_workers_on_host: int) -> int:
     """Torch threads of one worker: the host's cores shared by its workers (of every local
     data-parallel engine core)."""

@@ -129,6 +129,10 @@ class PrometheusStatLogger(StatLoggerBase):
             "request_decode_time_seconds", "Time from the first token to finish.", _REQUEST_LATENCY_BUCKETS
         )
         self.gauge_cache_config_info: Gauge | None = None
+        # vLLM's lora_requests_info, made once the engine reports a LoRA config (its labels name
+        # the adapters of the newest stats; the value is when they were recorded).
+        self.gauge_lora_info: Gauge | None = None
+        self.max_lora = 0
         # Speculative decoding (vLLM's spec_decode_* counters): registered by
         # log_engine_initialized for an engine that speculates, or with the first drafts.
         self.counter_spec_decode: SimpleNamespace | None = None
@@ -181,8 +185,28 @@ class PrometheusStatLogger(StatLoggerBase):
                 registry=self.registry,
             )
         self.gauge_cache_config_info.labels(**info).set(1)
+        if config.lora_config is not None and self.gauge_lora_info is None:
+            self.max_lora = config.lora_config.max_loras
+            self.gauge_lora_info = Gauge(
+                METRIC_PREFIX + "lora_requests_info",
+                "Running stats on lora requests.",
+                ["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+                registry=self.registry,
+                multiprocess_mode="livemostrecent",
+            )
         if config.speculative_config is not None:
             self._register_spec_decode_metrics()
+
+    def _record_lora_info(self, stats: SchedulerStats) -> None:
+        assert self.gauge_lora_info is not None
+        # NOTE: one series, the newest: vLLM keeps a series per label set ever seen, which grows
+        # with every mix of adapters; the newest timestamp is what dashboards read either way.
+        self.gauge_lora_info.clear()
+        self.gauge_lora_info.labels(
+            max_lora=str(self.max_lora),
+            waiting_lora_adapters=",".join(sorted(stats.waiting_lora_adapters)),
+            running_lora_adapters=",".join(sorted(stats.running_lora_adapters)),
+        ).set_to_current_time()
 
     def _register_spec_decode_metrics(self) -> SimpleNamespace:
         if self.counter_spec_decode is None:
@@ -225,6 +249,8 @@ class PrometheusStatLogger(StatLoggerBase):
             m.prefix_queries.inc(scheduler_stats.prefix_cache_queries)
             m.prefix_hits.inc(scheduler_stats.prefix_cache_hits)
             m.preemptions.inc(scheduler_stats.num_preemptions)
+            if self.gauge_lora_info is not None:
+                self._record_lora_info(scheduler_stats)
             if scheduler_stats.spec_decoding_stats is not None:
                 self._record_spec_decoding(scheduler_stats.spec_decoding_stats, engine_idx)
 

@@ -15,14 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagedserve.attention.layer import Attention
-from pagedserve.distributed.parallel_state import get_tp_size
 from pagedserve.models.layers.layernorm import RMSNorm
-from pagedserve.models.layers.linear import QKVParallelLinear, RowParallelLinear
 from pagedserve.models.layers.mamba_mixer2 import MambaMixer2
-from pagedserve.models.layers.rotary_embedding import get_rope
 from pagedserve.models.layers.vocab_parallel_embedding import VocabParallelEmbedding
-from pagedserve.models.llama import LlamaForCausalLM, LlamaMLP
+from pagedserve.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 
 
 def layer_block_types(config: SimpleNamespace) -> list[str]:
@@ -70,100 +66,55 @@ def _rotary_dim(config: SimpleNamespace, head_dim: int) -> int:
     return int(rotary_dim) if rotary_dim else head_dim // 2
 
 
-class BambaAttention(nn.Module):
-    """Llama-style GQA attention with RoPE on the first `rotary_dim` dims of each head only."""
+class BambaAttention(LlamaAttention):
+    """Llama's GQA attention with RoPE on the first `rotary_dim` dims of each head only."""
 
-    def __init__(self, config: SimpleNamespace, layer_idx: int, max_position: int) -> None:
-        super().__init__()
-        tp_size = get_tp_size()
-        self.head_dim = config.head_dim
-        bias = bool(getattr(config, "attention_bias", False))
-        self.qkv_proj = QKVParallelLinear(
-            config.hidden_size,
-            self.head_dim,
-            config.num_attention_heads,
-            config.num_key_value_heads,
-            bias=bias,
-        )
-        self.num_heads = config.num_attention_heads // tp_size
-        self.num_kv_heads = self.qkv_proj.num_kv_heads
-        self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
-        self.o_proj = RowParallelLinear(
-            config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias
-        )
-        self.rotary_emb = get_rope(
-            self.head_dim,
-            max_position,
-            float(config.rope_theta),
-            config.rope_scaling,
-            rotary_dim=_rotary_dim(config, self.head_dim),
-        )
-        self.attn = Attention(
-            self.num_heads,
-            self.head_dim,
-            self.head_dim**-0.5,
-            self.num_kv_heads,
-            layer_name=f"model.layers.{layer_idx}.self_attn.attn",
-        )
+    def _rotary_dim(self, config: SimpleNamespace) -> int | None:
+        return _rotary_dim(config, self.head_dim)
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v))
+    def _make_sliding_window(self, config: SimpleNamespace) -> int | None:
+        return None
 
 
-class BambaDecoderLayer(nn.Module):
-    """input_layernorm -> mixer (Mamba2 or attention) -> pre_ff_layernorm -> feed_forward."""
+class BambaDecoderLayer(LlamaDecoderLayer):
+    """Llama's pre-norm block with a Mamba2 mixer (`mamba`) on the layers that are not attention.
+
+    transformers names the MLP `feed_forward` and its norm `pre_ff_layernorm`; the checkpoint
+    names are mapped onto Llama's (`mlp`, `post_attention_layernorm`) at load."""
 
     def __init__(self, config: SimpleNamespace, layer_idx: int, block_type: str, max_position: int) -> None:
-        super().__init__()
         self.block_type = block_type
-        if block_type == "attention":
-            self.self_attn = BambaAttention(config, layer_idx, max_position)
-        else:
-            hidden_size = config.hidden_size
-            intermediate_size = int(getattr(config, "mamba_expand", 2) * hidden_size)
-            num_heads = config.mamba_n_heads
-            head_dim = getattr(config, "mamba_d_head", "auto")
-            self.mamba = MambaMixer2(
-                hidden_size=hidden_size,
-                intermediate_size=intermediate_size,
-                num_heads=num_heads,
-                head_dim=intermediate_size // num_heads if head_dim == "auto" else int(head_dim),
-                n_groups=getattr(config, "mamba_n_groups", 1),
-                d_state=config.mamba_d_state,
-                d_conv=getattr(config, "mamba_d_conv", 4),
-                chunk_size=getattr(config, "mamba_chunk_size", 256),
-                layer_name=f"model.layers.{layer_idx}.mamba",
-                rms_norm_eps=config.rms_norm_eps,
-                use_conv_bias=bool(getattr(config, "mamba_conv_bias", True)),
-                use_bias=bool(getattr(config, "mamba_proj_bias", False)),
-                activation=getattr(config, "hidden_act", "silu"),
-                time_step_limit=_time_step_limit(config),
-            )
-        self.feed_forward = LlamaMLP(
-            config.hidden_size,
-            config.intermediate_size,
-            getattr(config, "hidden_act", "silu"),
-            bias=bool(getattr(config, "mlp_bias", False)),
-        )
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.pre_ff_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        super().__init__(config, layer_idx, max_position)
 
-    def forward(
-        self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+    def _make_mixer(self, config: SimpleNamespace, layer_idx: int, max_position: int) -> None:
         if self.block_type == "attention":
-            hidden_states = self.self_attn(positions, hidden_states)
-        else:
-            hidden_states = self.mamba(hidden_states)
-        hidden_states, residual = self.pre_ff_layernorm(hidden_states, residual)
-        return self.feed_forward(hidden_states), residual
+            self.self_attn = BambaAttention(config, layer_idx, max_position)
+            return
+        hidden_size = config.hidden_size
+        intermediate_size = int(getattr(config, "mamba_expand", 2) * hidden_size)
+        num_heads = config.mamba_n_heads
+        head_dim = getattr(config, "mamba_d_head", "auto")
+        self.mamba = MambaMixer2(
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_heads=num_heads,
+            head_dim=intermediate_size // num_heads if head_dim == "auto" else int(head_dim),
+            n_groups=getattr(config, "mamba_n_groups", 1),
+            d_state=config.mamba_d_state,
+            d_conv=getattr(config, "mamba_d_conv", 4),
+            chunk_size=getattr(config, "mamba_chunk_size", 256),
+            layer_name=f"model.layers.{layer_idx}.mamba",
+            rms_norm_eps=config.rms_norm_eps,
+            use_conv_bias=bool(getattr(config, "mamba_conv_bias", True)),
+            use_bias=bool(getattr(config, "mamba_proj_bias", False)),
+            activation=getattr(config, "hidden_act", "silu"),
+            time_step_limit=_time_step_limit(config),
+        )
+
+    def mix(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.block_type == "attention":
+            return self.self_attn(positions, hidden_states)
+        return self.mamba(hidden_states)
 
 
 class BambaModel(nn.Module):
@@ -190,7 +141,9 @@ class BambaModel(nn.Module):
 
 class BambaForCausalLM(LlamaForCausalLM):
     """Checkpoint names are transformers' (`mamba.*`, `self_attn.{q,k,v,o}_proj`,
-    `feed_forward.{gate,up,down}_proj`), loaded by Llama's loader with its fused-name mapping."""
+    `feed_forward.{gate,up,down}_proj`, `pre_ff_layernorm`), loaded by Llama's loader with its
+    fused-name mapping and the renames onto Llama's layer."""
 
     model_cls = BambaModel  # type: ignore[assignment]
     supports_pp = False  # BambaModel builds every layer
+    checkpoint_renames = ((".feed_forward.", ".mlp."), (".pre_ff_layernorm.", ".post_attention_layernorm."))

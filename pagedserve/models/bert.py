@@ -26,7 +26,7 @@ from pagedserve.models.layers.linear import (
 )
 from pagedserve.models.layers.pooler import Pooler
 from pagedserve.models.layers.vocab_parallel_embedding import VocabParallelEmbedding
-from pagedserve.models.utils import default_weight_loader
+from pagedserve.models.utils import StackedParamsMapping, load_checkpoint_weights
 from pagedserve.pooling_params import PoolingTask
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -184,42 +184,16 @@ class BertModel(nn.Module):
 
 
 # (our fused parameter, checkpoint name, shard id)
-BERT_STACKED_PARAMS_MAPPING = [
-    ("qkv_proj", "query", "q"),
-    ("qkv_proj", "key", "k"),
-    ("qkv_proj", "value", "v"),
-]
+BERT_STACKED_PARAMS_MAPPING: StackedParamsMapping = (
+    ("self.qkv_proj", "self.query", "q"),
+    ("self.qkv_proj", "self.key", "k"),
+    ("self.qkv_proj", "self.value", "v"),
+)
 
 
-def load_encoder_weights(
-    model: nn.Module,
-    weights: Iterable[tuple[str, torch.Tensor]],
-    map_name: Callable[[str], str | None],
-) -> set[str]:
-    """Loads checkpoint tensors into `model`; `map_name` turns a checkpoint name into a
-    parameter name (None: the tensor is not used, e.g. an unused pooler or an MLM head)."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    loaded: set[str] = set()
-    for ckpt_name, tensor in weights:
-        name = map_name(ckpt_name)
-        if name is None:
-            continue
-        for param_part, ckpt_part, shard_id in BERT_STACKED_PARAMS_MAPPING:
-            if f".self.{ckpt_part}." in name:
-                target = name.replace(f".self.{ckpt_part}.", f".self.{param_part}.")
-                params[target].weight_loader(params[target], tensor, shard_id)  # type: ignore[attr-defined]
-                loaded.add(target)
-                break
-        else:
-            if name not in params:
-                raise ValueError(f"checkpoint tensor {ckpt_name!r} matches no parameter of {type(model).__name__}")
-            param = params[name]
-            getattr(param, "weight_loader", default_weight_loader)(param, tensor)
-            loaded.add(name)
-    missing = set(params) - loaded
-    if missing:
-        raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:8]}")
-    return loaded
+def num_labels_of(config: SimpleNamespace) -> int:
+    id2label = getattr(config, "id2label", None)
+    return len(id2label) if id2label else int(getattr(config, "num_labels", 2))
 
 
 def _is_unused_tensor(name: str) -> bool:
@@ -258,7 +232,7 @@ class BertEmbeddingModel(nn.Module):
         return "model." + name
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return load_encoder_weights(self, weights, self._map_name)
+        return load_checkpoint_weights(self, weights, BERT_STACKED_PARAMS_MAPPING, self._map_name)
 
 
 class BertForSequenceClassification(nn.Module):
@@ -272,8 +246,7 @@ class BertForSequenceClassification(nn.Module):
     def __init__(self, config: SimpleNamespace, max_position: int) -> None:
         super().__init__()
         self.config = config
-        id2label = getattr(config, "id2label", None)
-        num_labels = len(id2label) if id2label else int(getattr(config, "num_labels", 2))
+        num_labels = num_labels_of(config)
         self.bert = BertModel(config, prefix="bert.", add_pooling_layer=True)
         self.classifier = ReplicatedLinear(config.hidden_size, num_labels, bias=True)
         self.pooler = Pooler.for_classify(_pooler_config(config, self.default_pooling_type), self._classify, config)
@@ -289,4 +262,6 @@ class BertForSequenceClassification(nn.Module):
         return self.bert(input_ids, positions, token_type_ids)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return load_encoder_weights(self, weights, lambda name: None if _is_unused_tensor(name) else name)
+        return load_checkpoint_weights(
+            self, weights, BERT_STACKED_PARAMS_MAPPING, lambda name: None if _is_unused_tensor(name) else name
+        )

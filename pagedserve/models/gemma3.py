@@ -15,13 +15,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagedserve.attention.layer import Attention
-from pagedserve.distributed.parallel_state import get_tp_size
-from pagedserve.models.layers.activation import GeluAndMul
-from pagedserve.models.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from pagedserve.models.layers.rotary_embedding import RotaryEmbedding, get_rope
 from pagedserve.models.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from pagedserve.models.utils import default_weight_loader, set_weight_attrs
+from pagedserve.models.llama import LlamaAttention, LlamaMLP
+from pagedserve.models.utils import (
+    DECODER_STACKED_PARAMS_MAPPING,
+    default_weight_loader,
+    load_checkpoint_weights,
+    set_weight_attrs,
+)
 
 _SLIDING = "sliding_attention"
 _FULL = "full_attention"
@@ -76,59 +78,33 @@ def _rope_for(config: SimpleNamespace, layer_type: str, head_dim: int, max_posit
     return get_rope(head_dim, max_position, base, scaling)
 
 
-class Gemma3MLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str) -> None:
-        super().__init__()
-        if hidden_act not in ("gelu_pytorch_tanh", "gelu_tanh"):
-            raise ValueError(f"Gemma 3 MLP supports gelu_pytorch_tanh only, got {hidden_act!r}")
-        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=False)
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=False)
-        self.act_fn = GeluAndMul()
+class Gemma3Attention(LlamaAttention):
+    """Llama's attention with Gemma's (1 + w) q/k norms, the query_pre_attn_scalar scale, and a
+    sliding window and RoPE base chosen by the layer's type."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+    qk_norm = True
+    qk_norm_cls = GemmaRMSNorm
 
-
-class Gemma3Attention(nn.Module):
     def __init__(self, config: SimpleNamespace, layer_idx: int, layer_type: str, max_position: int) -> None:
-        super().__init__()
         if getattr(config, "attn_logit_softcapping", None) is not None:
             raise ValueError("Gemma 3 with attn_logit_softcapping is not supported")
-        tp_size = get_tp_size()
-        hidden_size = config.hidden_size
-        self.head_dim = config.head_dim
-        self.total_num_heads = config.num_attention_heads
-        bias = bool(getattr(config, "attention_bias", False))
-        self.qkv_proj = QKVParallelLinear(
-            hidden_size, self.head_dim, self.total_num_heads, config.num_key_value_heads, bias=bias
-        )
-        self.num_heads = self.total_num_heads // tp_size
-        self.num_kv_heads = self.qkv_proj.num_kv_heads
-        self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
-        self.o_proj = RowParallelLinear(self.total_num_heads * self.head_dim, hidden_size, bias=bias)
-        self.q_norm = GemmaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
-        self.k_norm = GemmaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
-        self.rotary_emb = _rope_for(config, layer_type, self.head_dim, max_position)
-        self.attn = Attention(
-            self.num_heads,
-            self.head_dim,
-            float(config.query_pre_attn_scalar) ** -0.5,
-            self.num_kv_heads,
-            layer_name=f"model.layers.{layer_idx}.self_attn.attn",
-            sliding_window=int(config.sliding_window) if layer_type == _SLIDING else None,
-        )
+        self.layer_type = layer_type
+        super().__init__(config, layer_idx, max_position)
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        num_tokens = q.shape[0]
-        q = self.q_norm(q.reshape(num_tokens, -1, self.head_dim)).view(num_tokens, -1)
-        k = self.k_norm(k.reshape(num_tokens, -1, self.head_dim)).view(num_tokens, -1)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v))
+    def _make_rotary(self, config: SimpleNamespace, max_position: int) -> nn.Module:
+        return _rope_for(config, self.layer_type, self.head_dim, max_position)
+
+    def _make_scale(self, config: SimpleNamespace) -> float:
+        return float(config.query_pre_attn_scalar) ** -0.5
+
+    def _make_sliding_window(self, config: SimpleNamespace) -> int | None:
+        return int(config.sliding_window) if self.layer_type == _SLIDING else None
 
 
 class Gemma3DecoderLayer(nn.Module):
+    """Gemma's sandwich block: each sub-block's output is normed before its residual add, so the
+    residual cannot ride the next norm as in LlamaDecoderLayer (whose attention and MLP it uses)."""
+
     def __init__(self, config: SimpleNamespace, layer_idx: int, layer_type: str, max_position: int) -> None:
         super().__init__()
         hidden_size, eps = config.hidden_size, config.rms_norm_eps
@@ -136,7 +112,7 @@ class Gemma3DecoderLayer(nn.Module):
         hidden_act = getattr(config, "hidden_activation", None) or getattr(
             config, "hidden_act", "gelu_pytorch_tanh"
         )
-        self.mlp = Gemma3MLP(hidden_size, config.intermediate_size, hidden_act)
+        self.mlp = LlamaMLP(hidden_size, config.intermediate_size, hidden_act)
         self.input_layernorm = GemmaRMSNorm(hidden_size, eps)
         self.post_attention_layernorm = GemmaRMSNorm(hidden_size, eps)
         self.pre_feedforward_layernorm = GemmaRMSNorm(hidden_size, eps)
@@ -172,14 +148,7 @@ class Gemma3Model(nn.Module):
 
 
 class Gemma3ForCausalLM(nn.Module):
-    # (our fused parameter, checkpoint name, shard id)
-    stacked_params_mapping = [
-        ("qkv_proj", "q_proj", "q"),
-        ("qkv_proj", "k_proj", "k"),
-        ("qkv_proj", "v_proj", "v"),
-        ("gate_up_proj", "gate_proj", 0),
-        ("gate_up_proj", "up_proj", 1),
-    ]
+    stacked_params_mapping = DECODER_STACKED_PARAMS_MAPPING
 
     def __init__(self, config: SimpleNamespace, max_position: int) -> None:
         super().__init__()
@@ -203,29 +172,9 @@ class Gemma3ForCausalLM(nn.Module):
         return logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Loads checkpoint tensors; returns the names of the parameters that were loaded."""
-        params = dict(self.named_parameters(remove_duplicate=False))
-        loaded: set[str] = set()
-        for name, tensor in weights:
+        def map_name(name: str) -> str | None:
             if self.tie_word_embeddings and name == "lm_head.weight":
-                continue  # the tied head is the embedding, loaded under its own name
-            for param_part, ckpt_part, shard_id in self.stacked_params_mapping:
-                target = name.replace(f".{ckpt_part}.", f".{param_part}.")
-                if target != name and target in params:
-                    params[target].weight_loader(params[target], tensor, shard_id)
-                    loaded.add(target)
-                    break
-            else:
-                if name not in params:
-                    raise ValueError(
-                        f"checkpoint tensor {name!r} matches no parameter of {type(self).__name__}"
-                    )
-                param = params[name]
-                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
-                loaded.add(name)
-        if self.tie_word_embeddings:
-            loaded.add("lm_head.weight")
-        missing = set(params) - loaded
-        if missing:
-            raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:8]}")
-        return loaded
+                return None  # the tied head is the embedding, loaded under its own name
+            return name
+
+        return load_checkpoint_weights(self, weights, self.stacked_params_mapping, map_name)

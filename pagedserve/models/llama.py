@@ -14,32 +14,55 @@ from torch import nn
 
 from pagedserve.attention.layer import Attention
 from pagedserve.distributed.parallel_state import get_pp_group, get_tp_size
-from pagedserve.models.layers.activation import SiluAndMul
+from pagedserve.models.layers.activation import GeluAndMul, SiluAndMul
 from pagedserve.models.layers.fused_decode import FusedDecoder, decode_step
 from pagedserve.models.layers.layernorm import RMSNorm
 from pagedserve.models.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from pagedserve.models.layers.rotary_embedding import get_rope
 from pagedserve.models.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from pagedserve.models.utils import PPMissingLayer, default_weight_loader, make_layers, pp_missing_prefixes
+from pagedserve.models.utils import (
+    DECODER_STACKED_PARAMS_MAPPING,
+    PPMissingLayer,
+    load_checkpoint_weights,
+    make_layers,
+    pp_missing_prefixes,
+)
 from pagedserve.sequence import IntermediateTensors
+
+# config.hidden_act -> the gated activation over [gate | up].
+_GATED_ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "silu": SiluAndMul,
+    "gelu_pytorch_tanh": GeluAndMul,
+    "gelu_tanh": GeluAndMul,
+}
 
 
 class LlamaMLP(nn.Module):
+    """down(act(gate) * up) over one fused gate/up projection; SwiGLU, or GeGLU for Gemma."""
+
     def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool = False) -> None:
         super().__init__()
-        if hidden_act != "silu":
-            raise ValueError(f"Llama MLP supports hidden_act='silu' only, got {hidden_act!r}")
+        if hidden_act not in _GATED_ACTIVATIONS:
+            raise ValueError(f"MLP activation must be one of {sorted(_GATED_ACTIVATIONS)}, got {hidden_act!r}")
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias)
-        self.act_fn = SiluAndMul()
+        self.act_fn = _GATED_ACTIVATIONS[hidden_act]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class LlamaAttention(nn.Module):
+    """GQA self-attention with RoPE: qkv_proj -> (q/k norms) -> rotary -> paged attention -> o_proj.
+
+    The attention of every decoder here (Llama, Mistral, Qwen2/3, Gemma 3, Bamba's attention
+    layers); a model changes it through the class attributes and the `_make_*` / `_rotary_dim` hooks,
+    never by copying it, so checkpoint names stay `qkv_proj`, `o_proj`, `q_norm`, `k_norm`.
+    """
+
     qkv_bias: bool = False
     qk_norm: bool = False
+    qk_norm_cls: type[nn.Module] = RMSNorm
 
     def __init__(self, config: SimpleNamespace, layer_idx: int, max_position: int) -> None:
         super().__init__()
@@ -61,26 +84,37 @@ class LlamaAttention(nn.Module):
             bias=bool(getattr(config, "attention_bias", False)) and not self.qkv_bias,
         )
         if self.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
-        self.rotary_emb = get_rope(
+            self.q_norm = self.qk_norm_cls(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = self.qk_norm_cls(self.head_dim, eps=config.rms_norm_eps)
+        self.rotary_emb = self._make_rotary(config, max_position)
+        self.attn = Attention(
+            self.num_heads,
+            self.head_dim,
+            self._make_scale(config),
+            self.num_kv_heads,
+            layer_name=f"model.layers.{layer_idx}.self_attn.attn",
+            sliding_window=self._make_sliding_window(config),
+        )
+
+    def _make_rotary(self, config: SimpleNamespace, max_position: int) -> nn.Module:
+        return get_rope(
             self.head_dim,
             max_position,
             float(config.rope_theta),
             config.rope_scaling,
+            rotary_dim=self._rotary_dim(config),
             is_neox_style=getattr(config, "rope_is_neox_style", True),
         )
-        sliding_window = getattr(config, "sliding_window", None) if getattr(
-            config, "use_sliding_window", True
-        ) else None
-        self.attn = Attention(
-            self.num_heads,
-            self.head_dim,
-            self.head_dim**-0.5,
-            self.num_kv_heads,
-            layer_name=f"model.layers.{layer_idx}.self_attn.attn",
-            sliding_window=sliding_window,
-        )
+
+    def _rotary_dim(self, config: SimpleNamespace) -> int | None:
+        """How many leading dims of each head RoPE turns (None: all of them)."""
+        return None
+
+    def _make_scale(self, config: SimpleNamespace) -> float:
+        return self.head_dim**-0.5
+
+    def _make_sliding_window(self, config: SimpleNamespace) -> int | None:
+        return getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)
@@ -94,11 +128,15 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    """Pre-norm residual block: norm -> mixer -> add & norm -> MLP, the residual carried into
+    the next layer's fused add-and-norm. Bamba's layers are these with a Mamba2 mixer in place
+    of attention on some layers (`_make_mixer`, `mix`)."""
+
     attention_cls: type[LlamaAttention] = LlamaAttention
 
     def __init__(self, config: SimpleNamespace, layer_idx: int, max_position: int) -> None:
         super().__init__()
-        self.self_attn = self.attention_cls(config, layer_idx, max_position)
+        self._make_mixer(config, layer_idx, max_position)
         self.mlp = LlamaMLP(
             config.hidden_size,
             config.intermediate_size,
@@ -108,6 +146,13 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
+    def _make_mixer(self, config: SimpleNamespace, layer_idx: int, max_position: int) -> None:
+        self.self_attn = self.attention_cls(config, layer_idx, max_position)
+
+    def mix(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The token mixer between the two norms."""
+        return self.self_attn(positions, hidden_states)
+
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +161,7 @@ class LlamaDecoderLayer(nn.Module):
             hidden_states = self.input_layernorm(hidden_states)
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states)
+        hidden_states = self.mix(positions, hidden_states)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 
@@ -189,17 +234,12 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     model_cls: type[LlamaModel] = LlamaModel
-    # (our fused parameter, checkpoint name, shard id)
-    stacked_params_mapping = [
-        ("qkv_proj", "q_proj", "q"),
-        ("qkv_proj", "k_proj", "k"),
-        ("qkv_proj", "v_proj", "v"),
-        ("gate_up_proj", "gate_proj", 0),
-        ("gate_up_proj", "up_proj", 1),
-    ]
+    stacked_params_mapping = DECODER_STACKED_PARAMS_MAPPING
 
     # Splits into pipeline stages (vLLM's SupportsPP).
     supports_pp = True
+    # (checkpoint name part, ours): where a model's checkpoint names its modules otherwise.
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
 
     def __init__(self, config: SimpleNamespace, max_position: int) -> None:
         super().__init__()
@@ -225,31 +265,15 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head.compute_logits(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Loads checkpoint tensors; returns the names of the parameters that were loaded."""
-        params = dict(self.named_parameters(remove_duplicate=False))
         other_stages = pp_missing_prefixes(self)
-        loaded: set[str] = set()
-        for name, tensor in weights:
+
+        def map_name(name: str) -> str | None:
             if "rotary_emb.inv_freq" in name or name.startswith(other_stages):
-                continue
+                return None
             if self.tie_word_embeddings and name == "lm_head.weight":
-                continue  # the tied head is the embedding, loaded under its own name
-            for param_part, ckpt_part, shard_id in self.stacked_params_mapping:
-                if f".{ckpt_part}." in name:
-                    target = name.replace(f".{ckpt_part}.", f".{param_part}.")
-                    if target in params:
-                        params[target].weight_loader(params[target], tensor, shard_id)
-                        loaded.add(target)
-                        break
-            else:
-                if name not in params:
-                    raise ValueError(f"checkpoint tensor {name!r} matches no parameter of {type(self).__name__}")
-                param = params[name]
-                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
-                loaded.add(name)
-        if self.tie_word_embeddings:
-            loaded.add("lm_head.weight")
-        missing = set(params) - loaded
-        if missing:
-            raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:8]}")
-        return loaded
+                return None  # the tied head is the embedding, loaded under its own name
+            for theirs, ours in self.checkpoint_renames:
+                name = name.replace(theirs, ours)
+            return name
+
+        return load_checkpoint_weights(self, weights, self.stacked_params_mapping, map_name)

@@ -11,15 +11,17 @@ import torch
 from torch import nn
 
 from pagedserve.models.bert import (
+    BERT_STACKED_PARAMS_MAPPING,
     BertEmbedding,
     BertEmbeddingModel,
     BertModel,
     _is_unused_tensor,
     _pooler_config,
-    load_encoder_weights,
+    num_labels_of,
 )
 from pagedserve.models.layers.linear import ReplicatedLinear
 from pagedserve.models.layers.pooler import Pooler
+from pagedserve.models.utils import load_checkpoint_weights
 from pagedserve.pooling_params import PoolingTask
 
 
@@ -73,8 +75,7 @@ class RobertaForSequenceClassification(nn.Module):
     def __init__(self, config: SimpleNamespace, max_position: int) -> None:
         super().__init__()
         self.config = config
-        id2label = getattr(config, "id2label", None)
-        num_labels = len(id2label) if id2label else int(getattr(config, "num_labels", 2))
+        num_labels = num_labels_of(config)
         self.roberta = RobertaModel(config, prefix="roberta.")
         self.classifier = RobertaClassificationHead(config, num_labels)
         self.pooler = Pooler.for_classify(
@@ -96,4 +97,4 @@ class RobertaForSequenceClassification(nn.Module):
         return name
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return load_encoder_weights(self, weights, self._map_name)
+        return load_checkpoint_weights(self, weights, BERT_STACKED_PARAMS_MAPPING, self._map_name)

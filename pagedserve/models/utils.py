@@ -1,14 +1,28 @@
-"""Helpers shared by model definitions: weight-loader attributes and meta-device materialisation."""
+"""Helpers shared by model definitions: weight loading, weight-loader attributes, meta-device
+materialisation and pipeline-stage layout."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 WeightLoader = Callable[..., None]
+
+# (our fused parameter's name part, the checkpoint's name part, shard id): a checkpoint tensor
+# whose name holds ".{checkpoint part}." is one shard of the fused parameter (q/k/v -> qkv_proj).
+StackedParamsMapping = Sequence[tuple[str, str, "str | int"]]
+
+# The decoder-only models' fused projections: q/k/v into qkv_proj, gate/up into gate_up_proj.
+DECODER_STACKED_PARAMS_MAPPING: StackedParamsMapping = (
+    ("qkv_proj", "q_proj", "q"),
+    ("qkv_proj", "k_proj", "k"),
+    ("qkv_proj", "v_proj", "v"),
+    ("gate_up_proj", "gate_proj", 0),
+    ("gate_up_proj", "up_proj", 1),
+)
 
 
 def set_weight_attrs(param: nn.Parameter, attrs: dict[str, Any]) -> None:
@@ -23,6 +37,49 @@ def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor) -> N
             f"of shape {tuple(param.shape)}"
         )
     param.data.copy_(loaded_weight)
+
+
+def load_checkpoint_weights(
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    stacked_params_mapping: StackedParamsMapping = (),
+    map_name: Callable[[str], str | None] = lambda name: name,
+) -> set[str]:
+    """Loads checkpoint tensors into `model`, for every model; returns the parameter names loaded.
+
+    `map_name` turns a checkpoint name into a parameter name, or None for a tensor the model does
+    not use (rotary caches, unused heads, another pipeline stage's layers, a tied LM head). A
+    tensor matching `stacked_params_mapping` goes to its fused parameter's `weight_loader` with
+    its shard id; any other to its parameter's loader. A tied parameter (one object under two
+    names) counts as loaded under both names. Raises on a tensor that fits no parameter and on a
+    parameter the checkpoint lacks.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[str] = set()
+    for checkpoint_name, tensor in weights:
+        name = map_name(checkpoint_name)
+        if name is None:
+            continue
+        for param_part, checkpoint_part, shard_id in stacked_params_mapping:
+            target = name.replace(f".{checkpoint_part}.", f".{param_part}.")
+            if target != name and target in params:
+                params[target].weight_loader(params[target], tensor, shard_id)  # type: ignore[attr-defined]
+                loaded.add(target)
+                break
+        else:
+            if name not in params:
+                raise ValueError(
+                    f"checkpoint tensor {checkpoint_name!r} matches no parameter of {type(model).__name__}"
+                )
+            param = params[name]
+            getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+            loaded.add(name)
+    loaded_ids = {id(params[name]) for name in loaded}
+    loaded.update(name for name, param in params.items() if id(param) in loaded_ids)
+    missing = set(params) - loaded
+    if missing:
+        raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:8]}")
+    return loaded
 
 
 def materialize_meta_module(model: nn.Module, device: torch.device | str) -> None:

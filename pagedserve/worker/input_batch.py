@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from pagedserve.lora.request import LoRARequest
 from pagedserve.pooling_params import PoolingParams
 from pagedserve.sample.metadata import SamplingMetadata
 from pagedserve.sampling_params import SamplingParams
@@ -30,6 +31,7 @@ class CachedRequestState:
     block_ids: tuple[list[int], ...]
     num_computed_tokens: int
     pooling_params: PoolingParams | None = None
+    lora_request: LoRARequest | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -66,6 +68,7 @@ class InputBatch:
         self.frequency_penalties = np.zeros(n, dtype=np.float32)
         self.repetition_penalties = np.ones(n, dtype=np.float32)
         self.num_logprobs = np.full(n, -1, dtype=np.int64)  # -1: not asked
+        self.lora_int_ids = np.zeros(n, dtype=np.int64)  # 0: the base model
         # Pooling rows: position where token type 1 starts (a text pair); max_model_len: never.
         self.token_type_starts = np.full(n, self.max_model_len, dtype=np.int64)
         # Row-keyed features that are rare enough to keep in dicts, rebuilt on condense.
@@ -91,6 +94,7 @@ class InputBatch:
         self.num_tokens[i] = num_tokens
         self.num_prompt_tokens[i] = num_prompt
         self.num_computed_tokens[i] = state.num_computed_tokens
+        self.lora_int_ids[i] = 0 if state.lora_request is None else state.lora_request.lora_int_id
         self.num_blocks[:, i] = 0
         self.append_block_ids(i, state.block_ids)
         sp = state.sampling_params
@@ -171,6 +175,7 @@ class InputBatch:
             self.repetition_penalties,
             self.num_logprobs,
             self.token_type_starts,
+            self.lora_int_ids,
         ):
             arr[dst] = arr[src]
 

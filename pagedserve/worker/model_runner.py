@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from pagedserve.attention.backends.abstract import get_attn_backend
 from pagedserve.attention.backends.mamba2_attn import Mamba2AttentionMetadata
 from pagedserve.attention.forward_context import set_forward_context
 from pagedserve.attention.layer import Attention
 from pagedserve.attention.metadata import CommonAttentionMetadata
+from pagedserve.attention.selector import get_attn_backend
 from pagedserve.config import EngineConfig
 from pagedserve.core.kv_cache_interface import (
     KVCacheGroupSpec,
@@ -32,6 +32,8 @@ from pagedserve.core.kv_cache_interface import (
 )
 from pagedserve.core.sched.output import GrammarOutput, SchedulerOutput
 from pagedserve.distributed.parallel_state import get_pp_group
+from pagedserve.lora.layers import LoRAMapping
+from pagedserve.lora.worker_manager import LRUCacheWorkerLoRAManager
 from pagedserve.models.layers.pooler import PoolingMetadata, as_embedding_model
 from pagedserve.models.model_loader import get_model
 from pagedserve.sample.metadata import SamplingMetadata
@@ -39,6 +41,7 @@ from pagedserve.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID, RejectionS
 from pagedserve.sample.sampler import Sampler, gather_logprobs
 from pagedserve.sequence import IntermediateTensors
 from pagedserve.spec_decode.ngram_proposer import make_proposer
+from pagedserve.utils import cdiv
 from pagedserve.worker.input_batch import CachedRequestState, InputBatch
 from pagedserve.worker.outputs import LogprobsLists, ModelRunnerOutput
 
@@ -70,6 +73,8 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.kv_cache_dtype = config.cache_config.kv_cache_torch_dtype(model_config.torch_dtype)
         self.dtype = model_config.torch_dtype
+        # Adapter slots and CPU cache; None unless LoRA is enabled.
+        self.lora_manager: LRUCacheWorkerLoRAManager | None = None
         # Speculative decoding: drafts proposed after each step, verified by the next one.
         speculative_config = config.speculative_config
         self.drafter = make_proposer(speculative_config, self.max_model_len) if speculative_config else None
@@ -83,7 +88,7 @@ class ModelRunner:
         return InputBatch(
             self.max_num_reqs,
             self.max_model_len,
-            -(-self.max_model_len // self.block_size),
+            cdiv(self.max_model_len, self.block_size),
             self.vocab_size,
             self.device,
             num_kv_cache_groups=num_kv_cache_groups,
@@ -102,6 +107,8 @@ class ModelRunner:
                     f"the model's pooler serves {sorted(served)}, not {list(model_config.pooling_tasks)}"
                 )
         self.model = model
+        if self.config.lora_config is not None:
+            self.lora_manager = LRUCacheWorkerLoRAManager(model, self.config.lora_config, model_config.torch_dtype)
         # Encoder-only models have no causal layer, hence no groups: their bidirectional layers
         # see each prompt whole in one step and never reuse K/V.
         self.kv_cache_dtype = self.config.cache_config.kv_cache_torch_dtype(model_config.torch_dtype)
@@ -235,7 +242,12 @@ class ModelRunner:
                 block_ids=tuple(list(ids) for ids in new.block_ids),
                 num_computed_tokens=new.num_computed_tokens,
                 pooling_params=new.pooling_params,
+                lora_request=new.lora_request,
             )
+            if new.lora_request is not None:
+                if self.lora_manager is None:
+                    raise ValueError(f"request {new.req_id} names a LoRA adapter, but LoRA is not enabled")
+                self.lora_manager.add_request(new.lora_request)
             self.requests[new.req_id] = state
             batch.add_request(state)
         if so.scheduled_spec_decode_tokens:
@@ -450,7 +462,8 @@ class ModelRunner:
         if not pp_group.is_first_rank:
             empty = self.model.make_empty_intermediate_tensors(common.num_actual_tokens, self.dtype)
             model_kwargs["intermediate_tensors"] = IntermediateTensors(pp_group.recv_tensor_dict(empty.tensors))
-        with set_forward_context(attn_metadata):
+        lora_mapping = self._lora_mapping(common) if self.lora_manager is not None else None
+        with set_forward_context(attn_metadata, lora_mapping):
             hidden_states = self.model(input_ids, positions, **model_kwargs)
         if not pp_group.is_last_rank:
             # Only the last stage samples; the engine hears from it alone.
@@ -510,6 +523,14 @@ class ModelRunner:
             prompt_logprobs_dict=prompt_logprobs,
             spec_token_ids=self._propose_draft_token_ids(sampled_token_ids) if self.drafter is not None else None,
         )
+
+    def _lora_mapping(self, common: CommonAttentionMetadata) -> LoRAMapping | None:
+        """Adapter slots of this step's tokens (rows of a request are contiguous)."""
+        assert self.lora_manager is not None
+        row_lora_ids = self.input_batch.lora_int_ids[: common.num_reqs]
+        if not row_lora_ids.any():
+            return None
+        return self.lora_manager.prepare(np.repeat(row_lora_ids, common.query_lens.numpy()))
 
     def _set_grammar_bitmask(self, metadata: SamplingMetadata, grammar_output: GrammarOutput) -> None:
         """The step's bitmask rows moved to their batch rows; other rows are left unconstrained."""

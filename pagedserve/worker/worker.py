@@ -14,6 +14,7 @@ from torch import nn
 from pagedserve.config import EngineConfig
 from pagedserve.core.kv_cache_interface import KVCacheGroupSpec
 from pagedserve.core.sched.output import GrammarOutput, SchedulerOutput
+from pagedserve.utils import cdiv
 from pagedserve.worker.model_runner import ModelRunner
 from pagedserve.worker.outputs import ModelRunnerOutput
 
@@ -71,7 +72,7 @@ class Worker:
         """KV blocks that fit the configured (or default) budget, capped at what
         max_num_seqs sequences of max_model_len could ever use."""
         if not self.model_runner.kv_cache_groups:
-            return 0  # issue 6: the model keeps no KV cache (encoder-only); allocate none
+            return 0  # the model keeps no KV cache (encoder-only); allocate none
         cache_config = self.config.cache_config
         if cache_config.num_gpu_blocks is not None:
             return cache_config.num_gpu_blocks
@@ -88,7 +89,7 @@ class Worker:
         per_block = self.model_runner.kv_cache_bytes_per_block()
         max_useful = (
             self.config.scheduler_config.max_num_seqs
-            * -(-int(self.config.model_config.max_model_len) // cache_config.block_size)  # type: ignore[arg-type]
+            * cdiv(int(self.config.model_config.max_model_len), cache_config.block_size)  # type: ignore[arg-type]
             * len(self.model_runner.kv_cache_groups)
             + 1
         )
@@ -155,8 +156,8 @@ def run_worker(
     """Entry point of a worker process (see executor/multiproc_executor.py)."""
     import zmq
 
-    from pagedserve.engine.core import set_parent_death_signal, watch_parent
     from pagedserve.engine.serial_utils import MsgpackDecoder, MsgpackEncoder
+    from pagedserve.process_utils import set_parent_death_signal, watch_parent
 
     set_parent_death_signal()
     watch_parent(parent_pid)

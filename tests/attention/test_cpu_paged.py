@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from pagedserve.attention.backends import cpu_paged
-from pagedserve.attention.backends.abstract import get_attn_backend
 from pagedserve.attention.metadata import CommonAttentionMetadata
+from pagedserve.attention.selector import get_attn_backend
 
 BLOCK_SIZE = 16
 
@@ -129,7 +129,7 @@ def test_without_a_compiler_or_a_built_kernel_the_default_is_cpu_sdpa(tmp_path):
     env = dict(os.environ, CXX="no-such-compiler-pagedserve", PAGEDSERVE_CACHE_DIR=str(tmp_path))
     env.pop("PAGEDSERVE_ATTENTION_BACKEND", None)
     code = (
-        "from pagedserve.attention.backends.abstract import get_attn_backend; print(get_attn_backend().name)"
+        "from pagedserve.attention.selector import get_attn_backend; print(get_attn_backend().name)"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedserve.attention.backends.abstract import get_attn_backend
 from pagedserve.attention.backends.cpu_paged import load_decode_kernel
 from pagedserve.attention.metadata import CommonAttentionMetadata
+from pagedserve.attention.selector import get_attn_backend
 
 BLOCK_SIZE = 4
 BACKENDS = [

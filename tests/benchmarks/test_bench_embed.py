@@ -4,9 +4,12 @@ transformers peer, which must agree and both report throughput."""
 from __future__ import annotations
 
 import argparse
+import base64
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from pagedserve.benchmarks import embed
@@ -70,3 +73,24 @@ def test_bench_embed_is_a_bench_subcommand(capsys: pytest.CaptureFixture[str]) -
     assert "--num-sentences" in capsys.readouterr().out
     args = embed.add_cli_args(argparse.ArgumentParser()).parse_args([])
     assert (args.num_sentences, args.hf_batch_size, args.func) == (2000, 32, embed.main)
+
+
+def test_served_requests_cover_every_sentence_once_in_sizes_within_bounds() -> None:
+    requests = embed.split_requests(103, 1, 4, seed=3)
+    assert requests == embed.split_requests(103, 1, 4, seed=3)
+    assert [i for r in requests for i in r] == list(range(103))
+    sizes = [len(r) for r in requests[:-1]]
+    assert min(sizes) == 1 and max(sizes) == 4 and 1 <= len(requests[-1]) <= 4
+
+
+def test_served_vectors_decode_alike_from_floats_and_base64() -> None:
+    vector = np.float32([0.25, -1.5, 3.0e-8])
+    as_base64 = base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    assert embed.decode_embedding(as_base64).tolist() == embed.decode_embedding(vector.tolist()).tolist()
+
+
+def test_vllm_peer_without_its_python_says_where_to_install_it(tmp_path: Path) -> None:
+    parser = embed.add_cli_args(argparse.ArgumentParser())
+    assert parser.parse_args(["--peers", "vllm,auto"]).peers == ["vllm", "auto"]
+    with pytest.raises(FileNotFoundError, match="vllm_pooling.py"):
+        embed.VllmPoolingPeer(str(tmp_path / "no-python"), "model", "float32", 8, str(tmp_path))

@@ -12,9 +12,16 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
-from pagedserve.benchmarks import overhead, serve
-from pagedserve.benchmarks._workload import ModelFlops, percentile
+from pagedserve.benchmarks import (
+    overhead,
+    serve,
+    serve_client,
+    serve_results,
+    serve_structured,
+    server_process,
+)
 from pagedserve.benchmarks.throughput import Workload, make_workload, model_flops, workload_flops
+from pagedserve.benchmarks.utils import ModelFlops, percentile
 
 
 def test_exclusive_timers_count_nested_calls_once_in_the_innermost_category() -> None:
@@ -77,7 +84,7 @@ def test_throughput_counts_each_requests_useful_work_once() -> None:
 
 
 def test_throughput_counts_the_models_linear_weights_on_the_meta_device(tmp_path: object) -> None:
-    from pagedserve.benchmarks._workload import make_tiny_llama_checkpoint
+    from pagedserve.benchmarks.utils import make_tiny_llama_checkpoint
     from pagedserve.config.model import ModelConfig
 
     model_config = ModelConfig(make_tiny_llama_checkpoint(str(tmp_path)), dtype="float32", max_model_len=256)
@@ -140,14 +147,14 @@ def tiny_server(
     make_tiny_checkpoint: Callable[..., str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, str]]:
     model = make_tiny_checkpoint("llama")
-    port = serve._free_port()
+    port = server_process.free_port()
     log = str(tmp_path_factory.mktemp("serve") / "server.log")
     flags = ["--max-num-seqs", "4", "--max-model-len", "256", "--dtype", "float32"]
-    proc = serve.start_pagedserve_server(model, port, flags, log, timeout_s=300)
+    proc = server_process.start_pagedserve_server(model, port, flags, log, timeout_s=300)
     try:
         yield model, f"http://127.0.0.1:{port}"
     finally:
-        serve.stop_server(proc)
+        server_process.stop_server(proc)
 
 
 @pytest.mark.slow
@@ -156,9 +163,9 @@ def test_serve_benchmark_streams_every_request_with_the_requested_lengths(
 ) -> None:
     model, base_url = tiny_server
     workload = make_workload(8, 20, 6, 0.5, result_vocab(model), seed=3)
-    name = serve.served_model_name(base_url)
+    name = server_process.served_model_name(base_url)
     result = asyncio.run(
-        serve.run_benchmark(base_url, name, workload, request_rate=float("inf"), label="ours")
+        serve_client.run_benchmark(base_url, name, workload, request_rate=float("inf"), label="ours")
     )
     assert (result.completed, result.failed, result.wrong_length) == (8, 0, 0)
     assert result.total_output_tokens == workload.num_output_tokens
@@ -181,7 +188,7 @@ def test_serve_cli_poisson_run_saves_a_result_that_compare_prints(
          "--save-result", saved, "--label", "ours"]
     )  # fmt: skip
     assert serve.main(args) == 0
-    result = serve.load_result(saved)
+    result = serve_results.load_result(saved)
     assert (result.completed, result.failed, result.request_rate, result.max_concurrency) == (6, 0, 20.0, 3)
     capsys.readouterr()
     assert serve.main(parser.parse_args(["--compare", saved, saved])) == 0
@@ -217,10 +224,10 @@ def test_throughput_cli_runs_transformers_at_each_batch_size_and_rates_against_t
 
 
 def test_structured_output_ratio_constrains_that_share_of_requests() -> None:
-    bodies = serve.structured_extra_bodies(10, 0.3, seed=0)
+    bodies = serve_structured.structured_extra_bodies(10, 0.3, seed=0)
     assert sum("structured_outputs" in body for body in bodies) == 3
-    assert serve.structured_extra_bodies(10, 0.3, seed=0) == bodies
-    assert serve.bench_json_schema("a") != serve.bench_json_schema("b")
+    assert serve_structured.structured_extra_bodies(10, 0.3, seed=0) == bodies
+    assert serve_structured.bench_json_schema("a") != serve_structured.bench_json_schema("b")
 
 
 @pytest.mark.slow

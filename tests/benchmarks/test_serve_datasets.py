@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pagedserve.benchmarks import serve
+from pagedserve.benchmarks import serve, serve_client, serve_datasets, serve_results, server_process
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def tokenizer(smollm2_tokenizer_dir: str):  # -> PreTrainedTokenizerBase
     return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
 
 
-def groups_of(workload: serve.TextWorkload) -> dict[int, list[int]]:
+def groups_of(workload: serve_datasets.TextWorkload) -> dict[int, list[int]]:
     groups: dict[int, list[int]] = {}
     for index, group in enumerate(workload.groups):
         groups.setdefault(group, []).append(index)
@@ -33,7 +33,7 @@ def groups_of(workload: serve.TextWorkload) -> dict[int, list[int]]:
 
 def test_prefix_repetition_prompts_share_their_group_prefix_when_retokenised(tokenizer: object) -> None:
     prefix_len, suffix_len = 64, 32
-    workload = serve.make_prefix_repetition_workload(
+    workload = serve_datasets.make_prefix_repetition_workload(
         tokenizer, num_prompts=14, prefix_len=prefix_len, suffix_len=suffix_len, num_prefixes=3, output_len=8
     )
     assert len(workload.prompts) == 14 and workload.output_lens == [8] * 14
@@ -57,27 +57,27 @@ def test_prefix_repetition_prompts_share_their_group_prefix_when_retokenised(tok
 
 
 def test_prefix_repetition_is_deterministic_per_seed_and_checks_its_arguments(tokenizer: object) -> None:
-    def make(seed: int) -> serve.TextWorkload:
-        return serve.make_prefix_repetition_workload(tokenizer, 4, 16, 8, 2, 4, seed=seed)
+    def make(seed: int) -> serve_datasets.TextWorkload:
+        return serve_datasets.make_prefix_repetition_workload(tokenizer, 4, 16, 8, 2, 4, seed=seed)
 
     assert make(5) == make(5)
     assert make(5).prompts != make(6).prompts
     with pytest.raises(ValueError):
-        serve.make_prefix_repetition_workload(tokenizer, 2, 16, 8, 3, 4)  # more prefixes than prompts
+        serve_datasets.make_prefix_repetition_workload(tokenizer, 2, 16, 8, 3, 4)  # more prefixes than prompts
     with pytest.raises(ValueError):
-        serve.make_prefix_repetition_workload(tokenizer, 2, 0, 0, 1, 4)
+        serve_datasets.make_prefix_repetition_workload(tokenizer, 2, 0, 0, 1, 4)
 
 
 def test_result_json_has_vllm_names_and_per_request_lists() -> None:
     results = [
-        serve.RequestResult(prompt_len=10, expected_output_tokens=3, success=True, output_tokens=3,
+        serve_client.RequestResult(prompt_len=10, expected_output_tokens=3, success=True, output_tokens=3,
                             ttft=0.1, latency=0.3, itl=[0.1, 0.1]),
-        serve.RequestResult(prompt_len=20, expected_output_tokens=3, success=True, output_tokens=3,
+        serve_client.RequestResult(prompt_len=20, expected_output_tokens=3, success=True, output_tokens=3,
                             ttft=0.2, latency=0.6, itl=[0.2, 0.2]),
-        serve.RequestResult(prompt_len=30, expected_output_tokens=3, error="HTTP 400: bad"),
+        serve_client.RequestResult(prompt_len=30, expected_output_tokens=3, error="HTTP 400: bad"),
     ]  # fmt: skip
-    result = serve.summarize(results, 2.0, "ours", "http://x", float("inf"), 4, percentiles=[90, 99])
-    data = serve.result_json(result, {"date": "20250101-000000", "backend": "openai", "tag": "a"})
+    result = serve_client.summarize(results, 2.0, "ours", "http://x", float("inf"), 4, percentiles=[90, 99])
+    data = serve_results.result_json(result, {"date": "20250101-000000", "backend": "openai", "tag": "a"})
     json.loads(json.dumps(data))  # plain JSON types only
     assert data["request_rate"] == "inf" and data["max_concurrency"] == 4 and data["tag"] == "a"
     assert (data["num_prompts"], data["completed"], data["failed"]) == (3, 2, 1)
@@ -96,24 +96,24 @@ def test_result_json_has_vllm_names_and_per_request_lists() -> None:
 
 
 def test_saved_result_loads_back_for_compare(tmp_path: Path) -> None:
-    results = [serve.RequestResult(prompt_len=5, expected_output_tokens=2, success=True, output_tokens=2,
+    results = [serve_client.RequestResult(prompt_len=5, expected_output_tokens=2, success=True, output_tokens=2,
                                    ttft=0.05, latency=0.1, itl=[0.05])]  # fmt: skip
-    result = serve.summarize(results, 0.5, "ours", "http://x", 4.0, None)
+    result = serve_client.summarize(results, 0.5, "ours", "http://x", 4.0, None)
     path = tmp_path / "r.json"
-    path.write_text(json.dumps(serve.result_json(result, {"backend": "pagedserve"})))
-    loaded = serve.load_result(str(path))
+    path.write_text(json.dumps(serve_results.result_json(result, {"backend": "pagedserve"})))
+    loaded = serve_results.load_result(str(path))
     assert loaded == result
 
 
 def test_result_file_name_and_metadata_follow_vllm() -> None:
-    name = serve.default_result_filename("openai", float("inf"), 8, "/models/SmolLM2-135M/")
+    name = serve_results.default_result_filename("openai", float("inf"), 8, "/models/SmolLM2-135M/")
     prefix, date = name[: -len("YYYYmmdd-HHMMSS.json")], name[-len("YYYYmmdd-HHMMSS.json") :]
     assert prefix == "openai-infqps-concurrency8-SmolLM2-135M-"
     assert date[8] == "-" and date[:8].isdigit() and date[9:15].isdigit() and date.endswith(".json")
-    assert serve.default_result_filename("pagedserve", 2.5, None, "m").startswith("pagedserve-2.5qps-m-")
-    assert serve.parse_metadata(["version=0.1", "note=a=b"]) == {"version": "0.1", "note": "a=b"}
+    assert serve_results.default_result_filename("pagedserve", 2.5, None, "m").startswith("pagedserve-2.5qps-m-")
+    assert serve_results.parse_metadata(["version=0.1", "note=a=b"]) == {"version": "0.1", "note": "a=b"}
     with pytest.raises(ValueError):
-        serve.parse_metadata(["novalue"])
+        serve_results.parse_metadata(["novalue"])
 
 
 def test_result_path_flags() -> None:
@@ -141,14 +141,14 @@ def tiny_server(
     make_tiny_checkpoint: Callable[..., str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, str]]:
     model = make_tiny_checkpoint("llama")
-    port = serve._free_port()
+    port = server_process.free_port()
     log = str(tmp_path_factory.mktemp("serve_datasets") / "server.log")
     flags = ["--max-num-seqs", "4", "--max-model-len", "256", "--dtype", "float32"]
-    proc = serve.start_pagedserve_server(model, port, flags, log, timeout_s=300)
+    proc = server_process.start_pagedserve_server(model, port, flags, log, timeout_s=300)
     try:
         yield model, f"http://127.0.0.1:{port}"
     finally:
-        serve.stop_server(proc)
+        server_process.stop_server(proc)
 
 
 @pytest.mark.slow
@@ -212,11 +212,11 @@ def test_prefix_repetition_prompts_share_their_prefix_in_the_servers_tokenisatio
     from pagedserve.tokenizer import get_tokenizer
 
     model, base_url = tiny_server
-    workload = serve.make_prefix_repetition_workload(get_tokenizer(model), 6, 40, 12, 2, 4, seed=1)
+    workload = serve_datasets.make_prefix_repetition_workload(get_tokenizer(model), 6, 40, 12, 2, 4, seed=1)
     with httpx.Client(trust_env=False, timeout=30.0) as client:
         server_ids = [
             client.post(
-                f"{base_url}/tokenize", json={"model": serve.served_model_name(base_url), "prompt": p}
+                f"{base_url}/tokenize", json={"model": server_process.served_model_name(base_url), "prompt": p}
             )
             .raise_for_status()
             .json()["tokens"]

@@ -11,10 +11,10 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
-from pagedserve.attention.backends.abstract import get_attn_backend
 from pagedserve.attention.forward_context import set_forward_context
 from pagedserve.attention.layer import Attention
 from pagedserve.attention.metadata import CommonAttentionMetadata
+from pagedserve.attention.selector import get_attn_backend
 from pagedserve.config import ModelConfig
 from pagedserve.models.layers.fused_decode import _PER_LAYER_MIN_TOKENS, FusedDecoder, _decode_layer_op
 from pagedserve.models.model_loader import get_model

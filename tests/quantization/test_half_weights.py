@@ -37,9 +37,9 @@ def bf16_checkpoint(make_tiny_checkpoint, tmp_path: Path) -> str:
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    from pagedserve.attention.backends.abstract import get_attn_backend
     from pagedserve.attention.forward_context import set_forward_context
     from pagedserve.attention.metadata import CommonAttentionMetadata
+    from pagedserve.attention.selector import get_attn_backend
 
     n = ids.shape[0]
     common = CommonAttentionMetadata(

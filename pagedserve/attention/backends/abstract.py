@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -53,22 +52,9 @@ class AttentionBackend(ABC):
         """Returns the attention output `[num_tokens, num_heads * head_size]`."""
 
 
-_BACKENDS: dict[str, type[AttentionBackend]] = {}
+BACKEND_REGISTRY: dict[str, type[AttentionBackend]] = {}
 
 
 def register_backend(cls: type[AttentionBackend]) -> type[AttentionBackend]:
-    _BACKENDS[cls.name] = cls
+    BACKEND_REGISTRY[cls.name] = cls
     return cls
-
-
-def get_attn_backend(name: str | None = None) -> AttentionBackend:
-    """The backend called `name`; by default $PAGEDSERVE_ATTENTION_BACKEND, else the fastest one
-    this machine can run (CPU_PAGED when its C++ kernel builds, CPU_SDPA otherwise)."""
-    from pagedserve.attention.backends import cpu_paged, cpu_sdpa  # noqa: F401  (register themselves)
-
-    name = name or os.environ.get("PAGEDSERVE_ATTENTION_BACKEND") or (
-        "CPU_PAGED" if cpu_paged.load_decode_kernel() is not None else "CPU_SDPA"
-    )
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; known: {sorted(_BACKENDS)}")
-    return _BACKENDS[name]()

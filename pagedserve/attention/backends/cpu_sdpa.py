@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from pagedserve.attention.backends.abstract import AttentionBackend, register_backend
 from pagedserve.attention.metadata import CommonAttentionMetadata
+from pagedserve.utils import cdiv
 
 
 @dataclass(slots=True)
@@ -102,7 +103,7 @@ class CpuSdpaBackend(AttentionBackend):
             is_decode |= (query_lens > 1) & (query_lens <= common.max_decode_query_len) & (common.num_computed_tokens > 0)
         decode_reqs = torch.nonzero(is_decode).squeeze(1)
         seq_lens_dec = common.seq_lens[decode_reqs]
-        max_blocks = int(-(-int(seq_lens_dec.max()) // common.block_size)) if decode_reqs.numel() else 0
+        max_blocks = cdiv(int(seq_lens_dec.max()), common.block_size) if decode_reqs.numel() else 0
         decode_token_indices = common.query_start_loc[decode_reqs]
         decode_block_table = common.block_table[decode_reqs, :max_blocks]
         decode_query_lens = query_lens[decode_reqs]
@@ -123,7 +124,7 @@ class CpuSdpaBackend(AttentionBackend):
             computed = common.num_computed_tokens.tolist()
             # Rows with no query this step (running but not scheduled) need no attention.
             for r in torch.nonzero(~is_decode & (query_lens > 0)).squeeze(1).tolist():
-                num_blocks = -(-seq_lens[r] // common.block_size)
+                num_blocks = cdiv(seq_lens[r], common.block_size)
                 prefills.append(
                     PrefillChunk(starts[r], starts[r + 1], computed[r], seq_lens[r], common.block_table[r, :num_blocks])
                 )
@@ -196,7 +197,7 @@ class CpuSdpaBackend(AttentionBackend):
             md.decode_buckets = []
             for rows in order.tensor_split(min(self.num_decode_buckets, md.num_decodes)):
                 seq_lens = md.decode_seq_lens[rows]
-                num_blocks = -(-int(seq_lens[-1]) // md.common.block_size)  # sorted: the last is longest
+                num_blocks = cdiv(int(seq_lens[-1]), md.common.block_size)  # sorted: the last is longest
                 md.decode_buckets.append(
                     DecodeBucket(md.decode_token_indices[rows], md.decode_block_table[rows, :num_blocks], seq_lens)
                 )

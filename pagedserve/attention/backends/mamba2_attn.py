@@ -118,7 +118,7 @@ class Mamba2AttentionMetadata:
         prefill_reqs = active[is_prefill]
         prefill_lens = lens[is_prefill]
         prefill_has_state = has_state[is_prefill]
-        chunks_per_req = -(-prefill_lens // chunk_size)
+        chunks_per_req = (prefill_lens + chunk_size - 1) // chunk_size
         order = torch.argsort(chunks_per_req, descending=True, stable=True)
         prefill_reqs, prefill_lens = prefill_reqs[order], prefill_lens[order]
         prefill_has_state, chunks_per_req = prefill_has_state[order], chunks_per_req[order]

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pagedserve.lora.request import LoRARequest
 from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams
 
@@ -32,6 +33,8 @@ class NewRequestData:
     num_computed_tokens: int
     # Set (and sampling_params None) for pooling requests.
     pooling_params: PoolingParams | None = None
+    # The adapter the request runs with; None: the base model.
+    lora_request: LoRARequest | None = None
 
 
 @dataclass(slots=True)

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterable, Sequence
 
 from pagedserve.config.cache import CacheConfig
+from pagedserve.config.lora import LoRAConfig
 from pagedserve.config.scheduler import SchedulerConfig
 from pagedserve.config.speculative import SpeculativeConfig
 from pagedserve.core.kv_cache_interface import KVCacheGroupSpec, MambaSpec
@@ -49,6 +50,15 @@ def _chunk_start(scheduler_output: SchedulerOutput, request_id: str) -> int:
     raise KeyError(f"request {request_id} was not scheduled in this step")
 
 
+def _count_loras(requests: Iterable[Request]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for request in requests:
+        if request.lora_request is not None:
+            name = request.lora_request.lora_name
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
 class Scheduler:
     """Decides, each step, which requests compute how many tokens, and applies the results.
 
@@ -67,6 +77,7 @@ class Scheduler:
         kv_cache_groups: Sequence[KVCacheGroupSpec] | None = None,
         use_pp: bool = False,
         structured_output_manager: StructuredOutputManager | None = None,
+        lora_config: LoRAConfig | None = None,
         speculative_config: SpeculativeConfig | None = None,
     ) -> None:
         if cache_config.num_gpu_blocks is None:
@@ -87,6 +98,8 @@ class Scheduler:
         self.block_size = cache_config.block_size
         # None: requests with structured outputs are refused (an engine core always has one).
         self.structured_output_manager = structured_output_manager
+        # None: requests naming a LoRA adapter are refused.
+        self.lora_config = lora_config
 
         self.kv_cache_manager = KVCacheManager(
             num_blocks=cache_config.num_gpu_blocks,
@@ -150,6 +163,8 @@ class Scheduler:
                 )
         self.requests[request.request_id] = request
         error = self._check_can_ever_fit(request.num_tokens)
+        if error is None and request.lora_request is not None and self.lora_config is None:
+            error = "the request names a LoRA adapter, but LoRA is not enabled (enable_lora)"
         if error is None and request.structured_output_request is not None:
             if self.structured_output_manager is None:
                 error = "this scheduler has no structured output manager"
@@ -415,11 +430,17 @@ class Scheduler:
         waiting = self.waiting
         running = self.running
         skipped_waiting: list[Request] = []
+        # Adapters of the running requests (LoRA only): the worker has max_loras slots, so a
+        # request of another adapter waits while max_loras distinct ones run.
+        running_loras = self._running_lora_ids() if self.lora_config is not None else None
         while token_budget > 0 and len(running) < self.max_num_running_reqs and waiting:
             request = waiting.peek_request()
             if request.status is RequestStatus.WAITING_FOR_FSM and not self._grammar_ready(request):
                 if not request.is_finished():
                     skipped_waiting.append(waiting.pop_request())
+                continue
+            if running_loras is not None and not self._lora_fits(request, running_loras):
+                skipped_waiting.append(waiting.pop_request())
                 continue
             # A preempted request recomputes its prompt and outputs; the prefix cache usually
             # still holds most of them.
@@ -444,6 +465,8 @@ class Scheduler:
             waiting.pop_request()
             running.append(request)
             request.status = RequestStatus.RUNNING
+            if running_loras is not None and request.lora_request is not None:
+                running_loras.add(request.lora_request.lora_int_id)
             if request.structured_output_request is not None:
                 structured_output_request_ids.append(request.request_id)
             if request.num_cached_tokens < 0:
@@ -459,7 +482,8 @@ class Scheduler:
                     sampling_params=request.sampling_params,
                     block_ids=kv_cache_manager.get_block_ids(request_id),
                     num_computed_tokens=num_computed_tokens,
-                    pooling_params=request.pooling_params,  # issue 6: pooling requests
+                    pooling_params=request.pooling_params,
+                    lora_request=request.lora_request,
                 )
             )
             num_scheduled_tokens[request_id] = num_new_tokens
@@ -471,6 +495,20 @@ class Scheduler:
         for request in reversed(skipped_waiting):
             waiting.prepend_request(request)
         return token_budget
+
+    def _running_lora_ids(self) -> set[int]:
+        # O(running), once per step with waiting requests (LoRA only).
+        return {r.lora_request.lora_int_id for r in self.running if r.lora_request is not None}
+
+    def _lora_fits(self, request: Request, running_loras: set[int]) -> bool:
+        """Whether admitting the request keeps the running adapters within max_loras."""
+        lora_request = request.lora_request
+        assert self.lora_config is not None
+        return (
+            lora_request is None
+            or lora_request.lora_int_id in running_loras
+            or len(running_loras) < self.lora_config.max_loras
+        )
 
     def _grammar_ready(self, request: Request) -> bool:
         """Whether a WAITING_FOR_FSM request can be scheduled now: its grammar compiled and its
@@ -730,7 +768,7 @@ class Scheduler:
         prefix_stats = self.kv_cache_manager.make_prefix_cache_stats()
         num_preemptions = self._num_preemptions_since_stats
         self._num_preemptions_since_stats = 0
-        return SchedulerStats(
+        stats = SchedulerStats(
             num_running_reqs=len(self.running),
             num_waiting_reqs=len(self.waiting),
             kv_cache_usage=self.kv_cache_manager.usage,
@@ -739,6 +777,11 @@ class Scheduler:
             num_preemptions=num_preemptions,
             spec_decoding_stats=self._take_spec_stats(),
         )
+        if self.lora_config is not None:
+            # O(running + waiting) per step, with LoRA enabled only.
+            stats.running_lora_adapters = _count_loras(self.running)
+            stats.waiting_lora_adapters = _count_loras(self.waiting)
+        return stats
 
     def _take_spec_stats(self) -> SpecDecodingStats | None:
         """The drafts verified since the last call, or None (no speculative decoding, or no draft)."""

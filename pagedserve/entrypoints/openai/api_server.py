@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pagedserve import __version__
+from pagedserve import __version__, envs
 from pagedserve.engine.exceptions import EngineDeadError
 from pagedserve.entrypoints.openai.cli_args import load_chat_template, validate_parsed_serve_args
 from pagedserve.entrypoints.openai.protocol import (
@@ -42,10 +42,12 @@ from pagedserve.entrypoints.openai.protocol import (
     DetokenizeRequest,
     EmbeddingRequest,
     ErrorResponse,
+    LoadLoRAAdapterRequest,
     OpenAIRequestError,
     RerankRequest,
     ScoreRequest,
     TokenizeRequest,
+    UnloadLoRAAdapterRequest,
     VersionResponse,
 )
 from pagedserve.entrypoints.openai.server_utils import (
@@ -162,6 +164,22 @@ async def retrieve_model(model_id: str, raw_request: Request) -> Response:
     models.check_model(model_id)
     card = next(card for card in models.show_available_models().data if card.id == model_id)
     return JSONResponse(card.model_dump())
+
+
+# Registered only with PAGEDSERVE_ALLOW_RUNTIME_LORA_UPDATING (see build_app).
+lora_router = APIRouter(route_class=OpenAIRoute)
+
+
+@lora_router.post("/v1/load_lora_adapter")
+async def load_lora_adapter(request: LoadLoRAAdapterRequest, raw_request: Request) -> Response:
+    models: OpenAIServingModels = raw_request.app.state.openai_serving_models
+    return Response(models.load_lora_adapter(request.lora_name, request.lora_path), media_type="text/plain")
+
+
+@lora_router.post("/v1/unload_lora_adapter")
+async def unload_lora_adapter(request: UnloadLoRAAdapterRequest, raw_request: Request) -> Response:
+    models: OpenAIServingModels = raw_request.app.state.openai_serving_models
+    return Response(models.unload_lora_adapter(request.lora_name), media_type="text/plain")
 
 
 @router.post("/tokenize")
@@ -361,6 +379,9 @@ def build_app(args: argparse.Namespace) -> FastAPI:
         responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
     )
     app.include_router(router)
+    if envs.allow_runtime_lora_updating():
+        logger.warning("runtime LoRA updating is on: clients can make the server load any adapter directory")
+        app.include_router(lora_router)
     _install_exception_handlers(app)
     # The last added runs first: the key is checked before any body byte is read.
     max_request_body_bytes = getattr(args, "max_request_body_bytes", None)
@@ -398,7 +419,10 @@ def init_app_state(
     state.metrics_registry = metrics_registry
     state.stat_loggers = stat_loggers or []
     state.openai_serving_models = models = OpenAIServingModels(
-        [BaseModelPath(name, model_path) for name in names], max_model_len
+        [BaseModelPath(name, model_path) for name in names],
+        max_model_len,
+        lora_modules=getattr(args, "lora_modules", None),
+        validate_lora=engine.processor.validate_lora_request,
     )
     # NOTE: one tokenizer thread for every handler (see serving_engine).
     state.tokenizer_executor = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")

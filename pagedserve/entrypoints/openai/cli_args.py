@@ -19,113 +19,143 @@ def make_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         metavar="MODEL",
         help="HF checkpoint directory or .gguf file to serve (default: SmolLM2-135M-Instruct); same as --model",
     )
-    server = parser.add_argument_group("server")
-    server.add_argument("--host", default="0.0.0.0", help="address to listen on")
-    server.add_argument("--port", type=int, default=8000, help="port to listen on")
-    server.add_argument(
+    _add_server_args(parser)
+    _add_chat_args(parser)
+    _add_limit_args(parser)
+    _add_logging_args(parser)
+    EngineArgs.add_cli_args(parser)
+    return parser
+
+
+def _add_server_args(parser: argparse.ArgumentParser) -> None:
+    """Address, names, adapters and access."""
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    group.add_argument("--port", type=int, default=8000, help="port to listen on")
+    group.add_argument(
         "--served-model-name",
         nargs="+",
         default=None,
         help="names clients use in the `model` field; the first is reported in responses "
         "(default: the MODEL argument)",
     )
-    server.add_argument(
+    group.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=None,
+        metavar="NAME=PATH",
+        help="LoRA adapters (PEFT directories) to serve by name over the base model; needs --enable-lora",
+    )
+    group.add_argument(
         "--api-key",
         default=os.environ.get(API_KEY_ENV),
         help=f"require `Authorization: Bearer <key>` on every route except /health, /metrics, /version and "
         f"the API docs (default: ${API_KEY_ENV})",
     )
-    server.add_argument(
+    group.add_argument(
+        "--headless",
+        action="store_true",
+        help="run this host's data-parallel engine cores only (no API server); they connect to the API "
+        "server at --data-parallel-address (with --data-parallel-size-local and --data-parallel-start-rank)",
+    )
+
+
+def _add_chat_args(parser: argparse.ArgumentParser) -> None:
+    """Chat templates, tool calls and reasoning."""
+    group = parser.add_argument_group("chat")
+    group.add_argument(
         "--chat-template",
         default=None,
         help="chat template (a Jinja file, or the template itself) replacing the tokenizer's",
     )
-    server.add_argument(
+    group.add_argument(
         "--trust-request-chat-template",
         action="store_true",
         help="accept a `chat_template` in requests (a Jinja template runs as code on the server)",
     )
-    server.add_argument(
+    group.add_argument(
         "--response-role", default="assistant", help="role of the generated message in chat responses"
     )
-    server.add_argument(
+    group.add_argument(
         "--enable-auto-tool-choice",
         action="store_true",
         help='let the model decide to call tools (tool_choice "auto", the default with tools); needs '
         "--tool-call-parser",
     )
-    server.add_argument(
+    group.add_argument(
         "--tool-call-parser",
         default=None,
         help="how the model writes tool calls: hermes (Qwen2.5/Qwen3, Hermes, SmolLM: <tool_call>{...}"
         "</tool_call>) or llama3_json",
     )
-    server.add_argument(
+    group.add_argument(
         "--reasoning-parser",
         default=None,
         help="split the model's thinking into reasoning_content: deepseek_r1 or qwen3 (<think>...</think>)",
     )
-    server.add_argument(
+
+
+def _add_limit_args(parser: argparse.ArgumentParser) -> None:
+    """Per-request bounds, connection timeouts, and what happens when the engine dies."""
+    group = parser.add_argument_group("limits")
+    group.add_argument(
         "--max-n",
         type=int,
         default=128,
         help="most sequences a request may ask for per prompt: `n`, or `best_of` (the beam width) with "
         "use_beam_search",
     )
-    server.add_argument(
+    group.add_argument(
         "--max-prompt-chars",
         type=int,
         default=None,
         help="most characters of prompt text in one request (all its prompts or messages), refused before "
         "tokenization (default: 16 per token of the context, at least 1,000,000)",
     )
-    server.add_argument(
+    group.add_argument(
         "--max-request-body-bytes",
         type=int,
         default=DEFAULT_MAX_REQUEST_BODY_BYTES,
         help="larger request bodies are refused with 413 before they are read in full (default: 8 MiB)",
     )
-    server.add_argument(
+    group.add_argument(
         "--keep-alive-on-engine-death",
         action="store_true",
         help="keep serving (503 on every request) when the engine core dies, instead of exiting with "
         "status 1 so that a supervisor restarts the server",
     )
-    server.add_argument(
-        "--headless",
-        action="store_true",
-        help="run this host's data-parallel engine cores only (no API server); they connect to the API "
-        "server at --data-parallel-address (with --data-parallel-size-local and --data-parallel-start-rank)",
-    )
-    server.add_argument(
-        "--uvicorn-log-level",
-        default="info",
-        choices=["critical", "error", "warning", "info", "debug", "trace"],
-        help="log level of uvicorn",
-    )
-    server.add_argument(
-        "--disable-uvicorn-access-log", action="store_true", help="do not log one line per HTTP request"
-    )
-    server.add_argument(
-        "--disable-log-requests", action="store_true", help="do not log each request's prompt size and params"
-    )
-    server.add_argument(
-        "--disable-log-stats", action="store_true", help="do not log throughput and KV cache usage periodically"
-    )
-    server.add_argument(
-        "--log-stats-interval", type=float, default=10.0, help="seconds between throughput log lines"
-    )
-    server.add_argument(
+    group.add_argument(
         "--timeout-keep-alive", type=int, default=5, help="seconds an idle HTTP keep-alive connection stays open"
     )
-    server.add_argument(
+    group.add_argument(
         "--shutdown-timeout",
         type=float,
         default=10.0,
         help="seconds that in-flight requests get to finish on SIGINT/SIGTERM before they are aborted",
     )
-    EngineArgs.add_cli_args(parser)
-    return parser
+
+
+def _add_logging_args(parser: argparse.ArgumentParser) -> None:
+    """Request and stats logging."""
+    group = parser.add_argument_group("logging")
+    group.add_argument(
+        "--uvicorn-log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="log level of uvicorn",
+    )
+    group.add_argument(
+        "--disable-uvicorn-access-log", action="store_true", help="do not log one line per HTTP request"
+    )
+    group.add_argument(
+        "--disable-log-requests", action="store_true", help="do not log each request's prompt size and params"
+    )
+    group.add_argument(
+        "--disable-log-stats", action="store_true", help="do not log throughput and KV cache usage periodically"
+    )
+    group.add_argument(
+        "--log-stats-interval", type=float, default=10.0, help="seconds between throughput log lines"
+    )
 
 
 def validate_parsed_serve_args(args: argparse.Namespace) -> None:
@@ -140,6 +170,12 @@ def validate_parsed_serve_args(args: argparse.Namespace) -> None:
         raise ValueError("--served-model-name values must be non-empty")
     if getattr(args, "enable_auto_tool_choice", False) and not getattr(args, "tool_call_parser", None):
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+    if getattr(args, "lora_modules", None):
+        from pagedserve.entrypoints.openai.serving_models import parse_lora_module
+
+        if not getattr(args, "enable_lora", False):
+            raise ValueError("--lora-modules needs --enable-lora")
+        args.lora_modules = [parse_lora_module(value) for value in args.lora_modules]
     from pagedserve.entrypoints.openai.reasoning import ReasoningParserManager
     from pagedserve.entrypoints.openai.tool_parsers import ToolParserManager
 

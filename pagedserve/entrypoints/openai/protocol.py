@@ -1040,3 +1040,13 @@ class TokenizerInfoResponse(BaseModel):
 
 class VersionResponse(BaseModel):
     version: str
+
+
+class LoadLoRAAdapterRequest(OpenAIBaseModel):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(OpenAIBaseModel):
+    lora_name: str
+    lora_int_id: int | None = None

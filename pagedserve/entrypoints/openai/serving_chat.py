@@ -153,7 +153,7 @@ class OpenAIServingChat(OpenAIServing):
 
         generator = self.engine_client.generate(engine_request, params, engine_request_id)
         merged = merge_async_iterators(generator)
-        model_name = self.models.model_name()
+        model_name = self.models.model_name(request.model)
         created = int(time.time())
         if request.stream:
             return self.chat_completion_stream_generator(request, prompt, merged, response_id, created, model_name)
@@ -187,6 +187,7 @@ class OpenAIServingChat(OpenAIServing):
             request.priority,
             request.cache_salt,
             structured_outputs_param=request.structured_outputs_param,
+            lora_request=self.models.lora_request(request.model),
         )
         return prompt, params, engine_request
 

@@ -76,7 +76,7 @@ class OpenAIServingCompletion(OpenAIServing):
             for engine_request_id, prompt, params, engine_request in requests
         ]
         merged = merge_async_iterators(*generators)
-        model_name = self.models.model_name()
+        model_name = self.models.model_name(request.model)
         created = int(time.time())
         if request.stream:
             return self.completion_stream_generator(
@@ -107,6 +107,9 @@ class OpenAIServingCompletion(OpenAIServing):
         """Tokenizes and validates every prompt (in the tokenizer thread). -> (the prompts, and per
         prompt: engine request id, prompt, params, and the validated request to submit)."""
         prompts = self._prompts_from_request(request)
+        lora_request = self.models.lora_request(request.model)
+        if lora_request is not None and request.use_beam_search:
+            raise OpenAIRequestError("beam search does not run LoRA adapters", param="use_beam_search")
         requests = []
         for index, prompt in enumerate(prompts):
             if request.echo_without_generation:
@@ -132,6 +135,7 @@ class OpenAIServingCompletion(OpenAIServing):
                     request.priority,
                     request.cache_salt,
                     structured_outputs_param=request.structured_outputs_param,
+                    lora_request=lora_request,
                 )
             requests.append((engine_request_id, prompt, params, engine_request))
         return prompts, requests

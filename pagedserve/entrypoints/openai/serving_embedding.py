@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 from starlette.requests import Request
@@ -17,12 +18,21 @@ from pagedserve.entrypoints.openai.protocol import (
     EmbeddingRequest,
     EmbeddingResponse,
     EmbeddingResponseData,
+    OpenAIRequestError,
 )
 from pagedserve.entrypoints.openai.serving_engine import OpenAIServing
-from pagedserve.outputs import EmbeddingOutput
+
+if TYPE_CHECKING:
+    # NOTE: not at run time: this module is imported by every server, and a generative model's
+    # frontend never imports torch.
+    import torch
 
 
-def encode_embedding_base64(embedding: list[float]) -> str:
+def encode_embedding_base64(embedding: torch.Tensor | np.ndarray | list[float]) -> str:
+    """base64 of the vector's little-endian float32 bytes; a float32 tensor's own buffer is encoded
+    as it is, without a detour through Python floats."""
+    if not isinstance(embedding, (list, np.ndarray)):  # a torch.Tensor
+        embedding = embedding.numpy(force=True)
     return base64.b64encode(np.asarray(embedding, dtype="<f4").tobytes()).decode("ascii")
 
 
@@ -31,15 +41,24 @@ class OpenAIServingEmbedding(OpenAIServing):
         self, request: EmbeddingRequest, raw_request: Request | None = None
     ) -> EmbeddingResponse:
         response_id, outputs, usage = await self._pool_inputs(request, raw_request, "embd")
+        as_base64 = request.encoding_format == "base64"
         data = []
         for index, output in enumerate(outputs):
-            embedding = EmbeddingOutput.from_base(output.outputs).embedding
+            vector = output.outputs.data
+            if vector.dim() != 1:
+                raise OpenAIRequestError(
+                    f"an embedding is one vector; the pooled output has shape {tuple(vector.shape)}",
+                    status_code=500,
+                    err_type="server_error",
+                )
+            # NOTE: model_construct skips pydantic's validation of every float: the values come
+            # from our own float32 tensor. Floats still go through Python floats (tolist) because
+            # pydantic's JSON encoder writes them; base64 never does.
             data.append(
-                EmbeddingResponseData(
+                EmbeddingResponseData.model_construct(
                     index=index,
-                    embedding=encode_embedding_base64(embedding)
-                    if request.encoding_format == "base64"
-                    else embedding,
+                    object="embedding",
+                    embedding=encode_embedding_base64(vector) if as_base64 else vector.tolist(),
                 )
             )
         return EmbeddingResponse(

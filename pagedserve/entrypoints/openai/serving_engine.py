@@ -38,6 +38,7 @@ from pagedserve.entrypoints.openai.protocol import (
     random_uuid,
 )
 from pagedserve.entrypoints.openai.serving_models import OpenAIServingModels
+from pagedserve.lora.request import LoRARequest
 from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams
 
@@ -226,6 +227,7 @@ class OpenAIServing:
         priority: int,
         cache_salt: str | None,
         structured_outputs_param: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> EngineCoreRequest:
         """Runs the engine's own validation (vocabulary range, stop ids, ...) before anything is
         submitted, so that a bad prompt among several never leaves a half-started request behind
@@ -233,7 +235,12 @@ class OpenAIServing:
         -> the request to submit (the event loop then never tokenizes, e.g. `bad_words`)."""
         try:
             request, _ = self.engine_client.processor.process_inputs(
-                request_id, prompt.to_engine_prompt(), params, priority=priority, cache_salt=cache_salt
+                request_id,
+                prompt.to_engine_prompt(),
+                params,
+                priority=priority,
+                cache_salt=cache_salt,
+                lora_request=lora_request,
             )
         except ValueError as e:
             # The Processor's messages start with the parameter they are about ("top_k must be ...").

@@ -1,4 +1,5 @@
-// Vector math shared by the CPU kernels (AVX2 + FMA where the build has them, scalar otherwise).
+// Vector math shared by the CPU kernels: AVX2 + FMA where the build has them (scalar otherwise), and
+// AVX-512 helpers for the kernels that only run on AVX-512 CPUs.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -11,6 +12,8 @@
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define PAGEDSERVE_AVX2 1
+#endif
+#if defined(PAGEDSERVE_AVX2) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -74,5 +77,31 @@ inline __m256 load8f(const T* p) {
 }
 
 #endif  // PAGEDSERVE_AVX2
+
+#if defined(__AVX512F__)
+
+// exp(x) for x <= 0: 2^k * p(r), k = round(x / ln 2), |r| <= ln(2) / 2, degree-6 Taylor polynomial
+// (relative error ~2e-7); x below -87 gives ~1e-38 instead of a denormal.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145752f), x);  // ln 2 in two parts
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.42860677e-6f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, k);
+}
+
+inline __mmask16 first_lanes(int64_t count) {
+  return count >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1);
+}
+
+#endif  // __AVX512F__
 
 }  // namespace pagedserve

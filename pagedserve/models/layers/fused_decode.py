@@ -52,10 +52,13 @@ class DecodeStep:
 
 def decode_step(group_id: int) -> DecodeStep | None:
     """The current forward's decode inputs for a KV-cache group, or None if any token of the step
-    is not a decode (or the backend's metadata is not the CPU one)."""
-    metadata = get_forward_context().attn_metadata[group_id]
+    is not a decode, runs a LoRA adapter, or the backend's metadata is not the CPU one."""
+    context = get_forward_context()
+    metadata = context.attn_metadata[group_id]
     if (
-        not isinstance(metadata, CpuSdpaMetadata)
+        # The fused layers apply no LoRA: a step with adapter tokens runs eagerly.
+        context.lora_mapping is not None
+        or not isinstance(metadata, CpuSdpaMetadata)
         or metadata.prefills
         or metadata.prompt_buckets is not None
         or metadata.num_decodes != metadata.common.num_actual_tokens

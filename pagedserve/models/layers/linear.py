@@ -13,6 +13,7 @@ a plain loop that never needs to know the tensor-parallel layout.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +103,10 @@ class LinearBase(nn.Module):
     weights without a quantization config). Subclasses slice checkpoint tensors for their rank
     and pass the slices on with `_load_rows`."""
 
+    # Adapter slots (pagedserve.lora.layers.LoRASlots) when LoRA is enabled: adds each active
+    # adapter's delta to the base output, before any tensor-parallel reduction.
+    lora: Any = None
+
     def __init__(
         self, input_size: int, output_size: int, bias: bool, dtype: torch.dtype | None, num_shards: int = 1
     ) -> None:
@@ -127,7 +132,8 @@ class LinearBase(nn.Module):
         self.quant_method.process_weights_after_loading(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_method.apply(self, x, self.bias)
+        out = self.quant_method.apply(self, x, self.bias)
+        return out if self.lora is None else self.lora.apply(x, out)
 
 
 class ReplicatedLinear(LinearBase):
@@ -263,8 +269,11 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return self.quant_method.apply(self, x, self.bias)
+            out = self.quant_method.apply(self, x, self.bias)
+            return out if self.lora is None else self.lora.apply(x, out)
         out = self.quant_method.apply(self, x, None)
+        if self.lora is not None:
+            out = self.lora.apply(x, out)
         if self.reduce_results and self.tp_size > 1:
             out = tensor_model_parallel_all_reduce(out)
         # NOTE: the bias is added after the reduction, so it is counted once, not tp times.

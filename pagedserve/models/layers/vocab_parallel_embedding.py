@@ -15,6 +15,7 @@ from pagedserve.distributed.parallel_state import (
 from pagedserve.models.layers.linear import linear, prepack_weight
 from pagedserve.models.utils import set_weight_attrs
 from pagedserve.quantization.base_config import EmbeddingMethodBase, get_current_quant_config
+from pagedserve.utils import cdiv
 
 
 class UnquantizedEmbeddingMethod(EmbeddingMethodBase):
@@ -50,7 +51,7 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
         self.num_embeddings = num_embeddings
-        self.num_embeddings_per_partition = -(-num_embeddings // self.tp_size)
+        self.num_embeddings_per_partition = cdiv(num_embeddings, self.tp_size)
         self.vocab_start = self.tp_rank * self.num_embeddings_per_partition
         self.vocab_end = min(self.vocab_start + self.num_embeddings_per_partition, num_embeddings)
         quant_config = get_current_quant_config()

@@ -10,8 +10,7 @@ def apply_grammar_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: lis
     t % 32 of word t // 32), in `rows` only (None: every row). Tokens past the bitmask's width are
     left alone.
 
-    xgrammar's CPU kernel: ~60x faster than unpacking the bits with torch ops (0.2 ms against 28 ms
-    for one row of a 49k vocabulary).
+    xgrammar's CPU kernel, much faster than unpacking the bits with torch ops.
     """
     import xgrammar as xgr
 

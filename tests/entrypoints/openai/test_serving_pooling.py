@@ -4,18 +4,24 @@ every misuse is a 400 in OpenAI's error shape."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
 import openai
 import pytest
+import torch
 
 from pagedserve import LLM
-from pagedserve.entrypoints.openai.serving_embedding import encode_embedding_base64
+from pagedserve.entrypoints.openai.protocol import EmbeddingRequest, PoolingUsageInfo
+from pagedserve.entrypoints.openai.serving_embedding import OpenAIServingEmbedding, encode_embedding_base64
+from pagedserve.outputs import PoolingOutput, PoolingRequestOutput
 from pagedserve.pooling_params import PoolingParams
 from tests.entrypoints.openai.utils import RemoteOpenAIServer
 
@@ -92,6 +98,42 @@ def test_base64_encoding_is_the_little_endian_float32_bytes() -> None:
     encoded = encode_embedding_base64(vector)
     assert base64.b64decode(encoded) == struct.pack("<4f", *vector)
     assert np.frombuffer(base64.b64decode(encoded), dtype="<f4").tolist() == np.float32(vector).tolist()
+
+
+def test_base64_of_a_tensor_is_the_base64_of_its_values() -> None:
+    vector = torch.tensor([0.1, -2.5, 3.0e-8, 1.0])
+    assert encode_embedding_base64(vector) == encode_embedding_base64(vector.tolist())
+
+
+def _embedding_handler(vectors: list[torch.Tensor]) -> OpenAIServingEmbedding:
+    """The /v1/embeddings handler over canned pooled outputs instead of an engine."""
+    handler = OpenAIServingEmbedding.__new__(OpenAIServingEmbedding)
+    handler.models = SimpleNamespace(model_name=lambda: "m")  # type: ignore[assignment]
+    outputs = [PoolingRequestOutput(f"r{i}", PoolingOutput(v), [1, 2], True) for i, v in enumerate(vectors)]
+
+    async def pool_inputs(*_: object) -> tuple[str, list[PoolingRequestOutput], PoolingUsageInfo]:
+        return "embd-1", outputs, PoolingUsageInfo(prompt_tokens=4, total_tokens=4)
+
+    handler._pool_inputs = pool_inputs  # type: ignore[method-assign]
+    return handler
+
+
+def test_embedding_response_in_base64_decodes_to_its_float_response() -> None:
+    vectors = [torch.randn(384, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    handler = _embedding_handler(vectors)
+    responses = {
+        fmt: json.loads(
+            asyncio.run(handler.create_embedding(EmbeddingRequest(input=["a", "b", "c"], encoding_format=fmt)))
+            .model_dump_json()
+        )
+        for fmt in ("float", "base64")
+    }
+    for as_float, as_base64, vector in zip(responses["float"]["data"], responses["base64"]["data"], vectors):
+        assert as_float["index"] == as_base64["index"] and as_float["object"] == "embedding"
+        from_bytes = np.frombuffer(base64.b64decode(as_base64["embedding"]), dtype="<f4")
+        # float32 -> Python float -> JSON -> float32 is exact: both formats carry the same values.
+        assert np.float32(as_float["embedding"]).tolist() == from_bytes.tolist() == vector.tolist()
+    assert responses["float"]["usage"] == {"prompt_tokens": 4, "total_tokens": 4}
 
 
 @pytest.mark.slow

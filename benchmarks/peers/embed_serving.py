@@ -1,0 +1,134 @@
+"""Embeddings served by pagedserve and by vLLM's CPU build, one server after the other with the same
+client: `pagedserve bench embed --base-url URL` (the generated sentences of `bench embed`, cut into
+requests of 1-4 sentences, 64 clients each keeping one request in flight on /v1/embeddings).
+
+    python benchmarks/peers/embed_serving.py [--model DIR] [--concurrency 64] \
+        [--encoding-format float base64] [--vllm-python VENV/bin/python]
+
+Reported per engine and encoding format: sentences/s, request latency p50/p99, the client's own CPU
+time (it shares the machine with the server), start-to-healthy; ratios against pagedserve in the
+same run, and the cosine between the two servers' vectors for every sentence. Both servers compute
+in float32 with up to --max-num-seqs requests per step. vLLM is optional (install: see
+benchmarks/peers/vllm_pooling.py); `--engines pagedserve` runs ours alone.
+
+Trap when reading the figures on a small machine: the client and the server's frontend share the
+cores with the engine's OpenMP threads, and a parallel region waits for its slowest thread, so an
+engine thread preempted by the frontend stalls the others. On 2 cores the served rate then sits near
+the offline rate of one thread, whatever the engine's thread count; compare served with served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from compare_serving import wait_healthy  # noqa: E402
+
+from pagedserve.benchmarks.embed import DEFAULT_VLLM_PYTHON, VLLM_POOLING_SCRIPT, report_agreement  # noqa: E402
+from pagedserve.benchmarks.server_process import start_pagedserve_server, stop_server  # noqa: E402
+
+
+def start_server(engine: str, args: argparse.Namespace, out: Path) -> tuple[subprocess.Popen[bytes], float]:
+    """-> (the server, seconds from start to healthy)."""
+    start = time.perf_counter()
+    log_path = out / f"{engine}-server.log"
+    if engine == "pagedserve":
+        flags = ["--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs), *args.pagedserve_args.split()]
+        proc = start_pagedserve_server(args.model, args.port, flags, str(log_path), args.startup_timeout)
+    elif engine == "vllm":
+        command = [args.vllm_python, str(VLLM_POOLING_SCRIPT), "serve", args.model, "--port", str(args.port)]
+        command += ["--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs), "--", *args.vllm_args.split()]
+        with open(log_path, "wb") as log:
+            # start_new_session: stop_server's terminate reaches vLLM's whole process group.
+            proc = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, cwd=tempfile.gettempdir(), start_new_session=True
+            )
+        wait_healthy(f"http://127.0.0.1:{args.port}", proc, args.startup_timeout)
+    else:
+        raise SystemExit(f"unknown engine {engine!r}")
+    return proc, time.perf_counter() - start
+
+
+def run_client(engine: str, encoding_format: str, args: argparse.Namespace, out: Path) -> dict:
+    name = f"{engine}-{encoding_format}"
+    client = [sys.executable, "-m", "pagedserve.entrypoints.cli", "bench", "embed"]
+    client += ["--base-url", f"http://127.0.0.1:{args.port}", "--concurrency", str(args.concurrency)]
+    client += ["--num-sentences", str(args.num_sentences), "--encoding-format", encoding_format]
+    client += ["--sentences-per-request", *map(str, args.sentences_per_request), "--seed", str(args.seed)]
+    client += ["--save-embeddings", str(out / f"{name}.npy"), "--save-result", str(out / f"{name}.json")]
+    if args.model:
+        client += ["--model", args.model]
+    subprocess.run(client, check=True)
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def print_table(results: dict[str, dict[str, dict]], healthy_s: dict[str, float]) -> None:
+    engines = list(results)
+    print("\n| engine | format | sentences/s | p50 (ms) | p99 (ms) | client CPU (s) | healthy (s) | "
+          "sentences/s vs pagedserve | p99 vs pagedserve |")  # fmt: skip
+    print("|---" * 9 + "|")
+    for engine in engines:
+        for fmt, r in results[engine].items():
+            base = results[engines[0]].get(fmt)
+            ratio = f"{r['sentences_per_s'] / base['sentences_per_s']:.2f}x" if base else "-"
+            p99_ratio = f"{r['p99_latency_ms'] / base['p99_latency_ms']:.2f}x" if base else "-"
+            print(f"| {engine} | {fmt} | {r['sentences_per_s']:.1f} | {r['p50_latency_ms']:.0f} | "
+                  f"{r['p99_latency_ms']:.0f} | {r['client_cpu_s']:.1f} | {healthy_s[engine]:.0f} | "
+                  f"{ratio} | {p99_ratio} |")  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="embedding model directory (default: all-MiniLM-L6-v2)")
+    parser.add_argument("--engines", default="pagedserve,vllm")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--num-sentences", type=int, default=2000)
+    parser.add_argument("--sentences-per-request", type=int, nargs=2, default=[1, 4], metavar=("MIN", "MAX"))
+    parser.add_argument("--encoding-format", nargs="+", choices=["float", "base64"], default=["float"])
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--max-num-seqs", type=int, default=256, help="both servers")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--port", type=int, default=8097)
+    parser.add_argument("--startup-timeout", type=float, default=600)
+    parser.add_argument("--pagedserve-args", default="", help="more `pagedserve serve` flags")
+    parser.add_argument("--vllm-python", default=str(DEFAULT_VLLM_PYTHON))
+    parser.add_argument("--vllm-args", default="", help="more vLLM server flags")
+    parser.add_argument("--out", default="embed-serving-results")
+    args = parser.parse_args()
+    if args.model is None:
+        from pagedserve.model_files import all_minilm_l6_v2
+
+        args.model = all_minilm_l6_v2()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, dict]] = {}
+    healthy_s: dict[str, float] = {}
+    for engine in [e.strip() for e in args.engines.split(",") if e.strip()]:
+        print(f"== {engine}, {args.concurrency} clients", flush=True)
+        proc, healthy_s[engine] = start_server(engine, args, out)
+        try:
+            results[engine] = {fmt: run_client(engine, fmt, args, out) for fmt in args.encoding_format}
+        finally:
+            stop_server(proc)
+    print_table(results, healthy_s)
+    engines = list(results)
+    status = 0
+    for fmt in args.encoding_format:
+        ours = torch.from_numpy(np.load(out / f"{engines[0]}-{fmt}.npy"))
+        for engine in engines[1:]:
+            theirs = torch.from_numpy(np.load(out / f"{engine}-{fmt}.npy"))
+            status |= report_agreement(ours, theirs, f"{engine} ({fmt})")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
