@@ -402,8 +402,7 @@ class Scheduler:
             num_kept_blocks=self._num_kept_blocks,
         )
         self.finished_req_ids = set()
-        if self._num_kept_blocks:
-            self._num_kept_blocks = {}
+        self._num_kept_blocks = {}
         return scheduler_output
 
     @staticmethod
