@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pagedserve.config.cache import CacheConfig
+from pagedserve.config.scheduler import SchedulerConfig
+from pagedserve.config.speculative import SpeculativeConfig
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.sched.output import SchedulerOutput
 from pagedserve.core.sched.scheduler import Scheduler
@@ -214,4 +217,31 @@ def make_request(
         eos_token_id=request_kwargs.pop("eos_token_id", None),  # type: ignore[arg-type]
         arrival_time=arrival_time,
         **request_kwargs,  # type: ignore[arg-type]
+    )
+
+
+def make_scheduler(
+    num_blocks: int = 256,
+    block_size: int = 4,
+    max_num_batched_tokens: int = 256,
+    max_num_seqs: int = 64,
+    max_model_len: int = 1024,
+    enable_prefix_caching: bool = True,
+    speculative_config: SpeculativeConfig | None = None,
+    **scheduler_kwargs: object,
+) -> Scheduler:
+    return Scheduler(
+        SchedulerConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=max_model_len,
+            **scheduler_kwargs,  # type: ignore[arg-type]
+        ),
+        CacheConfig(
+            block_size=block_size,
+            enable_prefix_caching=enable_prefix_caching,
+            prefix_caching_hash_seed=0,
+            num_gpu_blocks=num_blocks,
+        ),
+        speculative_config=speculative_config,
     )

@@ -17,32 +17,7 @@ from pagedserve.core.sched.scheduler import Scheduler
 from pagedserve.engine import FinishReason
 from pagedserve.worker.outputs import LogprobsLists, ModelRunnerOutput
 
-from .sim_model import SimulatedWorker, make_request, next_token, run_until_done
-
-
-def _scheduler(
-    num_blocks: int = 256,
-    block_size: int = 4,
-    max_num_batched_tokens: int = 256,
-    max_num_seqs: int = 64,
-    max_model_len: int = 1024,
-    enable_prefix_caching: bool = True,
-    **scheduler_kwargs: object,
-) -> Scheduler:
-    return Scheduler(
-        SchedulerConfig(
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            max_model_len=max_model_len,
-            **scheduler_kwargs,  # type: ignore[arg-type]
-        ),
-        CacheConfig(
-            block_size=block_size,
-            enable_prefix_caching=enable_prefix_caching,
-            prefix_caching_hash_seed=0,
-            num_gpu_blocks=num_blocks,
-        ),
-    )
+from .sim_model import SimulatedWorker, make_request, make_scheduler, next_token, run_until_done
 
 
 def _step(scheduler: Scheduler, worker: SimulatedWorker) -> tuple[SchedulerOutput, dict[str, list[int]]]:
@@ -69,7 +44,7 @@ def _assert_all_blocks_free(scheduler: Scheduler) -> None:
 
 
 def test_long_prompt_is_chunked_over_four_steps_while_decodes_continue() -> None:
-    scheduler = _scheduler(num_blocks=512, block_size=16, max_num_batched_tokens=256, max_model_len=2048)
+    scheduler = make_scheduler(num_blocks=512, block_size=16, max_num_batched_tokens=256, max_model_len=2048)
     worker = SimulatedWorker(block_size=16)
     for i in range(3):
         scheduler.add_request(make_request(f"short{i}", [i] * 10, max_tokens=20))
@@ -89,7 +64,7 @@ def test_long_prompt_is_chunked_over_four_steps_while_decodes_continue() -> None
 
 
 def test_without_chunked_prefill_a_prompt_waits_for_a_step_with_room() -> None:
-    scheduler = _scheduler(max_num_batched_tokens=64, max_model_len=64, enable_chunked_prefill=False)
+    scheduler = make_scheduler(max_num_batched_tokens=64, max_model_len=64, enable_chunked_prefill=False)
     worker = SimulatedWorker(block_size=4)
     scheduler.add_request(make_request("a", [1] * 10, max_tokens=3))
     scheduler.add_request(make_request("b", [3] * 10, max_tokens=3))
@@ -107,7 +82,7 @@ def test_without_chunked_prefill_a_prompt_waits_for_a_step_with_room() -> None:
 
 
 def test_max_num_seqs_limits_running_requests() -> None:
-    scheduler = _scheduler(max_num_seqs=2)
+    scheduler = make_scheduler(max_num_seqs=2)
     worker = SimulatedWorker(block_size=4)
     for i in range(5):
         scheduler.add_request(make_request(f"r{i}", [i] * 5, max_tokens=3))
@@ -146,7 +121,7 @@ def test_preempted_requests_resume_with_identical_tokens(
     policy: str, enable_prefix_caching: bool, seed: int
 ) -> None:
     def run(num_blocks: int) -> tuple[dict[str, list[int]], int]:
-        scheduler = _scheduler(
+        scheduler = make_scheduler(
             num_blocks=num_blocks,
             max_num_batched_tokens=48,
             enable_prefix_caching=enable_prefix_caching,
@@ -172,7 +147,7 @@ def test_preempted_requests_resume_with_identical_tokens(
 
 
 def test_preempted_request_is_resent_in_full_and_goes_back_to_the_front() -> None:
-    scheduler = _scheduler(num_blocks=7, max_num_batched_tokens=64)  # 6 usable blocks
+    scheduler = make_scheduler(num_blocks=7, max_num_batched_tokens=64)  # 6 usable blocks
     worker = SimulatedWorker(block_size=4)
     scheduler.add_request(make_request("a", [1] * 8, max_tokens=12))
     scheduler.add_request(make_request("b", [2] * 8, max_tokens=12))
@@ -196,7 +171,7 @@ def test_preempted_request_is_resent_in_full_and_goes_back_to_the_front() -> Non
 
 
 def test_priority_policy_preempts_the_lowest_priority_request() -> None:
-    scheduler = _scheduler(num_blocks=7, max_num_batched_tokens=64, policy="priority")
+    scheduler = make_scheduler(num_blocks=7, max_num_batched_tokens=64, policy="priority")
     worker = SimulatedWorker(block_size=4)
     scheduler.add_request(make_request("low", [1] * 8, max_tokens=12, priority=5, arrival_time=0.0))
     _step(scheduler, worker)
@@ -256,7 +231,7 @@ def test_stop_conditions(
     stop_reason: int | None,
 ) -> None:
     prompt = [1] * 8
-    scheduler = _scheduler(max_model_len=max_model_len)
+    scheduler = make_scheduler(max_model_len=max_model_len)
     worker = SimulatedWorker(block_size=4, next_token_fn=_ScriptedTokens(len(prompt), [5, 6, 2, 7, 8, 9]))
     kwargs = {"max_tokens": 5, **request_kwargs}
     scheduler.add_request(make_request("r", prompt, **kwargs))  # type: ignore[arg-type]
@@ -268,7 +243,7 @@ def test_stop_conditions(
 
 
 def test_abort_frees_every_block_and_tells_the_workers() -> None:
-    scheduler = _scheduler(num_blocks=64)
+    scheduler = make_scheduler(num_blocks=64)
     worker = SimulatedWorker(block_size=4)
     for i in range(4):
         scheduler.add_request(make_request(f"r{i}", [i] * 30, max_tokens=50))
@@ -287,7 +262,7 @@ def test_abort_frees_every_block_and_tells_the_workers() -> None:
 
 
 def test_abort_between_schedule_and_update_drops_the_request_output() -> None:
-    scheduler = _scheduler()
+    scheduler = make_scheduler()
     worker = SimulatedWorker(block_size=4)
     scheduler.add_request(make_request("a", [1] * 5))
     scheduler.add_request(make_request("b", [2] * 5))
@@ -299,7 +274,7 @@ def test_abort_between_schedule_and_update_drops_the_request_output() -> None:
 
 
 def test_priority_policy_admits_lower_priority_values_first_then_earlier_arrivals() -> None:
-    scheduler = _scheduler(max_num_seqs=1, policy="priority")
+    scheduler = make_scheduler(max_num_seqs=1, policy="priority")
     worker = SimulatedWorker(block_size=4)
     for request_id, priority, arrival in [
         ("p3", 3, 0.0),
@@ -316,7 +291,7 @@ def test_priority_policy_admits_lower_priority_values_first_then_earlier_arrival
 
 
 def test_requests_that_can_never_fit_finish_with_an_error() -> None:
-    scheduler = _scheduler(num_blocks=5, max_model_len=32)  # 4 usable blocks = 16 tokens
+    scheduler = make_scheduler(num_blocks=5, max_model_len=32)  # 4 usable blocks = 16 tokens
     worker = SimulatedWorker(block_size=4)
     scheduler.add_request(make_request("too-long", [1] * 33))
     scheduler.add_request(make_request("too-big", [1] * 17))
@@ -336,7 +311,7 @@ def test_requests_that_can_never_fit_finish_with_an_error() -> None:
 
 
 def test_logprobs_are_converted_to_per_token_tuples_trimmed_to_the_request() -> None:
-    scheduler = _scheduler()
+    scheduler = make_scheduler()
     scheduler.add_request(make_request("a", [1, 2, 3], logprobs=1, prompt_logprobs=0))
     scheduler.add_request(make_request("b", [4, 5, 6]))
     scheduler_output = scheduler.schedule()
@@ -363,7 +338,7 @@ def test_logprobs_are_converted_to_per_token_tuples_trimmed_to_the_request() -> 
 
 
 def test_prompt_logprobs_cover_each_prompt_position_once_despite_chunks_and_preemption() -> None:
-    scheduler = _scheduler(num_blocks=14, max_num_batched_tokens=8)  # 13 usable blocks
+    scheduler = make_scheduler(num_blocks=14, max_num_batched_tokens=8)  # 13 usable blocks
     worker = SimulatedWorker(block_size=4)
     prompts = {f"r{i}": [i * 100 + j for j in range(20 + i)] for i in range(3)}
     for request_id, prompt in prompts.items():
@@ -376,7 +351,7 @@ def test_prompt_logprobs_cover_each_prompt_position_once_despite_chunks_and_pree
 
 
 def test_stats_count_prefix_cache_tokens_and_preemptions() -> None:
-    scheduler = _scheduler(num_blocks=64)
+    scheduler = make_scheduler(num_blocks=64)
     worker = SimulatedWorker(block_size=4)
     prefix = list(range(12))
     scheduler.add_request(make_request("a", prefix + [50], max_tokens=3))
@@ -401,7 +376,7 @@ def test_stats_count_prefix_cache_tokens_and_preemptions() -> None:
 
 
 def test_reset_prefix_cache_forgets_shared_prompts() -> None:
-    scheduler = _scheduler()
+    scheduler = make_scheduler()
     worker = SimulatedWorker(block_size=4)
     scheduler.add_request(make_request("a", list(range(9)), max_tokens=1))
     run_until_done(scheduler, worker)
@@ -411,7 +386,7 @@ def test_reset_prefix_cache_forgets_shared_prompts() -> None:
 
 
 def test_request_built_without_a_hasher_gets_the_schedulers() -> None:
-    scheduler = _scheduler()
+    scheduler = make_scheduler()
     request = Request("a", list(range(9)), None, eos_token_id=None)
     assert not request.block_hashes
     scheduler.add_request(request)
@@ -488,7 +463,7 @@ def test_any_configuration_generates_the_reference_tokens(
 def test_requests_larger_than_the_pool_end_in_errors_never_in_a_hang(
     seed: int, num_blocks: int, max_num_batched_tokens: int, policy: str
 ) -> None:
-    scheduler = _scheduler(
+    scheduler = make_scheduler(
         num_blocks=num_blocks, max_num_batched_tokens=max_num_batched_tokens, max_model_len=96, policy=policy
     )
     rng = random.Random(seed)

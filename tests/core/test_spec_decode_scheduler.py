@@ -17,8 +17,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pagedserve.config.cache import CacheConfig
-from pagedserve.config.scheduler import SchedulerConfig
 from pagedserve.config.speculative import SpeculativeConfig
 from pagedserve.core.request import Request
 from pagedserve.core.sched.output import SchedulerOutput
@@ -26,7 +24,7 @@ from pagedserve.core.sched.scheduler import Scheduler
 from pagedserve.engine import FinishReason
 from pagedserve.worker.outputs import ModelRunnerOutput
 
-from .sim_model import VOCAB_SIZE, check_invariants, make_request, next_token, run_until_done
+from .sim_model import VOCAB_SIZE, check_invariants, make_request, make_scheduler, next_token, run_until_done
 
 
 def reference_tokens(prompt: list[int], max_tokens: int) -> list[int]:
@@ -151,30 +149,10 @@ class SpecSimulatedWorker:
         )
 
 
-def spec_scheduler(
-    num_spec_tokens: int,
-    num_blocks: int = 256,
-    block_size: int = 4,
-    max_num_batched_tokens: int = 256,
-    max_num_seqs: int = 64,
-    max_model_len: int = 1024,
-    enable_prefix_caching: bool = True,
-    **scheduler_kwargs: object,
-) -> Scheduler:
-    return Scheduler(
-        SchedulerConfig(
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            max_model_len=max_model_len,
-            **scheduler_kwargs,  # type: ignore[arg-type]
-        ),
-        CacheConfig(
-            block_size=block_size,
-            enable_prefix_caching=enable_prefix_caching,
-            prefix_caching_hash_seed=0,
-            num_gpu_blocks=num_blocks,
-        ),
+def spec_scheduler(num_spec_tokens: int, **kwargs: object) -> Scheduler:
+    return make_scheduler(
         speculative_config=SpeculativeConfig(method="ngram", num_speculative_tokens=num_spec_tokens),
+        **kwargs,  # type: ignore[arg-type]
     )
 
 
