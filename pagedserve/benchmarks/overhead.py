@@ -445,17 +445,8 @@ def run(args: argparse.Namespace) -> OverheadResult:
             runner = llm.llm_engine.engine_core.engine_core.executor.worker.model_runner
             ideal_loop = IdealLoop(runner, steps)
 
-            engine_times, ideal_times = [], []
             frontend_timers = ExclusiveTimers()
-            for _ in range(max(1, args.rounds)):
-                if mp_llm is not None:
-                    mp_llm.reset_prefix_cache()
-                    frontend_patches = _instrument(mp_llm, frontend_timers, None)
-                    try:
-                        engine_times.append(_generate(mp_llm, workload))
-                    finally:
-                        frontend_patches.undo()
-                ideal_times.append(ideal_loop())
+            engine_times, ideal_times = _timed_rounds(mp_llm, ideal_loop, workload, args.rounds, frontend_timers)
             flops = ModelFlops.from_model(runner.model, model_config.hf_config)
             total_flops = sum(flops.step_flops(s.query_lens, s.num_computed_tokens) for s in steps)
         finally:
@@ -490,6 +481,25 @@ def run(args: argparse.Namespace) -> OverheadResult:
         frontend_breakdown=frontend if mp_llm is not None else {},
         missing_hooks=patches.missing,
     )
+
+
+def _timed_rounds(
+    mp_llm: Any, ideal_loop: IdealLoop, workload: Workload, rounds: int, frontend_timers: ExclusiveTimers
+) -> tuple[list[float], list[float]]:
+    """(a) the engine with its processes, if any, and (b) the ideal loop, alternating; the
+    frontend's time of every (a) run goes to `frontend_timers`."""
+    engine_times: list[float] = []
+    ideal_times: list[float] = []
+    for _ in range(max(1, rounds)):
+        if mp_llm is not None:
+            mp_llm.reset_prefix_cache()
+            frontend_patches = _instrument(mp_llm, frontend_timers, None)
+            try:
+                engine_times.append(_generate(mp_llm, workload))
+            finally:
+                frontend_patches.undo()
+        ideal_times.append(ideal_loop())
+    return engine_times, ideal_times
 
 
 def _check_recording(recorder: Recorder) -> None:

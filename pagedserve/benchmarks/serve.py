@@ -76,6 +76,15 @@ DATASETS = ("random", "prefix_repetition")
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    _add_workload_args(parser)
+    _add_dataset_args(parser.add_argument_group("datasets"))
+    _add_result_args(parser.add_argument_group("result file"))
+    _add_server_args(parser.add_argument_group("server started by the benchmark (--backend pagedserve, no --base-url)"))
+    parser.set_defaults(func=main)
+    return parser
+
+
+def _add_workload_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend",
         choices=["pagedserve", "openai"],
@@ -124,7 +133,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--structured-output-ttft-samples", type=int, default=5, help="new/cached schema pairs to time"
     )
 
-    data = parser.add_argument_group("datasets")
+
+def _add_dataset_args(data: argparse._ArgumentGroup) -> None:
     data.add_argument("--dataset-name", choices=DATASETS, default="random")
     data.add_argument("--random-input-len", "--input-len", dest="input_len", type=int, default=128)
     data.add_argument("--random-output-len", "--output-len", dest="output_len", type=int, default=128)
@@ -146,7 +156,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--prefix-repetition-output-len", type=int, default=128, help="tokens generated per prompt"
     )
 
-    saving = parser.add_argument_group("result file")
+
+def _add_result_args(saving: argparse._ArgumentGroup) -> None:
     saving.add_argument(
         "--save-result", nargs="?", const=True, default=False, metavar="PATH",
         help="write the configuration, every figure and the per-request lists as JSON to "
@@ -162,16 +173,13 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--metadata", nargs="*", default=None, metavar="KEY=VALUE", help="extra fields for the result file"
     )
 
-    server = parser.add_argument_group(
-        "server started by the benchmark (--backend pagedserve, no --base-url)"
-    )
+
+def _add_server_args(server: argparse._ArgumentGroup) -> None:
     server.add_argument("--max-num-seqs", type=int, default=64)
     server.add_argument("--max-model-len", type=int, default=1024)
     server.add_argument("--dtype", default="float32")
     server.add_argument("--server-log", default=None, help="file for the server's output")
     server.add_argument("--server-args", default="", help="more `pagedserve serve` flags, one string")
-    parser.set_defaults(func=main)
-    return parser
 
 
 def result_path(args: argparse.Namespace, model: str) -> str | None:

@@ -360,10 +360,6 @@ class ModelConfig:
         return self.model.endswith(".gguf")
 
     @property
-    def tokenizer_path(self) -> str:
-        return self.tokenizer or self.model
-
-    @property
     def vocab_size(self) -> int:
         return int(self.hf_config.vocab_size)
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pagedserve.core.block_pool import BlockPool, KVCacheBlock
-from pagedserve.core.kv_cache_coordinator import KVCacheCoordinator
+from pagedserve.core.kv_cache_coordinator import get_kv_cache_coordinator
 from pagedserve.core.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec, MambaSpec
 from pagedserve.core.kv_cache_utils import RequestBlockHasher, get_request_block_hasher
 from pagedserve.core.request import Request
@@ -24,12 +24,6 @@ class KVCacheBlocks:
 
     def get_block_ids(self) -> tuple[list[int], ...]:
         return tuple([block.block_id for block in group] for group in self.blocks)
-
-    def get_block_ids_or_none(self) -> tuple[list[int], ...] | None:
-        """None when no group has a block (the common decode step), to keep the diff small."""
-        if not any(self.blocks):
-            return None
-        return self.get_block_ids()
 
     @property
     def num_blocks(self) -> int:
@@ -49,7 +43,8 @@ class KVCacheManager:
     """Allocates, shares and frees the KV cache blocks of requests, for every KV-cache group.
 
     The scheduler sees one manager; per kind of layer state a single-type manager
-    (core/single_type_kv_cache_manager.py) behind a KVCacheCoordinator does the work. Without
+    (core/single_type_kv_cache_manager.py) behind a KVCacheCoordinator (chosen by
+    `get_kv_cache_coordinator`) does the work. Without
     `kv_cache_groups` the model is one full-attention group.
 
     A request owns, per group, a list in which block i holds its tokens [i*B, (i+1)*B) (a
@@ -57,8 +52,9 @@ class KVCacheManager:
     indexed by hash as soon as they are allocated for known tokens (their KV is written in the
     same step), so identical prompts admitted in one step already share blocks.
 
-    With `num_blocks == 0` (a model without KV cache: encoder-only pooling models) no block
-    pool exists: every allocation succeeds with no blocks and requests need zero blocks.
+    With `num_blocks == 0` (a model without KV cache: encoder-only pooling models) the
+    coordinator holds no block pool: every allocation succeeds with no blocks and requests need
+    zero blocks.
     """
 
     def __init__(
@@ -79,13 +75,11 @@ class KVCacheManager:
             # can be reused. Turned off for the whole model (every group must hit together).
             logger.info("prefix caching is off: the model has Mamba layers, whose state cannot be shared")
             enable_caching = False
-        # --- no-KV-cache mode: no block pool at all when the model keeps no KV.
         enable_caching = enable_caching and num_blocks > 0
         self.block_size = block_size
         self.enable_caching = enable_caching
         self.max_model_len = max_model_len
         self.log_stats = log_stats
-        self.block_pool: BlockPool | None = BlockPool(num_blocks, enable_caching) if num_blocks > 0 else None
         # Attach to requests so they extend their block hashes as tokens arrive; None when
         # caching is off (hashing would be wasted work).
         self.request_block_hasher: RequestBlockHasher | None = (
@@ -99,40 +93,33 @@ class KVCacheManager:
         ]
         if mismatched:
             raise ValueError(f"every KV-cache group must use block_size={block_size}, got {mismatched}")
-        self.coordinator: KVCacheCoordinator | None = (
-            KVCacheCoordinator(kv_cache_groups, self.block_pool, enable_caching, num_state_slots)
-            if self.block_pool is not None
-            else None
-        )
+        self.coordinator = get_kv_cache_coordinator(kv_cache_groups, num_blocks, enable_caching, num_state_slots)
         self.num_groups = len(kv_cache_groups)
-        self._has_window_groups = self.coordinator is not None and bool(self.coordinator.window_managers)
-        # Group 0's books: every group's lists have the same length (see KVCacheCoordinator).
-        self.req_to_blocks: dict[str, list[KVCacheBlock]] = (
-            self.coordinator.managers[0].req_to_blocks if self.coordinator is not None else {}
-        )
-        self.num_cached_block: dict[str, int] = (
-            self.coordinator.managers[0].num_cached_block if self.coordinator is not None else {}
-        )
+        self._has_window_groups = bool(self.coordinator.window_managers)
+        self.req_to_blocks = self.coordinator.req_to_blocks
+        self.num_cached_block = self.coordinator.num_cached_block
         self.prefix_cache_stats = PrefixCacheStats()
         self.empty_kv_cache_blocks = KVCacheBlocks(tuple([] for _ in range(self.num_groups)))
 
     @property
+    def block_pool(self) -> BlockPool:
+        return self.coordinator.block_pool
+
+    @property
     def usage(self) -> float:
-        return self.block_pool.get_usage() if self.block_pool is not None else 0.0
+        return self.coordinator.usage
 
     @property
     def num_free_blocks(self) -> int:
-        return self.block_pool.get_num_free_blocks() if self.block_pool is not None else 0
+        return self.coordinator.num_free_blocks
 
     @property
     def num_usable_blocks(self) -> int:
-        return self.block_pool.num_usable_blocks if self.block_pool is not None else 0
+        return self.coordinator.num_usable_blocks
 
     def num_blocks_for_tokens(self, num_tokens: int, max_chunk_tokens: int | None = None) -> int:
         """Most blocks a request of `num_tokens` tokens holds at once over all groups, when no
         step computes more than `max_chunk_tokens` of its tokens (default: all at once)."""
-        if self.coordinator is None:
-            return 0
         return self.coordinator.get_max_num_blocks(num_tokens, max_chunk_tokens or num_tokens)
 
     def make_prefix_cache_stats(self) -> PrefixCacheStats:
@@ -151,7 +138,6 @@ class KVCacheManager:
         """
         if not self.enable_caching or request.skip_reading_prefix_cache:
             return self.empty_kv_cache_blocks, 0
-        assert self.coordinator is not None
         block_hashes = request.block_hashes
         max_hit_blocks = min((request.num_tokens - 1) // self.block_size, len(block_hashes))
         hits, num_hit_blocks = self.coordinator.find_longest_cache_hit(block_hashes, max_hit_blocks)
@@ -177,8 +163,6 @@ class KVCacheManager:
         first give back the blocks the request's next query can no longer see.
         """
         coordinator = self.coordinator
-        if coordinator is None:
-            return self.empty_kv_cache_blocks
         request_id = request.request_id
         num_computed_tokens = request.num_computed_tokens + num_new_computed_tokens
         num_tokens_need_slot = num_computed_tokens + num_new_tokens + num_lookahead_tokens
@@ -204,11 +188,10 @@ class KVCacheManager:
                 coordinator.cache_blocks(request, num_computed_tokens + num_new_tokens)
             return self.empty_kv_cache_blocks
 
-        assert self.block_pool is not None
         num_blocks_to_allocate = coordinator.get_num_blocks_to_allocate(
             request_id, num_tokens_need_slot, hit_blocks
         )
-        if num_blocks_to_allocate > self.block_pool.get_num_free_blocks():
+        if num_blocks_to_allocate > coordinator.num_free_blocks:
             return None
         is_first_allocation = req_blocks is None
         coordinator.save_new_computed_blocks(request_id, hit_blocks)
@@ -226,23 +209,20 @@ class KVCacheManager:
 
     def free(self, request: Request) -> None:
         """Release every block of `request` in every group (tail blocks first)."""
-        if self.coordinator is not None:
-            self.coordinator.free(request)
+        self.coordinator.free(request)
 
     def free_blocks_beyond(self, request: Request, num_tokens: int) -> int | None:
         """Speculative decoding: give back the tail blocks that held only rejected draft tokens;
         every attention group keeps the blocks of the request's first `num_tokens` tokens.
         -> the blocks each group kept, or None when nothing was freed."""
-        if self.coordinator is None or not self.coordinator.free_blocks_beyond(request.request_id, num_tokens):
+        if not self.coordinator.free_blocks_beyond(request.request_id, num_tokens):
             return None
         return cdiv(num_tokens, self.block_size)
 
     def reset_prefix_cache(self) -> bool:
-        return self.block_pool.reset_prefix_cache() if self.block_pool is not None else True
+        return self.coordinator.reset_prefix_cache()
 
     def get_blocks(self, request_id: str) -> KVCacheBlocks:
-        if self.coordinator is None:
-            return self.empty_kv_cache_blocks
         return KVCacheBlocks(self.coordinator.get_blocks(request_id))
 
     def get_block_ids(self, request_id: str) -> tuple[list[int], ...]:
@@ -250,4 +230,4 @@ class KVCacheManager:
 
     def get_num_held_blocks(self, request_id: str) -> int:
         """Real blocks `request_id` holds over all groups (null placeholders excluded)."""
-        return self.coordinator.get_num_held_blocks(request_id) if self.coordinator is not None else 0
+        return self.coordinator.get_num_held_blocks(request_id)

@@ -10,7 +10,7 @@ observed when a request finishes, from its RequestMetrics.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
@@ -91,6 +91,22 @@ class PrometheusStatLogger(StatLoggerBase):
             "request_success", "Requests finished, by finish reason.", ("finished_reason",)
         )
 
+        self._register_histograms(histogram, max_model_len)
+        self.gauge_cache_config_info: Gauge | None = None
+        # vLLM's lora_requests_info, made once the engine reports a LoRA config (its labels name
+        # the adapters of the newest stats; the value is when they were recorded).
+        self.gauge_lora_info: Gauge | None = None
+        self.max_lora = 0
+        # Speculative decoding (vLLM's spec_decode_* counters): registered by
+        # log_engine_initialized for an engine that speculates, or with the first drafts.
+        self.counter_spec_decode: SimpleNamespace | None = None
+
+        # Label children resolved once per engine core: `.labels()` is a dict lookup under a lock.
+        self._engines = {index: self._make_children(index) for index in engine_indexes}
+
+    def _register_histograms(
+        self, histogram: Callable[[str, str, list[float] | list[int]], Histogram], max_model_len: int | None
+    ) -> None:
         token_buckets = build_1_2_5_buckets(max_model_len or 1 << 20)
         self.histogram_num_prompt_tokens_request = histogram(
             "request_prompt_tokens", "Prompt tokens per finished request.", token_buckets
@@ -128,17 +144,6 @@ class PrometheusStatLogger(StatLoggerBase):
         self.histogram_decode_time_request = histogram(
             "request_decode_time_seconds", "Time from the first token to finish.", _REQUEST_LATENCY_BUCKETS
         )
-        self.gauge_cache_config_info: Gauge | None = None
-        # vLLM's lora_requests_info, made once the engine reports a LoRA config (its labels name
-        # the adapters of the newest stats; the value is when they were recorded).
-        self.gauge_lora_info: Gauge | None = None
-        self.max_lora = 0
-        # Speculative decoding (vLLM's spec_decode_* counters): registered by
-        # log_engine_initialized for an engine that speculates, or with the first drafts.
-        self.counter_spec_decode: SimpleNamespace | None = None
-
-        # Label children resolved once per engine core: `.labels()` is a dict lookup under a lock.
-        self._engines = {index: self._make_children(index) for index in engine_indexes}
 
     def _make_children(self, engine_index: int) -> SimpleNamespace:
         labels = (self.model_name, str(engine_index))

@@ -1,4 +1,4 @@
-"""KV-cache specs and groups derived from a model, without running it."""
+"""KV-cache specs and groups derived from a model, without running it, and the coordinator kinds."""
 
 from __future__ import annotations
 
@@ -8,6 +8,13 @@ import msgspec
 import pytest
 import torch
 
+from pagedserve.core.kv_cache_coordinator import (
+    HybridKVCacheCoordinator,
+    KVCacheCoordinatorNoKV,
+    KVCacheCoordinatorNoPrefixCache,
+    UnitaryKVCacheCoordinator,
+    get_kv_cache_coordinator,
+)
 from pagedserve.core.kv_cache_interface import (
     FullAttentionSpec,
     KVCacheGroupSpec,
@@ -165,3 +172,14 @@ def test_sliding_window_spec_bounds_blocks_per_request() -> None:
     assert FullAttentionSpec(16, 1, 256, 2).max_num_blocks_per_request(32768) == 2048
     with pytest.raises(ValueError, match="sliding_window"):
         SlidingWindowSpec(16, 1, 256, 2, sliding_window=0)
+
+
+def test_coordinator_factory_picks_one_kind_per_cache_layout() -> None:
+    full = KVCacheGroupSpec(("a",), FullAttentionSpec(4, 1, 1, 1))
+    window = KVCacheGroupSpec(("b",), SlidingWindowSpec(4, 1, 1, 1, sliding_window=8))
+    assert isinstance(get_kv_cache_coordinator([full], 0, True), KVCacheCoordinatorNoKV)
+    assert isinstance(get_kv_cache_coordinator([full], 8, False), KVCacheCoordinatorNoPrefixCache)
+    assert isinstance(get_kv_cache_coordinator([full, window], 8, False), KVCacheCoordinatorNoPrefixCache)
+    assert isinstance(get_kv_cache_coordinator([full], 8, True), UnitaryKVCacheCoordinator)
+    assert isinstance(get_kv_cache_coordinator([full, window], 8, True), HybridKVCacheCoordinator)
+

@@ -144,7 +144,7 @@ def test_decode_allocates_a_block_only_at_a_block_boundary() -> None:
     _admit(manager, a)
     a.append_output_token_ids(7)
     new = manager.allocate_slots(a, 1)
-    assert new is not None and new.get_block_ids_or_none() is None
+    assert new is not None and new.num_blocks == 0
     a.num_computed_tokens += 1
     a.append_output_token_ids(8)
     new = manager.allocate_slots(a, 1)
@@ -182,3 +182,10 @@ def test_reset_prefix_cache_keeps_running_requests_intact() -> None:
     assert num_computed == 0
     manager.free(a)
     assert manager.num_free_blocks == 15
+
+
+def test_without_prefix_caching_nothing_is_indexed_or_hit() -> None:
+    manager = _manager(enable_caching=False)
+    _admit(manager, _request(manager, "a", list(range(12))))
+    assert not manager.block_pool.cached_block_hash_to_block
+    assert manager.get_computed_blocks(_request(manager, "b", list(range(12))))[1] == 0

@@ -73,7 +73,7 @@ def test_minilm_batch_is_packed_into_one_step_without_kv_cache_and_equals_transf
     try:
         # Encoder-only: empty KV cache spec, zero blocks, no block pool, nothing allocated.
         assert config.cache_config.num_gpu_blocks == 0
-        assert core.scheduler.kv_cache_manager.block_pool is None
+        assert core.scheduler.kv_cache_manager.num_usable_blocks == 0
         runner = core.executor.worker.model_runner  # type: ignore[attr-defined]
         assert runner.kv_cache_groups == [] and runner.kv_caches == []
         assert all(layer.kv_cache is None and not layer.causal for layer in runner.attention_layers)

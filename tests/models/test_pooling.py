@@ -15,6 +15,7 @@ from pagedserve import LLM
 from pagedserve.config.cache import CacheConfig
 from pagedserve.config.model import ModelConfig, PoolerConfig, _sentence_transformers_pooler_config
 from pagedserve.config.scheduler import SchedulerConfig
+from pagedserve.core.kv_cache_coordinator import KVCacheCoordinatorNoKV
 from pagedserve.core.kv_cache_manager import KVCacheManager
 from pagedserve.core.request import Request
 from pagedserve.core.sched.scheduler import Scheduler
@@ -146,9 +147,12 @@ def _pooling_request(request_id: str, num_tokens: int) -> Request:
     return Request(request_id, list(range(1, num_tokens + 1)), None, None, pooling_params=PoolingParams(task="embed"))
 
 
-def test_kv_cache_manager_without_blocks_creates_no_block_pool() -> None:
+def test_kv_cache_manager_without_blocks_has_no_block_pool() -> None:
     manager = KVCacheManager(num_blocks=0, block_size=16)
-    assert manager.block_pool is None and not manager.enable_caching
+    assert isinstance(manager.coordinator, KVCacheCoordinatorNoKV) and not manager.enable_caching
+    assert manager.num_usable_blocks == 0 and manager.num_free_blocks == 0
+    with pytest.raises(AttributeError, match="no block pool"):
+        _ = manager.block_pool
     request = _pooling_request("a", 40)
     assert manager.num_blocks_for_tokens(40) == 0
     assert manager.get_computed_blocks(request)[1] == 0
@@ -335,7 +339,7 @@ def test_decoder_embedder_keeps_kv_cache_chunked_prefill_and_prefix_caching(make
     assert config.scheduler_config.enable_chunked_prefill and config.cache_config.enable_prefix_caching
     core = EngineCore(config)
     try:
-        assert config.cache_config.num_gpu_blocks and core.scheduler.kv_cache_manager.block_pool is not None
+        assert config.cache_config.num_gpu_blocks and core.scheduler.kv_cache_manager.num_usable_blocks > 0
         prompt = _prompts(1, config.model_config.vocab_size, seed=3)[0] + list(range(7, 47))  # > 16 tokens
 
         def request(request_id: str) -> EngineCoreRequest:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 from pagedserve.config.cache import CacheConfig
 from pagedserve.config.lora import LoRAConfig
 from pagedserve.config.scheduler import SchedulerConfig
 from pagedserve.config.speculative import SpeculativeConfig
 from pagedserve.core.kv_cache_interface import KVCacheGroupSpec, MambaSpec
-from pagedserve.core.kv_cache_manager import KVCacheManager
+from pagedserve.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.sched.output import CachedRequestData, GrammarOutput, NewRequestData, SchedulerOutput
 from pagedserve.core.sched.request_queue import create_request_queue
@@ -57,6 +58,50 @@ def _count_loras(requests: Iterable[Request]) -> dict[str, int]:
             name = request.lora_request.lora_name
             counts[name] = counts.get(name, 0) + 1
     return counts
+
+
+@dataclass(slots=True)
+class _ScheduledRunning:
+    """A running request scheduled in the step being built, with what the workers get for it."""
+
+    request: Request
+    # Before this step (the request's own count is already advanced past the step).
+    num_computed_tokens: int
+    new_block_ids: tuple[list[int], ...] | None
+    # Pipeline parallel only: its sampled tokens among this step's input positions.
+    new_token_ids: list[int]
+    # A sampled token of an earlier step was still in flight when this one was scheduled.
+    has_pending_token: bool
+    # Scheduling it added an output placeholder (async scheduling / pipeline parallel).
+    placeholder_added: bool = False
+    # The drafts it verifies this step.
+    spec_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _StepPlan:
+    """The step `schedule()` is building: one entry per scheduled running request, so that
+    preempting one of them is one removal, not an edit of several parallel lists."""
+
+    token_budget: int
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    running: list[_ScheduledRunning] = field(default_factory=list)
+    new_reqs: list[NewRequestData] = field(default_factory=list)
+    # Structured-output requests among `new_reqs`, in order.
+    new_structured_ids: list[str] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    def unschedule(self, request: Request) -> None:
+        """Take back a running request's share of this step (it is being preempted): its budget,
+        its placeholder, and its computed count (back to what the KV cache really holds)."""
+        num_unscheduled = self.num_scheduled_tokens.pop(request.request_id, None)
+        if num_unscheduled is None:
+            return
+        position = next(i for i, s in enumerate(self.running) if s.request is request)
+        if self.running.pop(position).placeholder_added:
+            request.num_output_placeholders -= 1  # for a step it is not in
+        request.num_computed_tokens -= num_unscheduled
+        self.token_budget += num_unscheduled
 
 
 class Scheduler:
@@ -253,152 +298,128 @@ class Scheduler:
     # ---------------------------------------------------------------- schedule
 
     def schedule(self) -> SchedulerOutput:
-        kv_cache_manager = self.kv_cache_manager
-        allocate_slots = kv_cache_manager.allocate_slots
-        token_budget = self.max_num_scheduled_tokens
-        max_model_len = self.max_model_len
-        num_scheduled_tokens: dict[str, int] = {}
-        # Running requests scheduled this step, in parallel lists (CachedRequestData's fields).
-        scheduled_running_reqs: list[Request] = []
-        cached_req_ids: list[str] = []
-        cached_new_block_ids: list[tuple[list[int], ...] | None] = []
-        cached_num_computed_tokens: list[int] = []
-        cached_new_token_ids: list[list[int]] = []
-        # Whether scheduling each running request added a placeholder (parallel to the above).
-        placeholder_added: list[bool] = []
-        preempted_reqs: list[Request] = []
-        use_pp = self.use_pp
-        add_placeholders = self.async_scheduling or use_pp
-        structured_output_request_ids: list[str] = []
-        # Whether a structured request of this step still has a token in flight (async scheduling;
-        # never under pipeline parallel, which does not schedule such a request).
-        pending_structured_output_tokens = False
-        # Speculative decoding: the drafts each running request verifies this step.
-        scheduled_spec_decode_tokens: dict[str, list[int]] = {}
+        step = _StepPlan(token_budget=self.max_num_scheduled_tokens)
+        self._schedule_running(step)
+        # New and resumed requests, only if nothing was preempted: a request preempted this
+        # step must not come back in the same step (workers would drop and add it at once).
+        if not step.preempted:
+            self._schedule_waiting(step)
+        return self._make_scheduler_output(step)
 
+    def _schedule_running(self, step: _StepPlan) -> None:
+        """Running requests in order, each its next tokens (drafts included) within the budget;
+        a request that finds no free blocks preempts others (or itself) until it fits."""
         running = self.running
         req_index = 0
-        while req_index < len(running) and token_budget > 0:
+        while req_index < len(running) and step.token_budget > 0:
             request = running[req_index]
-            num_computed_tokens = request.num_computed_tokens
-            num_placeholders = request.num_output_placeholders
-            if use_pp and num_placeholders:
-                req_index += 1
-                continue
-            num_new_tokens = request.num_tokens + len(request.spec_token_ids) + num_placeholders - num_computed_tokens
-            if num_placeholders and request.num_output_tokens + num_placeholders >= request.max_tokens:
-                # Its last token is already in flight: one more step would only be wasted.
-                num_new_tokens = 0
-            if num_new_tokens > token_budget:
-                num_new_tokens = token_budget
-            # Positions stop at max_model_len (reaching it finishes the request).
-            if num_new_tokens > max_model_len - num_computed_tokens:
-                num_new_tokens = max_model_len - num_computed_tokens
+            num_new_tokens = self._num_running_tokens(request, step.token_budget)
             if num_new_tokens <= 0:
                 req_index += 1
                 continue
-
-            while True:
-                new_blocks = allocate_slots(request, num_new_tokens)
-                if new_blocks is not None:
-                    break
-                if request.spec_token_ids:
-                    # Drafts are optional: drop them before preempting anyone.
-                    request.spec_token_ids = []
-                    num_known = request.num_tokens + num_placeholders - num_computed_tokens
-                    if 0 < num_known < num_new_tokens:
-                        num_new_tokens = num_known
-                        continue
-                preempted = self._pick_request_to_preempt()
-                if preempted is request and len(running) == 1:
-                    # Alone and still out of blocks: it can never fit the pool.
-                    running.pop()
-                    self._finish_with_error(request, "the request outgrew the KV cache while running alone")
-                    break
-                if preempted is running[-1]:
-                    running.pop()
-                else:
-                    # Priority policy only: the victim may sit before the current request.
-                    position = running.index(preempted)
-                    del running[position]
-                    if position < req_index:
-                        req_index -= 1
-                    if preempted.request_id in num_scheduled_tokens:
-                        # Already scheduled this step: it loses its turn and its budget, and
-                        # its computed count goes back to what the KV cache really holds.
-                        position = scheduled_running_reqs.index(preempted)
-                        if placeholder_added and placeholder_added[position]:
-                            preempted.num_output_placeholders -= 1  # for a step it is not in
-                        for parallel_list in (
-                            scheduled_running_reqs,
-                            cached_req_ids,
-                            cached_new_block_ids,
-                            cached_num_computed_tokens,
-                            cached_new_token_ids,
-                            placeholder_added,
-                        ):
-                            if parallel_list:
-                                del parallel_list[position]
-                        if preempted.structured_output_request is not None:
-                            structured_output_request_ids.remove(preempted.request_id)
-                        scheduled_spec_decode_tokens.pop(preempted.request_id, None)
-                        num_unscheduled = num_scheduled_tokens.pop(preempted.request_id)
-                        preempted.num_computed_tokens -= num_unscheduled
-                        token_budget += num_unscheduled
-                self._preempt(preempted)
-                preempted_reqs.append(preempted)
-                if preempted is request:
-                    break
+            num_new_tokens, new_blocks, req_index = self._allocate_running(request, num_new_tokens, req_index, step)
             if new_blocks is None:
                 # The current request was preempted or failed; everyone after it already was.
                 break
-
-            request_id = request.request_id
-            scheduled_running_reqs.append(request)
-            cached_req_ids.append(request_id)
-            cached_new_block_ids.append(new_blocks.get_block_ids() if new_blocks.blocks[0] else None)
-            cached_num_computed_tokens.append(num_computed_tokens)
-            if use_pp:
-                end = num_computed_tokens + num_new_tokens
-                cached_new_token_ids.append(
-                    request.all_token_ids[max(num_computed_tokens, request.num_prompt_tokens) : end]
-                )
-            num_scheduled_tokens[request_id] = num_new_tokens
-            # Advanced now (vLLM-style): the step's tokens count as computed from here on.
-            request.num_computed_tokens = num_computed_tokens + num_new_tokens
-            if request.structured_output_request is not None:
-                structured_output_request_ids.append(request_id)
-                pending_structured_output_tokens |= num_placeholders > 0
-            if add_placeholders:
-                placeholder_added.append(self._add_placeholder_if_sampling(request))
-            if request.spec_token_ids:
-                self._schedule_spec_tokens(request, num_new_tokens, scheduled_spec_decode_tokens)
-            token_budget -= num_new_tokens
+            self._add_scheduled_running(request, num_new_tokens, new_blocks, step)
             req_index += 1
 
-        # New and resumed requests, only if nothing was preempted: a request preempted this
-        # step must not come back in the same step (workers would drop and add it at once).
-        new_reqs_data: list[NewRequestData] = []
-        if not preempted_reqs:
-            token_budget = self._schedule_waiting(
-                token_budget, num_scheduled_tokens, new_reqs_data, structured_output_request_ids
-            )
+    def _num_running_tokens(self, request: Request, token_budget: int) -> int:
+        """Tokens a running request can compute this step (<= 0: none)."""
+        num_placeholders = request.num_output_placeholders
+        if self.use_pp and num_placeholders:
+            return 0
+        if num_placeholders and request.num_output_tokens + num_placeholders >= request.max_tokens:
+            # Its last token is already in flight: one more step would only be wasted.
+            return 0
+        num_computed_tokens = request.num_computed_tokens
+        num_new_tokens = request.num_tokens + len(request.spec_token_ids) + num_placeholders - num_computed_tokens
+        # Positions stop at max_model_len (reaching it finishes the request).
+        return min(num_new_tokens, token_budget, self.max_model_len - num_computed_tokens)
 
+    def _allocate_running(
+        self, request: Request, num_new_tokens: int, req_index: int, step: _StepPlan
+    ) -> tuple[int, KVCacheBlocks | None, int]:
+        """Blocks for `num_new_tokens` of a running request, preempting from the back (or by
+        priority) until they fit. -> (tokens, new blocks or None if the request itself was
+        preempted or failed, the request's index in `self.running` after removals)."""
+        running = self.running
+        while True:
+            new_blocks = self.kv_cache_manager.allocate_slots(request, num_new_tokens)
+            if new_blocks is not None:
+                return num_new_tokens, new_blocks, req_index
+            if request.spec_token_ids:
+                # Drafts are optional: drop them before preempting anyone.
+                request.spec_token_ids = []
+                num_known = request.num_tokens + request.num_output_placeholders - request.num_computed_tokens
+                if 0 < num_known < num_new_tokens:
+                    num_new_tokens = num_known
+                    continue
+            preempted = self._pick_request_to_preempt()
+            if preempted is request and len(running) == 1:
+                # Alone and still out of blocks: it can never fit the pool.
+                running.pop()
+                self._finish_with_error(request, "the request outgrew the KV cache while running alone")
+                return num_new_tokens, None, req_index
+            # Priority policy only: the victim may sit before the current request.
+            position = len(running) - 1 if preempted is running[-1] else running.index(preempted)
+            del running[position]
+            if position < req_index:
+                req_index -= 1
+            # Already scheduled this step: it loses its turn and its budget.
+            step.unschedule(preempted)
+            self._preempt(preempted)
+            step.preempted.append(preempted)
+            if preempted is request:
+                return num_new_tokens, None, req_index
+
+    def _add_scheduled_running(
+        self, request: Request, num_new_tokens: int, new_blocks: KVCacheBlocks, step: _StepPlan
+    ) -> None:
+        num_computed_tokens = request.num_computed_tokens
+        new_token_ids: list[int] = []
+        if self.use_pp:
+            end = num_computed_tokens + num_new_tokens
+            new_token_ids = request.all_token_ids[max(num_computed_tokens, request.num_prompt_tokens) : end]
+        scheduled = _ScheduledRunning(
+            request=request,
+            num_computed_tokens=num_computed_tokens,
+            new_block_ids=new_blocks.get_block_ids() if new_blocks.blocks[0] else None,
+            new_token_ids=new_token_ids,
+            has_pending_token=request.num_output_placeholders > 0,
+        )
+        step.num_scheduled_tokens[request.request_id] = num_new_tokens
+        # Advanced now (vLLM-style): the step's tokens count as computed from here on.
+        request.num_computed_tokens = num_computed_tokens + num_new_tokens
+        if self.async_scheduling or self.use_pp:
+            scheduled.placeholder_added = self._add_placeholder_if_sampling(request)
+        if request.spec_token_ids:
+            scheduled.spec_token_ids = self._take_scheduled_spec_tokens(request)
+        step.token_budget -= num_new_tokens
+        step.running.append(scheduled)
+
+    def _make_scheduler_output(self, step: _StepPlan) -> SchedulerOutput:
+        running = step.running
+        structured_running = [s for s in running if s.request.structured_output_request is not None]
         scheduler_output = SchedulerOutput(
-            scheduled_new_reqs=new_reqs_data,
+            scheduled_new_reqs=step.new_reqs,
             scheduled_cached_reqs=CachedRequestData(
-                req_ids=cached_req_ids,
-                new_block_ids=cached_new_block_ids,
-                num_computed_tokens=cached_num_computed_tokens,
-                new_token_ids=cached_new_token_ids,
+                req_ids=[s.request.request_id for s in running],
+                new_block_ids=[s.new_block_ids for s in running],
+                num_computed_tokens=[s.num_computed_tokens for s in running],
+                new_token_ids=[s.new_token_ids for s in running] if self.use_pp else [],
             ),
-            num_scheduled_tokens=num_scheduled_tokens,
-            total_num_scheduled_tokens=self.max_num_scheduled_tokens - token_budget,
+            num_scheduled_tokens=step.num_scheduled_tokens,
+            total_num_scheduled_tokens=self.max_num_scheduled_tokens - step.token_budget,
             finished_req_ids=self.finished_req_ids,
-            preempted_req_ids={request.request_id for request in preempted_reqs},
-            structured_output_request_ids=structured_output_request_ids,
-            pending_structured_output_tokens=pending_structured_output_tokens,
-            scheduled_spec_decode_tokens=scheduled_spec_decode_tokens,
+            preempted_req_ids={request.request_id for request in step.preempted},
+            # Running requests first, then new ones: the order of the step's bitmask rows.
+            structured_output_request_ids=[s.request.request_id for s in structured_running]
+            + step.new_structured_ids,
+            # A structured request with a token in flight (async scheduling; never under pipeline
+            # parallel, which does not schedule such a request).
+            pending_structured_output_tokens=any(s.has_pending_token for s in structured_running),
+            scheduled_spec_decode_tokens={s.request.request_id: s.spec_token_ids for s in running if s.spec_token_ids},
             num_kept_blocks=self._num_kept_blocks,
         )
         self.finished_req_ids = set()
@@ -406,26 +427,19 @@ class Scheduler:
         return scheduler_output
 
     @staticmethod
-    def _schedule_spec_tokens(
-        request: Request, num_new_tokens: int, scheduled_spec_decode_tokens: dict[str, list[int]]
-    ) -> None:
-        """The drafts that fit this step's `num_new_tokens` (after every known token) are verified
-        now; the request's own list is emptied: the worker proposes the next drafts."""
+    def _take_scheduled_spec_tokens(request: Request) -> list[int]:
+        """The drafts that fit this step's tokens (after every known token), verified now; the
+        request's own list is emptied: the worker proposes the next drafts."""
         # request.num_computed_tokens already counts this step's tokens.
         num_scheduled_spec = request.num_computed_tokens - request.num_tokens
-        if num_scheduled_spec > 0:
-            scheduled_spec_decode_tokens[request.request_id] = request.spec_token_ids[:num_scheduled_spec]
+        scheduled = request.spec_token_ids[:num_scheduled_spec] if num_scheduled_spec > 0 else []
         request.spec_token_ids = []
+        return scheduled
 
-    def _schedule_waiting(
-        self,
-        token_budget: int,
-        num_scheduled_tokens: dict[str, int],
-        new_reqs_data: list[NewRequestData],
-        structured_output_request_ids: list[str],
-    ) -> int:
-        """Admit waiting requests in queue order while budget, sequences and blocks last;
-        return the budget left. Requests whose grammar is still compiling are passed over."""
+    def _schedule_waiting(self, step: _StepPlan) -> None:
+        """Admit waiting requests in queue order while budget, sequences and blocks last.
+        Requests whose grammar is still compiling, or whose adapter has no free slot, are
+        passed over and keep their place."""
         kv_cache_manager = self.kv_cache_manager
         waiting = self.waiting
         running = self.running
@@ -433,7 +447,7 @@ class Scheduler:
         # Adapters of the running requests (LoRA only): the worker has max_loras slots, so a
         # request of another adapter waits while max_loras distinct ones run.
         running_loras = self._running_lora_ids() if self.lora_config is not None else None
-        while token_budget > 0 and len(running) < self.max_num_running_reqs and waiting:
+        while step.token_budget > 0 and len(running) < self.max_num_running_reqs and waiting:
             request = waiting.peek_request()
             if request.status is RequestStatus.WAITING_FOR_FSM and not self._grammar_ready(request):
                 if not request.is_finished():
@@ -446,14 +460,12 @@ class Scheduler:
             # still holds most of them.
             computed_blocks, num_computed_tokens = kv_cache_manager.get_computed_blocks(request)
             num_new_tokens = request.num_tokens - num_computed_tokens
-            if num_new_tokens > token_budget:
+            if num_new_tokens > step.token_budget:
                 if not self.enable_chunked_prefill:
                     # Never chunk: wait for a step with room (head-of-line, keeps FCFS order).
                     break
-                num_new_tokens = token_budget
-            new_blocks = kv_cache_manager.allocate_slots(
-                request, num_new_tokens, num_computed_tokens, computed_blocks
-            )
+                num_new_tokens = step.token_budget
+            new_blocks = kv_cache_manager.allocate_slots(request, num_new_tokens, num_computed_tokens, computed_blocks)
             if new_blocks is None:
                 if running:
                     break
@@ -463,38 +475,41 @@ class Scheduler:
                 self._finish_with_error(request, "the request does not fit the whole KV cache")
                 continue
             waiting.pop_request()
-            running.append(request)
-            request.status = RequestStatus.RUNNING
             if running_loras is not None and request.lora_request is not None:
                 running_loras.add(request.lora_request.lora_int_id)
-            if request.structured_output_request is not None:
-                structured_output_request_ids.append(request.request_id)
-            if request.num_cached_tokens < 0:
-                request.num_cached_tokens = num_computed_tokens
-                request.first_scheduled_time = time.monotonic()
-            request_id = request.request_id
-            new_reqs_data.append(
-                NewRequestData(
-                    req_id=request_id,
-                    prompt_token_ids=request.prompt_token_ids,
-                    # A copy: an in-process worker appends to the list it is given.
-                    output_token_ids=list(request.output_token_ids),
-                    sampling_params=request.sampling_params,
-                    block_ids=kv_cache_manager.get_block_ids(request_id),
-                    num_computed_tokens=num_computed_tokens,
-                    pooling_params=request.pooling_params,
-                    lora_request=request.lora_request,
-                )
-            )
-            num_scheduled_tokens[request_id] = num_new_tokens
-            request.num_computed_tokens = num_computed_tokens + num_new_tokens
-            if self.async_scheduling or self.use_pp:
-                self._add_placeholder_if_sampling(request)
-            token_budget -= num_new_tokens
+            self._admit(request, num_computed_tokens, num_new_tokens, step)
         # Back in front, in their order: they keep their place for when their grammar is ready.
         for request in reversed(skipped_waiting):
             waiting.prepend_request(request)
-        return token_budget
+
+    def _admit(self, request: Request, num_computed_tokens: int, num_new_tokens: int, step: _StepPlan) -> None:
+        """A waiting request that got its blocks starts running with this step."""
+        self.running.append(request)
+        request.status = RequestStatus.RUNNING
+        request_id = request.request_id
+        if request.structured_output_request is not None:
+            step.new_structured_ids.append(request_id)
+        if request.num_cached_tokens < 0:
+            request.num_cached_tokens = num_computed_tokens
+            request.first_scheduled_time = time.monotonic()
+        step.new_reqs.append(
+            NewRequestData(
+                req_id=request_id,
+                prompt_token_ids=request.prompt_token_ids,
+                # A copy: an in-process worker appends to the list it is given.
+                output_token_ids=list(request.output_token_ids),
+                sampling_params=request.sampling_params,
+                block_ids=self.kv_cache_manager.get_block_ids(request_id),
+                num_computed_tokens=num_computed_tokens,
+                pooling_params=request.pooling_params,
+                lora_request=request.lora_request,
+            )
+        )
+        step.num_scheduled_tokens[request_id] = num_new_tokens
+        request.num_computed_tokens = num_computed_tokens + num_new_tokens
+        if self.async_scheduling or self.use_pp:
+            self._add_placeholder_if_sampling(request)
+        step.token_budget -= num_new_tokens
 
     def _running_lora_ids(self) -> set[int]:
         # O(running), once per step with waiting requests (LoRA only).
@@ -585,105 +600,19 @@ class Scheduler:
         Only requests with something to report get an EngineCoreOutput: new tokens, prompt
         logprobs, a pooled output or a finish. A partial prefill chunk reports nothing.
         """
-        sampled_token_ids = model_runner_output.sampled_token_ids
-        req_id_to_index = model_runner_output.req_id_to_index
-        logprobs = model_runner_output.logprobs
-        prompt_logprobs_dict = model_runner_output.prompt_logprobs_dict
-        pooler_output = model_runner_output.pooler_output
-        requests = self.requests
-        max_model_len = self.max_model_len
-        scheduled_spec_decode_tokens = scheduler_output.scheduled_spec_decode_tokens
-        spec_token_ids = model_runner_output.spec_token_ids
-
         outputs = self._pending_outputs
         self._pending_outputs = []
         finished_ids: set[str] = {output.request_id for output in outputs}
-
-        stale_samples = self._num_stale_samples
         for request_id in scheduler_output.num_scheduled_tokens:
-            request = requests.get(request_id)
-            if stale_samples and request_id in stale_samples and sampled_token_ids[req_id_to_index[request_id]]:
-                if stale_samples[request_id] == 1:
-                    del stale_samples[request_id]
-                else:
-                    stale_samples[request_id] -= 1
+            request = self._request_to_update(request_id, model_runner_output)
+            if request is None:
                 continue
-            if request is None or request.status is not RequestStatus.RUNNING:
-                # Aborted or finished between schedule() and now, or (async scheduling)
-                # preempted while this step was in flight: its result is stale.
+            output = self._update_request(request, scheduler_output, model_runner_output)
+            if output is None:
                 continue
-            req_index = req_id_to_index[request_id]
-            new_token_ids = sampled_token_ids[req_index]
-            stopped = False
-            new_logprobs = None
-            new_prompt_logprobs = None
-            pooling_output = None
-
-            if new_token_ids:
-                num_sampled = len(new_token_ids)
-                if request.num_output_placeholders:
-                    request.num_output_placeholders -= 1
-                if len(new_token_ids) == 1:
-                    request.append_output_token_ids(new_token_ids[0])
-                    stopped = request.check_stop(max_model_len)
-                else:
-                    # Several tokens in one step (speculative decoding): stop at the first
-                    # stopping token and drop the rest.
-                    for num_kept, token_id in enumerate(new_token_ids, 1):
-                        request.append_output_token_ids(token_id)
-                        if request.check_stop(max_model_len):
-                            stopped = True
-                            new_token_ids = new_token_ids[:num_kept]
-                            break
-                if not stopped and request.structured_output_request is not None:
-                    stopped = self._advance_grammar(request, new_token_ids)
-                if scheduled_spec_decode_tokens:
-                    scheduled_spec = scheduled_spec_decode_tokens.get(request_id)
-                    if scheduled_spec:
-                        self._update_after_verification(request, scheduled_spec, num_sampled, stopped)
-                if spec_token_ids is not None and not stopped:
-                    self._set_draft_token_ids(request, spec_token_ids[req_index])
-                if logprobs is not None and request.num_sample_logprobs is not None:
-                    new_logprobs = _logprobs_rows(
-                        logprobs, req_index, req_index + 1, request.num_sample_logprobs
-                    )
-            elif pooler_output is not None and request.sampling_params is None:
-                pooled = pooler_output.get(request_id)
-                if pooled is not None:
-                    pooling_output = pooled.tolist()
-                    request.status = RequestStatus.FINISHED_STOPPED
-                    stopped = True
-
-            if request.num_prompt_logprobs is not None and prompt_logprobs_dict:
-                prompt_rows = prompt_logprobs_dict.get(request_id)
-                if prompt_rows is not None:
-                    new_prompt_logprobs = self._new_prompt_logprobs(
-                        request, prompt_rows, _chunk_start(scheduler_output, request_id)
-                    )
-
-            if stopped:
+            if output.finish_reason is not None:
                 finished_ids.add(request_id)
-                self._free_request(request)
-                finish_reason = request.get_finished_reason()
-            elif not new_token_ids and new_prompt_logprobs is None:
-                continue
-            else:
-                finish_reason = None
-            outputs.append(
-                EngineCoreOutput(
-                    request_id=request_id,
-                    new_token_ids=new_token_ids,
-                    new_logprobs=new_logprobs,
-                    new_prompt_logprobs=new_prompt_logprobs,
-                    finish_reason=finish_reason,
-                    stop_reason=request.stop_reason,
-                    num_cached_tokens=request.num_cached_tokens,
-                    first_scheduled_time=(
-                        request.first_scheduled_time if request.num_output_tokens <= len(new_token_ids) else None
-                    ),
-                    pooling_output=pooling_output,
-                )
-            )
+            outputs.append(output)
 
         if finished_ids:
             # O(running), once per step with a finish; keeps the order of the survivors.
@@ -694,6 +623,116 @@ class Scheduler:
             scheduler_stats=self.make_stats() if self.log_stats else None,
             finished_requests=finished_ids or None,
         )
+
+    def _request_to_update(self, request_id: str, model_runner_output: ModelRunnerOutput) -> Request | None:
+        """The running request a step's result belongs to; None when the result is stale."""
+        stale_samples = self._num_stale_samples
+        if (
+            stale_samples
+            and request_id in stale_samples
+            and model_runner_output.sampled_token_ids[model_runner_output.req_id_to_index[request_id]]
+        ):
+            # Sampled before a preemption: the resumed request recomputes this token.
+            if stale_samples[request_id] == 1:
+                del stale_samples[request_id]
+            else:
+                stale_samples[request_id] -= 1
+            return None
+        request = self.requests.get(request_id)
+        if request is None or request.status is not RequestStatus.RUNNING:
+            # Aborted or finished between schedule() and now, or (async scheduling) preempted
+            # while this step was in flight: its result is stale.
+            return None
+        return request
+
+    def _update_request(
+        self, request: Request, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
+    ) -> EngineCoreOutput | None:
+        """One request's result of the step -> its output, or None when it has nothing to report."""
+        request_id = request.request_id
+        req_index = model_runner_output.req_id_to_index[request_id]
+        new_token_ids = model_runner_output.sampled_token_ids[req_index]
+        stopped = False
+        new_logprobs = None
+        pooling_output = None
+        if new_token_ids:
+            new_token_ids, stopped = self._append_sampled_tokens(
+                request, new_token_ids, scheduler_output, model_runner_output
+            )
+            logprobs = model_runner_output.logprobs
+            if logprobs is not None and request.num_sample_logprobs is not None:
+                new_logprobs = _logprobs_rows(logprobs, req_index, req_index + 1, request.num_sample_logprobs)
+        elif model_runner_output.pooler_output is not None and request.sampling_params is None:
+            pooled = model_runner_output.pooler_output.get(request_id)
+            if pooled is not None:
+                pooling_output = pooled.tolist()
+                request.status = RequestStatus.FINISHED_STOPPED
+                stopped = True
+
+        new_prompt_logprobs = None
+        prompt_logprobs_dict = model_runner_output.prompt_logprobs_dict
+        if request.num_prompt_logprobs is not None and prompt_logprobs_dict:
+            prompt_rows = prompt_logprobs_dict.get(request_id)
+            if prompt_rows is not None:
+                new_prompt_logprobs = self._new_prompt_logprobs(
+                    request, prompt_rows, _chunk_start(scheduler_output, request_id)
+                )
+
+        finish_reason = None
+        if stopped:
+            self._free_request(request)
+            finish_reason = request.get_finished_reason()
+        elif not new_token_ids and new_prompt_logprobs is None:
+            return None
+        return EngineCoreOutput(
+            request_id=request_id,
+            new_token_ids=new_token_ids,
+            new_logprobs=new_logprobs,
+            new_prompt_logprobs=new_prompt_logprobs,
+            finish_reason=finish_reason,
+            stop_reason=request.stop_reason,
+            num_cached_tokens=request.num_cached_tokens,
+            first_scheduled_time=(
+                request.first_scheduled_time if request.num_output_tokens <= len(new_token_ids) else None
+            ),
+            pooling_output=pooling_output,
+        )
+
+    def _append_sampled_tokens(
+        self,
+        request: Request,
+        new_token_ids: list[int],
+        scheduler_output: SchedulerOutput,
+        model_runner_output: ModelRunnerOutput,
+    ) -> tuple[list[int], bool]:
+        """Appends the step's sampled tokens up to the first that stops the request, feeds them
+        to its grammar, settles verified drafts and takes the next ones. -> (the tokens kept,
+        whether the request stopped)."""
+        num_sampled = len(new_token_ids)
+        if request.num_output_placeholders:
+            request.num_output_placeholders -= 1
+        stopped = False
+        if num_sampled == 1:
+            request.append_output_token_ids(new_token_ids[0])
+            stopped = request.check_stop(self.max_model_len)
+        else:
+            # Several tokens in one step (speculative decoding): stop at the first stopping
+            # token and drop the rest.
+            for num_kept, token_id in enumerate(new_token_ids, 1):
+                request.append_output_token_ids(token_id)
+                if request.check_stop(self.max_model_len):
+                    stopped = True
+                    new_token_ids = new_token_ids[:num_kept]
+                    break
+        if not stopped and request.structured_output_request is not None:
+            stopped = self._advance_grammar(request, new_token_ids)
+        scheduled_spec = scheduler_output.scheduled_spec_decode_tokens.get(request.request_id)
+        if scheduled_spec:
+            self._update_after_verification(request, scheduled_spec, num_sampled, stopped)
+        spec_token_ids = model_runner_output.spec_token_ids
+        if spec_token_ids is not None and not stopped:
+            self._set_draft_token_ids(request, spec_token_ids[model_runner_output.req_id_to_index[request.request_id]])
+        return new_token_ids, stopped
 
     def _update_after_verification(
         self, request: Request, scheduled_spec: list[int], num_sampled: int, stopped: bool

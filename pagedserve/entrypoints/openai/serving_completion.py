@@ -299,7 +299,7 @@ class OpenAIServingCompletion(OpenAIServing):
         num_choices = len(prompts) * n
         num_generated_tokens = [0] * num_choices
         text_offsets = [0] * num_choices
-        has_echoed = [False] * num_choices
+        has_streamed = [False] * num_choices
         # DELTA outputs carry each prompt logprob once: keep them for the echo of every choice.
         prompt_logprobs: list[list[dict[int, Logprob] | None]] = [[] for _ in prompts]
         stream_options = request.stream_options
@@ -316,21 +316,11 @@ class OpenAIServingCompletion(OpenAIServing):
                     if output.index >= n:
                         continue  # a beam beyond the n best
                     choice_index = prompt_index * n + output.index
-                    token_ids: list[int] = output.token_ids
-                    step_logprobs: Sequence[dict[int, Logprob] | None] | None = output.logprobs
-                    text = output.text
-                    if request.echo and not has_echoed[choice_index]:
-                        has_echoed[choice_index] = True
-                        echo_logprobs = prompt_logprobs[prompt_index] if request.logprobs is not None else None
-                        if request.echo_without_generation:
-                            token_ids, step_logprobs, text = prompt.token_ids, echo_logprobs, self._prompt_text(prompt)
-                        else:
-                            text = self._prompt_text(prompt) + text
-                            token_ids = [*prompt.token_ids, *token_ids]
-                            if echo_logprobs is not None and step_logprobs is not None:
-                                step_logprobs = [*echo_logprobs, *step_logprobs]
-                    elif request.echo_without_generation:
-                        token_ids, step_logprobs, text = [], [], ""
+                    first_delta = not has_streamed[choice_index]
+                    has_streamed[choice_index] = True
+                    token_ids, step_logprobs, text = self._delta_with_echo(
+                        request, prompt, prompt_logprobs[prompt_index], output, first_delta
+                    )
                     if not request.echo_without_generation:
                         num_generated_tokens[choice_index] += len(output.token_ids)
                     if not text and not token_ids and output.finish_reason is None:
@@ -340,20 +330,14 @@ class OpenAIServingCompletion(OpenAIServing):
                         logprobs, text_offsets[choice_index] = self._create_completion_logprobs(
                             token_ids, step_logprobs, request.return_tokens_as_token_ids, text_offsets[choice_index]
                         )
-                    chunk = CompletionStreamResponse(
-                        id=response_id,
-                        created=created,
-                        model=model_name,
-                        choices=[
-                            CompletionResponseStreamChoice(
-                                index=choice_index,
-                                text=text,
-                                logprobs=logprobs,
-                                finish_reason=output.finish_reason,
-                                stop_reason=output.stop_reason,
-                            )
-                        ],
+                    choice = CompletionResponseStreamChoice(
+                        index=choice_index,
+                        text=text,
+                        logprobs=logprobs,
+                        finish_reason=output.finish_reason,
+                        stop_reason=output.stop_reason,
                     )
+                    chunk = CompletionStreamResponse(id=response_id, created=created, model=model_name, choices=[choice])
                     if continuous_usage:
                         num_prompt_tokens = len(prompt.token_ids)
                         chunk.usage = UsageInfo(
@@ -364,23 +348,41 @@ class OpenAIServingCompletion(OpenAIServing):
                     yield sse_event(chunk.model_dump_json())
             if include_usage:
                 num_prompt_tokens = sum(len(p.token_ids) for p in prompts)
-                total_generated = sum(num_generated_tokens)
+                usage = UsageInfo(
+                    prompt_tokens=num_prompt_tokens,
+                    completion_tokens=sum(num_generated_tokens),
+                    total_tokens=num_prompt_tokens + sum(num_generated_tokens),
+                    prompt_tokens_details=PromptTokenUsageInfo(cached_tokens=sum(num_cached_tokens)),
+                )
                 usage_chunk = CompletionStreamResponse(
-                    id=response_id,
-                    created=created,
-                    model=model_name,
-                    choices=[],
-                    usage=UsageInfo(
-                        prompt_tokens=num_prompt_tokens,
-                        completion_tokens=total_generated,
-                        total_tokens=num_prompt_tokens + total_generated,
-                        prompt_tokens_details=PromptTokenUsageInfo(cached_tokens=sum(num_cached_tokens)),
-                    ),
+                    id=response_id, created=created, model=model_name, choices=[], usage=usage
                 )
                 yield sse_event(usage_chunk.model_dump_json())
         except Exception as e:
             yield self.sse_error(e)
         yield SSE_DONE
+
+    def _delta_with_echo(
+        self,
+        request: CompletionRequest,
+        prompt: PromptInput,
+        prompt_logprobs: list[dict[int, Logprob] | None],
+        output: CompletionOutput,
+        first_delta: bool,
+    ) -> tuple[list[int], Sequence[dict[int, Logprob] | None] | None, str]:
+        """The tokens, logprobs and text a choice streams for `output`. With echo, the prompt
+        goes in front of the choice's first delta (and alone, with max_tokens=0)."""
+        if request.echo and first_delta:
+            echo_logprobs = prompt_logprobs if request.logprobs is not None else None
+            if request.echo_without_generation:
+                return prompt.token_ids, echo_logprobs, self._prompt_text(prompt)
+            step_logprobs = output.logprobs
+            if echo_logprobs is not None and step_logprobs is not None:
+                step_logprobs = [*echo_logprobs, *step_logprobs]
+            return [*prompt.token_ids, *output.token_ids], step_logprobs, self._prompt_text(prompt) + output.text
+        if request.echo_without_generation:
+            return [], [], ""
+        return output.token_ids, output.logprobs, output.text
 
 
 def prompt_logprobs_to_entries(prompt_logprobs: PromptLogprobs | None) -> list[dict[int, LogprobEntry] | None] | None:
