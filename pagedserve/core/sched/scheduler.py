@@ -68,14 +68,14 @@ class _ScheduledRunning:
     # Before this step (the request's own count is already advanced past the step).
     num_computed_tokens: int
     new_block_ids: tuple[list[int], ...] | None
-    # Pipeline parallel only: its sampled tokens among this step's input positions.
-    new_token_ids: list[int]
     # A sampled token of an earlier step was still in flight when this one was scheduled.
     has_pending_token: bool
+    # Pipeline parallel only: its sampled tokens among this step's input positions.
+    new_token_ids: list[int] | None = None
     # Scheduling it added an output placeholder (async scheduling / pipeline parallel).
     placeholder_added: bool = False
-    # The drafts it verifies this step.
-    spec_token_ids: list[int] = field(default_factory=list)
+    # The drafts it verifies this step (None: none).
+    spec_token_ids: list[int] | None = None
 
 
 @dataclass(slots=True)
@@ -310,51 +310,54 @@ class Scheduler:
         """Running requests in order, each its next tokens (drafts included) within the budget;
         a request that finds no free blocks preempts others (or itself) until it fits."""
         running = self.running
+        allocate_slots = self.kv_cache_manager.allocate_slots
+        use_pp = self.use_pp
+        max_model_len = self.max_model_len
         req_index = 0
         while req_index < len(running) and step.token_budget > 0:
             request = running[req_index]
-            num_new_tokens = self._num_running_tokens(request, step.token_budget)
+            num_computed_tokens = request.num_computed_tokens
+            num_placeholders = request.num_output_placeholders
+            num_new_tokens = request.num_tokens + len(request.spec_token_ids) + num_placeholders - num_computed_tokens
+            if num_placeholders and (use_pp or request.num_output_tokens + num_placeholders >= request.max_tokens):
+                # Pipeline parallel: its sampled token has not reached the first stage yet. Else
+                # its last token is already in flight: one more step would only be wasted.
+                num_new_tokens = 0
+            if num_new_tokens > step.token_budget:
+                num_new_tokens = step.token_budget
+            # Positions stop at max_model_len (reaching it finishes the request).
+            if num_new_tokens > max_model_len - num_computed_tokens:
+                num_new_tokens = max_model_len - num_computed_tokens
             if num_new_tokens <= 0:
                 req_index += 1
                 continue
-            num_new_tokens, new_blocks, req_index = self._allocate_running(request, num_new_tokens, req_index, step)
+            new_blocks = allocate_slots(request, num_new_tokens)
             if new_blocks is None:
-                # The current request was preempted or failed; everyone after it already was.
-                break
+                num_new_tokens, new_blocks, req_index = self._allocate_running(request, num_new_tokens, req_index, step)
+                if new_blocks is None:
+                    # The current request was preempted or failed; everyone after it already was.
+                    break
             self._add_scheduled_running(request, num_new_tokens, new_blocks, step)
             req_index += 1
-
-    def _num_running_tokens(self, request: Request, token_budget: int) -> int:
-        """Tokens a running request can compute this step (<= 0: none)."""
-        num_placeholders = request.num_output_placeholders
-        if self.use_pp and num_placeholders:
-            return 0
-        if num_placeholders and request.num_output_tokens + num_placeholders >= request.max_tokens:
-            # Its last token is already in flight: one more step would only be wasted.
-            return 0
-        num_computed_tokens = request.num_computed_tokens
-        num_new_tokens = request.num_tokens + len(request.spec_token_ids) + num_placeholders - num_computed_tokens
-        # Positions stop at max_model_len (reaching it finishes the request).
-        return min(num_new_tokens, token_budget, self.max_model_len - num_computed_tokens)
 
     def _allocate_running(
         self, request: Request, num_new_tokens: int, req_index: int, step: _StepPlan
     ) -> tuple[int, KVCacheBlocks | None, int]:
-        """Blocks for `num_new_tokens` of a running request, preempting from the back (or by
-        priority) until they fit. -> (tokens, new blocks or None if the request itself was
-        preempted or failed, the request's index in `self.running` after removals)."""
+        """Blocks for `num_new_tokens` of a running request that did not get them at the first
+        try: drafts are dropped, then others are preempted from the back (or by priority) until
+        the blocks fit. -> (tokens, new blocks or None if the request itself was preempted or
+        failed, the request's index in `self.running` after removals)."""
         running = self.running
+        if request.spec_token_ids:
+            # Drafts are optional: drop them before preempting anyone.
+            request.spec_token_ids = []
+            num_known = request.num_tokens + request.num_output_placeholders - request.num_computed_tokens
+            if 0 < num_known < num_new_tokens:
+                num_new_tokens = num_known
+                new_blocks = self.kv_cache_manager.allocate_slots(request, num_new_tokens)
+                if new_blocks is not None:
+                    return num_new_tokens, new_blocks, req_index
         while True:
-            new_blocks = self.kv_cache_manager.allocate_slots(request, num_new_tokens)
-            if new_blocks is not None:
-                return num_new_tokens, new_blocks, req_index
-            if request.spec_token_ids:
-                # Drafts are optional: drop them before preempting anyone.
-                request.spec_token_ids = []
-                num_known = request.num_tokens + request.num_output_placeholders - request.num_computed_tokens
-                if 0 < num_known < num_new_tokens:
-                    num_new_tokens = num_known
-                    continue
             preempted = self._pick_request_to_preempt()
             if preempted is request and len(running) == 1:
                 # Alone and still out of blocks: it can never fit the pool.
@@ -372,22 +375,23 @@ class Scheduler:
             step.preempted.append(preempted)
             if preempted is request:
                 return num_new_tokens, None, req_index
+            new_blocks = self.kv_cache_manager.allocate_slots(request, num_new_tokens)
+            if new_blocks is not None:
+                return num_new_tokens, new_blocks, req_index
 
     def _add_scheduled_running(
         self, request: Request, num_new_tokens: int, new_blocks: KVCacheBlocks, step: _StepPlan
     ) -> None:
         num_computed_tokens = request.num_computed_tokens
-        new_token_ids: list[int] = []
+        scheduled = _ScheduledRunning(
+            request,
+            num_computed_tokens,
+            new_blocks.get_block_ids() if new_blocks.blocks[0] else None,
+            request.num_output_placeholders > 0,
+        )
         if self.use_pp:
             end = num_computed_tokens + num_new_tokens
-            new_token_ids = request.all_token_ids[max(num_computed_tokens, request.num_prompt_tokens) : end]
-        scheduled = _ScheduledRunning(
-            request=request,
-            num_computed_tokens=num_computed_tokens,
-            new_block_ids=new_blocks.get_block_ids() if new_blocks.blocks[0] else None,
-            new_token_ids=new_token_ids,
-            has_pending_token=request.num_output_placeholders > 0,
-        )
+            scheduled.new_token_ids = request.all_token_ids[max(num_computed_tokens, request.num_prompt_tokens) : end]
         step.num_scheduled_tokens[request.request_id] = num_new_tokens
         # Advanced now (vLLM-style): the step's tokens count as computed from here on.
         request.num_computed_tokens = num_computed_tokens + num_new_tokens
@@ -400,15 +404,25 @@ class Scheduler:
 
     def _make_scheduler_output(self, step: _StepPlan) -> SchedulerOutput:
         running = step.running
-        structured_running = [s for s in running if s.request.structured_output_request is not None]
+        cached = CachedRequestData(
+            req_ids=[s.request.request_id for s in running],
+            new_block_ids=[s.new_block_ids for s in running],
+            num_computed_tokens=[s.num_computed_tokens for s in running],
+            new_token_ids=[s.new_token_ids or [] for s in running] if self.use_pp else [],
+        )
+        structured_running = (
+            [s for s in running if s.request.structured_output_request is not None]
+            if self.structured_output_manager is not None
+            else []
+        )
+        spec_decode_tokens = (
+            {s.request.request_id: s.spec_token_ids for s in running if s.spec_token_ids}
+            if self.num_spec_tokens
+            else {}
+        )
         scheduler_output = SchedulerOutput(
             scheduled_new_reqs=step.new_reqs,
-            scheduled_cached_reqs=CachedRequestData(
-                req_ids=[s.request.request_id for s in running],
-                new_block_ids=[s.new_block_ids for s in running],
-                num_computed_tokens=[s.num_computed_tokens for s in running],
-                new_token_ids=[s.new_token_ids for s in running] if self.use_pp else [],
-            ),
+            scheduled_cached_reqs=cached,
             num_scheduled_tokens=step.num_scheduled_tokens,
             total_num_scheduled_tokens=self.max_num_scheduled_tokens - step.token_budget,
             finished_req_ids=self.finished_req_ids,
@@ -419,7 +433,7 @@ class Scheduler:
             # A structured request with a token in flight (async scheduling; never under pipeline
             # parallel, which does not schedule such a request).
             pending_structured_output_tokens=any(s.has_pending_token for s in structured_running),
-            scheduled_spec_decode_tokens={s.request.request_id: s.spec_token_ids for s in running if s.spec_token_ids},
+            scheduled_spec_decode_tokens=spec_decode_tokens,
             num_kept_blocks=self._num_kept_blocks,
         )
         self.finished_req_ids = set()
@@ -603,9 +617,15 @@ class Scheduler:
         outputs = self._pending_outputs
         self._pending_outputs = []
         finished_ids: set[str] = {output.request_id for output in outputs}
+        requests = self.requests
+        stale_samples = self._num_stale_samples
         for request_id in scheduler_output.num_scheduled_tokens:
-            request = self._request_to_update(request_id, model_runner_output)
-            if request is None:
+            if stale_samples and request_id in stale_samples and self._drop_stale_sample(request_id, model_runner_output):
+                continue
+            request = requests.get(request_id)
+            if request is None or request.status is not RequestStatus.RUNNING:
+                # Aborted or finished between schedule() and now, or (async scheduling)
+                # preempted while this step was in flight: its result is stale.
                 continue
             output = self._update_request(request, scheduler_output, model_runner_output)
             if output is None:
@@ -624,26 +644,17 @@ class Scheduler:
             finished_requests=finished_ids or None,
         )
 
-    def _request_to_update(self, request_id: str, model_runner_output: ModelRunnerOutput) -> Request | None:
-        """The running request a step's result belongs to; None when the result is stale."""
+    def _drop_stale_sample(self, request_id: str, model_runner_output: ModelRunnerOutput) -> bool:
+        """Whether this step's token of `request_id` was sampled before a preemption (the resumed
+        request recomputes it) and is dropped."""
+        if not model_runner_output.sampled_token_ids[model_runner_output.req_id_to_index[request_id]]:
+            return False
         stale_samples = self._num_stale_samples
-        if (
-            stale_samples
-            and request_id in stale_samples
-            and model_runner_output.sampled_token_ids[model_runner_output.req_id_to_index[request_id]]
-        ):
-            # Sampled before a preemption: the resumed request recomputes this token.
-            if stale_samples[request_id] == 1:
-                del stale_samples[request_id]
-            else:
-                stale_samples[request_id] -= 1
-            return None
-        request = self.requests.get(request_id)
-        if request is None or request.status is not RequestStatus.RUNNING:
-            # Aborted or finished between schedule() and now, or (async scheduling) preempted
-            # while this step was in flight: its result is stale.
-            return None
-        return request
+        if stale_samples[request_id] == 1:
+            del stale_samples[request_id]
+        else:
+            stale_samples[request_id] -= 1
+        return True
 
     def _update_request(
         self, request: Request, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
@@ -726,9 +737,10 @@ class Scheduler:
                     break
         if not stopped and request.structured_output_request is not None:
             stopped = self._advance_grammar(request, new_token_ids)
-        scheduled_spec = scheduler_output.scheduled_spec_decode_tokens.get(request.request_id)
-        if scheduled_spec:
-            self._update_after_verification(request, scheduled_spec, num_sampled, stopped)
+        if scheduler_output.scheduled_spec_decode_tokens:
+            scheduled_spec = scheduler_output.scheduled_spec_decode_tokens.get(request.request_id)
+            if scheduled_spec:
+                self._update_after_verification(request, scheduled_spec, num_sampled, stopped)
         spec_token_ids = model_runner_output.spec_token_ids
         if spec_token_ids is not None and not stopped:
             self._set_draft_token_ids(request, spec_token_ids[model_runner_output.req_id_to_index[request.request_id]])
