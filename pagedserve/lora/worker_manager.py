@@ -135,7 +135,7 @@ class LRUCacheWorkerLoRAManager:
             # Column 0 of the one-hot is the base model's: dropped.
             slot_mask = torch.zeros(num_tokens, num_slots + 1, dtype=self.dtype)
             slot_mask[torch.arange(num_tokens), token_slots] = 1
-            return LoRAMapping(slot_mask=slot_mask[:, 1:, None, None])
+            return LoRAMapping(slot_mask=slot_mask[:, 1:, None, None], token_slots=token_slots - 1)
         groups: list[tuple[int, slice | torch.Tensor]] = []
         for lora_id, slot in zip(active_ids, slots):
             rows = np.flatnonzero(token_lora_ids == lora_id)

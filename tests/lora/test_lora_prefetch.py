@@ -1,5 +1,6 @@
 """Adapters are read off the busy loop: a request's adapter is loaded in a background thread
-while the running requests keep decoding, and the step only copies it into a slot."""
+while the running requests keep decoding, and the step only copies it into a slot. The decode
+steps with adapter tokens run the fused C++ decode layer where it is built."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pagedserve.engine.core import EngineCore
 from pagedserve.engine.processor import Processor
 from pagedserve.lora.lora_model import LoRAModel
 from pagedserve.lora.request import LoRARequest
+from pagedserve.models.layers.fused_decode import FusedDecoder
 from pagedserve.tokenizer import get_tokenizer
 from tests.conftest import peft_greedy
 
@@ -71,6 +73,15 @@ def test_adapter_loads_in_the_background_while_running_requests_decode(
 
     loader = _GatedLoader()
     monkeypatch.setattr(LoRAModel, "from_local_checkpoint", loader)
+    num_fused_lora_steps = 0
+    fused_call = FusedDecoder.__call__
+
+    def counting_fused_call(self, embeddings, positions, decode_step):
+        nonlocal num_fused_lora_steps
+        num_fused_lora_steps += decode_step.lora_slots is not None
+        return fused_call(self, embeddings, positions, decode_step)
+
+    monkeypatch.setattr(FusedDecoder, "__call__", counting_fused_call)
     core.add_request(processor.process_inputs("base", {"prompt_token_ids": prompts["base"]}, params)[0])
     for _ in range(3):  # with async scheduling the first call only starts a step
         if step():
@@ -92,6 +103,8 @@ def test_adapter_loads_in_the_background_while_running_requests_decode(
     manager = core.executor.worker.model_runner.lora_manager
     assert manager.num_step_loads == 0 and manager.list_adapters() == [1]
     assert finish_reasons == {"base": FinishReason.LENGTH, "adapter": FinishReason.LENGTH}
+    if core.executor.worker.model_runner.model.model._fused is not None:  # C++ kernels built here
+        assert num_fused_lora_steps >= MAX_TOKENS - 2  # the adapter's decodes (async: one less)
     monkeypatch.undo()
     assert tokens["base"] == peft_greedy(base, None, [prompts["base"]], MAX_TOKENS)[0]
     assert tokens["adapter"] == peft_greedy(base, lora.lora_path, [prompts["adapter"]], MAX_TOKENS)[0]
