@@ -9,6 +9,9 @@ Prints output tokens per second of each run and the adapters' throughput relativ
     python benchmarks/lora.py                                   # SmolLM2-135M (HF f32 dir)
     python benchmarks/lora.py --model /work/models/smollm2-135m-instruct-bf16 --dtype bfloat16
     python benchmarks/lora.py --base-gguf                       # the Q4_1 GGUF as the base weights
+    python benchmarks/lora.py --vllm-python /work/venvs/vllm/bin/python
+                        # then vLLM's CPU build on the same prompts and adapters (peers/vllm_lora.py),
+                        # after ours has freed its memory; prints ours / vLLM per workload
 
 Greedy, ignore_eos: every request generates exactly --output-len tokens in every run.
 """
@@ -79,6 +82,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--adapter-dir", default=os.path.join(tempfile.gettempdir(), "pagedserve-bench-lora"))
     parser.add_argument("--skip-disabled", action="store_true", help="skip the run without --enable-lora")
+    parser.add_argument("--vllm-python", help="vLLM's CPU build: its venv's python (runs peers/vllm_lora.py after ours)")
     args = parser.parse_args()
 
     os.makedirs(args.adapter_dir, exist_ok=True)
@@ -108,6 +112,7 @@ def main() -> None:
     results["base, LoRA enabled"] = run(llm, prompts, None, args.output_len)
     results[f"{len(loras)} adapters"] = run(llm, prompts, request_loras, args.output_len)
     del llm
+    gc.collect()
 
     base = results["base, LoRA enabled"]
     print(f"\n{args.num_requests} requests x {args.input_len} prompt + {args.output_len} output tokens, "
@@ -116,6 +121,27 @@ def main() -> None:
         print(f"  {name:<22} {tokens_per_s:8.1f} output tok/s   {tokens_per_s / base:5.2f}x base")
     cost = 1 - results[f"{len(loras)} adapters"] / base
     print(f"  throughput cost of the adapters: {cost:.1%}")
+    if args.vllm_python:
+        peer = run_vllm_peer(args)
+        vllm_cost = 1 - peer["adapters"] / peer["base"]
+        print(f"  vLLM base, LoRA enabled {peer['base']:8.1f} output tok/s   ours / vLLM {base / peer['base']:5.2f}x")
+        print(f"  vLLM {len(loras)} adapters        {peer['adapters']:8.1f} output tok/s   ours / vLLM "
+              f"{results[f'{len(loras)} adapters'] / peer['adapters']:5.2f}x   (vLLM's adapter cost {vllm_cost:.1%})")
+
+
+def run_vllm_peer(args: argparse.Namespace) -> dict[str, float]:
+    """peers/vllm_lora.py in vLLM's venv on the same workload; its two throughputs."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp, "vllm.json")
+        command = [args.vllm_python, str(Path(__file__).parent / "peers" / "vllm_lora.py"), "--model", args.model]
+        for flag in ("num_requests", "num_adapters", "rank", "concurrency", "input_len", "output_len", "adapter_dir"):
+            command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+        subprocess.run([*command, "--json-out", str(out)], check=True)
+        return json.loads(out.read_text())
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ benchmarks/lora.py has made the adapters (peft is not in that environment):
     python benchmarks/lora.py                                  # ours; makes the adapters
     /work/venvs/vllm/bin/python benchmarks/peers/vllm_lora.py  # vLLM, same prompts and adapters
 
+or both in one run: python benchmarks/lora.py --vllm-python /work/venvs/vllm/bin/python
+
 Same prompts (torch's generator, seed 0), greedy with ignore_eos, max_num_seqs = concurrency,
 float32 compute, eager mode (see vllm_cpu.sh for why on this CPU).
 """
@@ -13,6 +15,7 @@ float32 compute, eager mode (see vllm_cpu.sh for why on this CPU).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -30,6 +33,7 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--adapter-dir", default=os.path.join(tempfile.gettempdir(), "pagedserve-bench-lora"))
+    parser.add_argument("--json-out", help="also write the two throughputs here (benchmarks/lora.py --vllm-python)")
     args = parser.parse_args()
     threads = os.environ.get("THREADS", "2")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{int(threads) - 1}")
@@ -71,6 +75,9 @@ def main() -> None:
           f"concurrency {args.concurrency}, rank {args.rank}")  # fmt: skip
     print(f"  base, LoRA enabled     {base:8.1f} output tok/s   1.00x base")
     print(f"  {len(loras)} adapters             {adapters:8.1f} output tok/s   {adapters / base:5.2f}x base")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"base": base, "adapters": adapters}, f)
 
 
 if __name__ == "__main__":

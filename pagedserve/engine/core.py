@@ -29,7 +29,7 @@ import signal
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Any
 
 import zmq
@@ -47,8 +47,10 @@ from pagedserve.engine import (
     READY,
     UTILITY,
     UTILITY_RESULT,
+    EngineCoreOutput,
     EngineCoreOutputs,
     EngineCoreRequest,
+    FinishReason,
 )
 from pagedserve.engine.serial_utils import MsgpackDecoder, MsgpackEncoder
 from pagedserve.engine.utils import engine_identity
@@ -103,6 +105,10 @@ class EngineCore:
         # Async scheduling: the newest step's bitmask, to be built once the steps before it are
         # collected (their tokens must reach the matchers first); the worker waits for it to sample.
         self._deferred_grammar: tuple[SchedulerOutput, Future[GrammarOutput | None]] | None = None
+        # Requests whose LoRA adapter the workers are still reading (executor.prefetch_lora), in
+        # arrival order: they reach the scheduler once it is in CPU memory, so no step waits on
+        # disk. NOTE: the scheduler does not see them (its waiting count and stats leave them out).
+        self._lora_loading: list[tuple[Request, Future[Any]]] = []
 
     def make_request(self, request: EngineCoreRequest) -> Request:
         """Builds the scheduler's Request, block hashes included (off the busy loop in a proc)."""
@@ -111,17 +117,50 @@ class EngineCore:
     def add_request(self, request: EngineCoreRequest | Request) -> None:
         if isinstance(request, EngineCoreRequest):
             request = self.make_request(request)
+        if request.lora_request is not None and self.config.lora_config is not None:
+            loading = self.executor.prefetch_lora(request.lora_request)
+            # A failed read is held too: the next step finishes the request with the error.
+            if loading is not None and (not loading.done() or loading.exception() is not None):
+                self._lora_loading.append((request, loading))
+                return
         self.scheduler.add_request(request)
 
     def abort_requests(self, request_ids: list[str]) -> None:
+        if self._lora_loading:
+            aborted = set(request_ids)
+            self._lora_loading = [(r, f) for r, f in self._lora_loading if r.request_id not in aborted]
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_requests() or bool(self.batch_queue)
+        return self.scheduler.has_requests() or bool(self.batch_queue) or bool(self._lora_loading)
+
+    def _admit_lora_loaded_requests(self) -> list[EngineCoreOutput]:
+        """Hands the scheduler the held requests whose adapters are in CPU memory; those whose
+        adapter could not be read finish with an error (their outputs)."""
+        if not self.scheduler.has_requests() and not self.batch_queue:
+            # Nothing else to run: sleep until a read finishes instead of spinning.
+            wait([f for _, f in self._lora_loading], timeout=_IDLE_COMPILE_WAIT_S, return_when=FIRST_COMPLETED)
+        failed, still_loading = [], []
+        for request, loading in self._lora_loading:
+            if not loading.done():
+                still_loading.append((request, loading))
+            elif loading.exception() is None:
+                self.scheduler.add_request(request)
+            else:
+                logger.warning("request %s finished with an error: %s", request.request_id, loading.exception())
+                failed.append(EngineCoreOutput(request.request_id, [], finish_reason=FinishReason.ERROR))
+        self._lora_loading = still_loading
+        return failed
 
     def step(self) -> EngineCoreOutputs:
-        if self.batch_queue_size > 1:
-            return self.step_with_batch_queue()
+        failed = self._admit_lora_loaded_requests() if self._lora_loading else None
+        outputs = self.step_with_batch_queue() if self.batch_queue_size > 1 else self._step()
+        if failed:
+            outputs.outputs = [*outputs.outputs, *failed]
+            outputs.finished_requests = (outputs.finished_requests or set()) | {o.request_id for o in failed}
+        return outputs
+
+    def _step(self) -> EngineCoreOutputs:
         if not self.scheduler.has_requests():
             return EngineCoreOutputs()
         scheduler_output = self.scheduler.schedule()
@@ -183,7 +222,7 @@ class EngineCore:
         return self.scheduler.make_stats()
 
     def get_num_unfinished_requests(self) -> int:
-        return self.scheduler.get_num_unfinished_requests()
+        return self.scheduler.get_num_unfinished_requests() + len(self._lora_loading)
 
     def ping(self) -> bool:
         return True

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 from pagedserve.config import EngineConfig
 from pagedserve.core.kv_cache_interface import KVCacheGroupSpec
 from pagedserve.core.sched.output import GrammarOutput, SchedulerOutput
+from pagedserve.lora.request import LoRARequest
 from pagedserve.worker.outputs import ModelRunnerOutput
 
 
@@ -50,6 +52,12 @@ class Executor(ABC):
     ) -> ModelRunnerOutput:
         """`grammar_output`: the step's structured-output bitmask, or a future of it that the
         workers wait for after the forward pass, before sampling (async scheduling)."""
+
+    def prefetch_lora(self, lora_request: LoRARequest) -> Future[Any] | None:
+        """Starts loading an adapter into the workers' CPU memory off the busy loop; the future
+        is done once a step would find it there. None: this executor does not prefetch (its
+        workers read an adapter from disk in the first step that runs it)."""
+        return None
 
     def execute_model_async(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import Future
+from typing import Any
 
 import torch
 
@@ -10,6 +11,7 @@ from pagedserve.config import EngineConfig
 from pagedserve.core.kv_cache_interface import KVCacheGroupSpec
 from pagedserve.core.sched.output import GrammarOutput, SchedulerOutput
 from pagedserve.executor.abstract import Executor, cpu_threads_per_worker
+from pagedserve.lora.request import LoRARequest
 from pagedserve.worker.outputs import ModelRunnerOutput
 from pagedserve.worker.worker import Worker
 
@@ -33,6 +35,9 @@ class UniProcExecutor(Executor):
 
     def initialize(self, num_blocks: int) -> None:
         self.worker.initialize_cache(num_blocks)
+
+    def prefetch_lora(self, lora_request: LoRARequest) -> Future[Any] | None:
+        return self.worker.prefetch_lora(lora_request)
 
     def execute_model(
         self,

@@ -53,12 +53,14 @@ class LoRAMapping:
     """Which flattened-batch rows each active slot adapts in one forward; exactly one of:
 
     `slot_mask` [tokens, num_slots, 1, 1] (activation dtype): 1 where token t runs slot s (slots
-    num_slots.. are unused this step); the dense few-token path.
+    num_slots.. are unused this step); the dense few-token path. With it `token_slots` [tokens]
+    int64: token t's slot, -1 for the base model (what the fused C++ decode reads).
     `groups[j] = (slot, rows)`: `rows` a slice when the slot's tokens are contiguous (one
     adapter per request, a request's tokens are contiguous), else an index tensor.
     """
 
     slot_mask: torch.Tensor | None = None
+    token_slots: torch.Tensor | None = None
     groups: list[tuple[int, slice | torch.Tensor]] | None = None
 
 

@@ -6,6 +6,7 @@ import logging
 import resource
 import sys
 from concurrent.futures import Future
+from typing import Any
 
 import psutil
 import torch
@@ -14,6 +15,7 @@ from torch import nn
 from pagedserve.config import EngineConfig
 from pagedserve.core.kv_cache_interface import KVCacheGroupSpec
 from pagedserve.core.sched.output import GrammarOutput, SchedulerOutput
+from pagedserve.lora.request import LoRARequest
 from pagedserve.utils import cdiv
 from pagedserve.worker.model_runner import ModelRunner
 from pagedserve.worker.outputs import ModelRunnerOutput
@@ -122,6 +124,11 @@ class Worker:
             rss / _MIB,
             peak_rss_bytes() / _MIB,
         )
+
+    def prefetch_lora(self, lora_request: LoRARequest) -> Future[Any] | None:
+        """Reads the adapter into the CPU LRU in the background (None: LoRA is not enabled)."""
+        manager = self.model_runner.lora_manager
+        return None if manager is None else manager.prefetch(lora_request)
 
     def execute_model(
         self,

@@ -5,6 +5,8 @@
 //   DecodeModel: add_layer(<weights and sizes>) once per layer at load; then per step
 //                forward(residual!, positions, slot_mapping, token_indices, block_table, seq_lens,
 //                        kv_caches!) -> out: every layer in one parallel region
+//                set_lora(layer, linear, a, b[], offsets[], rank) once per adapted linear at load;
+//                forward_lora(..., token_lora_slots): forward plus each token's LoRA adapter
 //
 // Each layer computes
 //   residual += hidden (unless add_hidden is false: the first layer's residual is the embedding)
@@ -439,6 +441,73 @@ class SpinBarrier {
   std::atomic<int> generation_{0};
 };
 
+// LoRA adapter slots of one linear layer (pagedserve/lora/layers.py: LoRASlots), read in place
+// (set_lora_slot fills them between steps):
+//   a [slots, S·R, K], b[i] [slots, R, N_i] (B^T, scaling folded in) for sub-projection i at
+//   output column offsets[i]:  y[t, offsets[i] + n] += sum_r (a[s] · x_t)[i·R + r] · b[i][s, r, n]
+// for token t of slot s. Ranks below R are zero-padded, so they add exactly 0.
+struct LinearLora {
+  at::Tensor a;
+  std::vector<at::Tensor> b;
+  std::vector<int64_t> offsets;
+  int64_t rank = 0;
+};
+
+// q/k/v, o, gate/up, down: the order of DecodeModel.set_lora's `linear` index.
+struct LayerLora {
+  LinearLora linears[4];
+  bool complete() const {
+    for (const LinearLora& l : linears)
+      if (!l.a.defined()) return false;
+    return true;
+  }
+};
+
+float dot_row(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float sum = 0.0f;
+#if defined(PAGEDSERVE_AVX2)
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  sum = pagedserve::hsum8(acc);
+#endif
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// y += c * x over n values.
+void axpy_row(float c, const float* x, float* y, int64_t n) {
+  int64_t i = 0;
+#if defined(PAGEDSERVE_AVX2)
+  const __m256 vc = _mm256_set1_ps(c);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(vc, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#endif
+  for (; i < n; ++i) y[i] += c * x[i];
+}
+
+// Rows [t0, t1) of y [T, N] get their token's adapter delta for input x [T, K] (slot < 0: none).
+void lora_rows(const LinearLora& l, const int64_t* token_slots, const float* x, int64_t K, float* y, int64_t N,
+               int64_t t0, int64_t t1, std::vector<float>& shrunk) {
+  const int64_t SR = l.a.size(1), R = l.rank;
+  shrunk.resize(SR);
+  const float* a = l.a.data_ptr<float>();
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t s = token_slots[t];
+    if (s < 0) continue;
+    const float* as = a + s * SR * K;
+    for (int64_t j = 0; j < SR; ++j) shrunk[j] = dot_row(as + j * K, x + t * K, K);
+    for (size_t i = 0; i < l.b.size(); ++i) {
+      const int64_t n_i = l.b[i].size(2);
+      const float* bs = l.b[i].data_ptr<float>() + s * R * n_i;
+      float* yt = y + t * N + l.offsets[i];
+      for (int64_t r = 0; r < R; ++r) {
+        const float c = shrunk[i * R + r];
+        if (c != 0.0f) axpy_row(c, bs + r * n_i, yt, n_i);
+      }
+    }
+  }
+}
+
 // Buffers of one step (shared by the threads of the parallel region).
 struct StepBuffers {
   std::vector<float> x, qkv, attn, o, gate_up, act;
@@ -459,7 +528,7 @@ struct StepBuffers {
 // layer's output. Every phase ends at a barrier: its outputs are read by all threads next.
 void layer_in_region(const LayerWeights& lw, const StepInputs& in, float* residual, const float* hidden,
                      bool add_hidden, at::Tensor& kv_cache, float* out, StepBuffers& b, SpinBarrier& spin, int tid,
-                     int nt, std::vector<float>& scores) {
+                     int nt, std::vector<float>& scores, const LayerLora* lora, const int64_t* token_slots) {
   const int64_t T = in.T, H = lw.hidden, I = lw.intermediate, I2 = 2 * I;
   auto barrier = [&] { spin.wait(); };
   // rows of x for a GEMM with K columns: quantized by row shares
@@ -471,13 +540,20 @@ void layer_in_region(const LayerWeights& lw, const StepInputs& in, float* residu
     pagedserve::gguf_quantize_rows(x, K, m0, m1, &b.qx);
     barrier();
   };
+  const std::pair<int64_t, int64_t> token_rows = share(T, tid, nt);  // (a lambda cannot capture a binding)
+  const int64_t t0 = token_rows.first, t1 = token_rows.second;
+  std::vector<float> shrunk;
+  // The LoRA delta goes in after the whole GEMM (a barrier), by token rows, then one more barrier.
   auto gemm = [&](const float* x, int64_t K, const std::vector<GgufShard>& shards, const float* bias, float* y,
-                  int64_t N) {
+                  int64_t N, int linear) {
     const auto [n0, n1] = share(N, tid, nt, 2);
     pagedserve::gguf_gemm_rows(x, K, b.qx, T, K, shards, n0, n1, bias, y, N);
     barrier();
+    if (lora != nullptr) {
+      lora_rows(lora->linears[linear], token_slots, x, K, y, N, t0, t1, shrunk);
+      barrier();
+    }
   };
-  const auto [t0, t1] = share(T, tid, nt);
   for (int64_t t = t0; t < t1; ++t) {
     float* res = residual + t * H;
     if (add_hidden)
@@ -486,7 +562,7 @@ void layer_in_region(const LayerWeights& lw, const StepInputs& in, float* residu
   }
   barrier();
   quantize(b.x.data(), H, lw.qkv);
-  gemm(b.x.data(), H, lw.qkv, lw.qkv_bias, b.qkv.data(), lw.qkv_size());
+  gemm(b.x.data(), H, lw.qkv, lw.qkv_bias, b.qkv.data(), lw.qkv_size(), 0);
 
   const auto [i0, i1] = share(T * lw.num_kv_heads, tid, nt);
   if (in.kv_first) {
@@ -498,7 +574,7 @@ void layer_in_region(const LayerWeights& lw, const StepInputs& in, float* residu
   }
   barrier();
   quantize(b.attn.data(), lw.q_size(), lw.o);
-  gemm(b.attn.data(), lw.q_size(), lw.o, lw.o_bias, b.o.data(), H);
+  gemm(b.attn.data(), lw.q_size(), lw.o, lw.o_bias, b.o.data(), H, 1);
 
   for (int64_t t = t0; t < t1; ++t) {
     float* res = residual + t * H;
@@ -507,18 +583,20 @@ void layer_in_region(const LayerWeights& lw, const StepInputs& in, float* residu
   }
   barrier();
   quantize(b.x.data(), H, lw.gate_up);
-  gemm(b.x.data(), H, lw.gate_up, lw.gate_up_bias, b.gate_up.data(), I2);
+  gemm(b.x.data(), H, lw.gate_up, lw.gate_up_bias, b.gate_up.data(), I2, 2);
 
   for (int64_t t = t0; t < t1; ++t)
     silu_and_mul_row(b.gate_up.data() + t * I2, b.gate_up.data() + t * I2 + I, I, b.act.data() + t * I);
   barrier();
   quantize(b.act.data(), I, lw.down);
-  gemm(b.act.data(), I, lw.down, lw.down_bias, out, H);
+  gemm(b.act.data(), I, lw.down, lw.down_bias, out, H, 3);
 }
 
 // Layers [0, L) of a step in one parallel region; returns the last layer's output.
+// `loras` (one per layer) and `token_slots` [T]: each token's adapter slot (-1: none), or both null.
 at::Tensor run_layers(const std::vector<LayerWeights>& layers, at::Tensor& residual, const at::Tensor* first_hidden,
-                      StepInputs in, std::vector<at::Tensor>& kv_caches) {
+                      StepInputs in, std::vector<at::Tensor>& kv_caches, const std::vector<LayerLora>* loras = nullptr,
+                      const int64_t* token_slots = nullptr) {
   const int64_t T = in.T, H = layers.front().hidden;
   TORCH_CHECK(residual.dim() == 2 && residual.size(0) == T && residual.size(1) == H &&
                   residual.scalar_type() == at::kFloat && residual.is_contiguous(),
@@ -557,7 +635,7 @@ at::Tensor run_layers(const std::vector<LayerWeights>& layers, at::Tensor& resid
     for (size_t l = 0; l < layers.size(); ++l) {
       const float* hidden = l == 0 ? first : outs[(l - 1) % 2].data_ptr<float>();
       layer_in_region(layers[l], in, res, hidden, hidden != nullptr, kv_caches[l], outs[l % 2].data_ptr<float>(), b,
-                      *spin, tid, threads, scores);
+                      *spin, tid, threads, scores, loras == nullptr ? nullptr : &(*loras)[l], token_slots);
     }
   }
   return outs[(layers.size() - 1) % 2];
@@ -587,6 +665,7 @@ at::Tensor llama_decode_layer(at::Tensor& residual, const at::Tensor& hidden, bo
 // Every layer of a model, built once at load; `forward` runs a whole decode step.
 struct DecodeModel : torch::CustomClassHolder {
   std::vector<LayerWeights> layers;
+  std::vector<LayerLora> loras;  // empty, or one per layer once set_lora gave every linear its slots
 
   void add_layer(const at::Tensor& input_norm, const at::Tensor& post_norm, double eps, std::vector<at::Tensor> qkv_w,
                  std::vector<int64_t> qkv_types, const c10::optional<at::Tensor>& qkv_bias,
@@ -611,6 +690,39 @@ struct DecodeModel : torch::CustomClassHolder {
     const StepInputs in = step_inputs(residual.size(0), positions, slot_mapping, token_indices, block_table, seq_lens);
     return run_layers(layers, residual, nullptr, in, kv_caches);
   }
+
+  // The adapter slots of linear `linear` (0 q/k/v, 1 o, 2 gate/up, 3 down) of layer `layer`,
+  // kept by reference: the caller fills them in place between steps.
+  void set_lora(int64_t layer, int64_t linear, const at::Tensor& a, std::vector<at::Tensor> b,
+                std::vector<int64_t> offsets, int64_t rank) {
+    TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(layers.size()) && linear >= 0 && linear < 4,
+                "DecodeModel.set_lora: bad layer or linear index");
+    TORCH_CHECK(a.scalar_type() == at::kFloat && a.is_contiguous() && a.dim() == 3 && b.size() == offsets.size() &&
+                    a.size(1) == rank * static_cast<int64_t>(b.size()),
+                "DecodeModel.set_lora: a must be contiguous float32 [slots, S*rank, in] with S = len(b)");
+    for (const at::Tensor& bi : b)
+      TORCH_CHECK(bi.scalar_type() == at::kFloat && bi.is_contiguous() && bi.dim() == 3 && bi.size(0) == a.size(0) &&
+                      bi.size(1) == rank,
+                  "DecodeModel.set_lora: every b must be contiguous float32 [slots, rank, out_i]");
+    loras.resize(layers.size());
+    loras[layer].linears[linear] = LinearLora{a, std::move(b), std::move(offsets), rank};
+  }
+
+  at::Tensor forward_lora(at::Tensor residual, const at::Tensor& positions, const at::Tensor& slot_mapping,
+                          const at::Tensor& token_indices, const at::Tensor& block_table, const at::Tensor& seq_lens,
+                          std::vector<at::Tensor> kv_caches, const at::Tensor& token_lora_slots) {
+    TORCH_CHECK(!layers.empty() && loras.size() == layers.size(), "DecodeModel: no LoRA slots");
+    for (const LayerLora& lora : loras) TORCH_CHECK(lora.complete(), "DecodeModel: a linear layer has no LoRA slots");
+    const StepInputs in = step_inputs(residual.size(0), positions, slot_mapping, token_indices, block_table, seq_lens);
+    TORCH_CHECK(token_lora_slots.scalar_type() == at::kLong && token_lora_slots.is_contiguous() &&
+                    token_lora_slots.numel() == in.T,
+                "DecodeModel.forward_lora: token_lora_slots must be int64 [T]");
+    const int64_t* token_slots = token_lora_slots.data_ptr<int64_t>();
+    const int64_t num_slots = loras.front().linears[0].a.size(0);
+    for (int64_t t = 0; t < in.T; ++t)
+      TORCH_CHECK(token_slots[t] >= -1 && token_slots[t] < num_slots, "DecodeModel.forward_lora: bad slot");
+    return run_layers(layers, residual, nullptr, in, kv_caches, &loras, token_slots);
+  }
 };
 
 }  // namespace
@@ -628,6 +740,8 @@ TORCH_LIBRARY(pagedserve_decode, m) {
       .def(torch::init<>())
       .def("add_layer", &DecodeModel::add_layer)
       .def("forward", &DecodeModel::forward)
+      .def("set_lora", &DecodeModel::set_lora)
+      .def("forward_lora", &DecodeModel::forward_lora)
       .def("num_layers", [](const c10::intrusive_ptr<DecodeModel>& self) { return static_cast<int64_t>(self->layers.size()); });
 }
 

@@ -48,16 +48,18 @@ class DecodeStep:
     token_indices: torch.Tensor  # [T] int64
     block_table: torch.Tensor  # [T, blocks] int32
     seq_lens: torch.Tensor  # [T] int64
+    lora_slots: torch.Tensor | None = None  # [T] int64: token t's LoRA adapter slot, -1 none
 
 
 def decode_step(group_id: int) -> DecodeStep | None:
     """The current forward's decode inputs for a KV-cache group, or None if any token of the step
-    is not a decode, runs a LoRA adapter, or the backend's metadata is not the CPU one."""
+    is not a decode, the step's LoRA mapping has no per-token slots (many tokens), or the
+    backend's metadata is not the CPU one."""
     context = get_forward_context()
     metadata = context.attn_metadata[group_id]
+    lora_mapping = context.lora_mapping
     if (
-        # The fused layers apply no LoRA: a step with adapter tokens runs eagerly.
-        context.lora_mapping is not None
+        (lora_mapping is not None and lora_mapping.token_slots is None)
         or not isinstance(metadata, CpuSdpaMetadata)
         or metadata.prefills
         or metadata.prompt_buckets is not None
@@ -69,7 +71,11 @@ def decode_step(group_id: int) -> DecodeStep | None:
     if block_table.dtype != torch.int32 or block_table.stride(-1) != 1:
         block_table = block_table.to(torch.int32).contiguous()
     return DecodeStep(
-        metadata.common.slot_mapping, metadata.decode_token_indices, block_table, metadata.decode_seq_lens
+        metadata.common.slot_mapping,
+        metadata.decode_token_indices,
+        block_table,
+        metadata.decode_seq_lens,
+        None if lora_mapping is None else lora_mapping.token_slots,
     )
 
 
@@ -146,7 +152,10 @@ class FusedDecoder:
     """A model's decoder layers (LlamaDecoderLayer or subclasses) bound to the fused decode.
 
     Up to _PER_LAYER_MIN_TOKENS decodes, one `DecodeModel.forward` call runs every layer in one
-    parallel region; from there on, one `llama_decode_layer` call per layer.
+    parallel region; from there on, one `llama_decode_layer` call per layer. With LoRA, the
+    layers' adapter slots (pagedserve/lora/layers.py) are handed over once and read in place, and
+    a step with adapter tokens runs `forward_lora` (those steps have fewer tokens than
+    _PER_LAYER_MIN_TOKENS: pagedserve.lora.worker_manager.DENSE_LORA_MAX_TOKENS).
     """
 
     def __init__(self, layers: nn.ModuleList, constants: list[tuple[Any, ...]], op: Any) -> None:
@@ -156,6 +165,13 @@ class FusedDecoder:
         self._model = torch.classes.pagedserve_decode.DecodeModel()
         for layer_constants in constants:
             self._model.add_layer(*layer_constants)
+        for i, layer in enumerate(layers):
+            linears = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+            for j, linear in enumerate(linears):
+                lora = getattr(linear, "lora", None)
+                if lora is not None:
+                    offsets = [piece.out_offset for piece in lora.slices]
+                    self._model.set_lora(i, j, lora.lora_a, lora.lora_b, offsets, lora.max_rank)
 
     @classmethod
     def build(cls, layers: nn.ModuleList) -> FusedDecoder | None:
@@ -164,7 +180,11 @@ class FusedDecoder:
         if op is None:
             return None
         constants = [_layer_constants(layer) for layer in layers]
-        if any(c is None for c in constants):
+        if any(c is None for c in constants) or any(
+            linear.lora.lora_a.dtype != torch.float32
+            for linear in layers.modules()
+            if isinstance(linear, LinearBase) and getattr(linear, "lora", None) is not None
+        ):
             return None
         return cls(layers, constants, op)  # type: ignore[arg-type]
 
@@ -176,6 +196,9 @@ class FusedDecoder:
         residual = embeddings
         kv_caches = [attention.kv_cache for attention in self._attention]
         inputs = (positions, step.slot_mapping, step.token_indices, step.block_table, step.seq_lens)
+        if step.lora_slots is not None:
+            assert residual.shape[0] < _PER_LAYER_MIN_TOKENS, "the per-layer ops apply no LoRA"
+            return self._model.forward_lora(residual, *inputs, kv_caches, step.lora_slots), residual
         if residual.shape[0] < _PER_LAYER_MIN_TOKENS:
             return self._model.forward(residual, *inputs, kv_caches), residual
         hidden = residual
