@@ -54,13 +54,17 @@ from pagedserve.worker.input_batch import InputBatch
 logger = logging.getLogger(__name__)
 
 
-def flatten_queries(num_computed: np.ndarray, query_lens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def flatten_queries(
+    num_computed: np.ndarray, query_lens: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """-> (row of each token, position of each token, query_start_loc) of a batch whose row r runs
     positions [num_computed[r], num_computed[r] + query_lens[r])."""
     cu_query_lens = np.cumsum(query_lens)
     total = int(cu_query_lens[-1]) if cu_query_lens.size else 0
     req_indices = np.repeat(np.arange(query_lens.shape[0]), query_lens)
-    positions = num_computed[req_indices] + np.arange(total) - np.repeat(cu_query_lens - query_lens, query_lens)
+    positions = (
+        num_computed[req_indices] + np.arange(total) - np.repeat(cu_query_lens - query_lens, query_lens)
+    )
     query_start_loc = np.zeros(query_lens.shape[0] + 1, dtype=np.int64)
     query_start_loc[1:] = cu_query_lens
     return req_indices, positions, query_start_loc
@@ -96,7 +100,9 @@ class DraftModelProposer:
         self._scratch_base = 0
 
     def load_model(self, target_groups: list[KVCacheGroupSpec], kv_cache_dtype_size: int) -> None:
-        full_groups = [g for g, group in enumerate(target_groups) if isinstance(group.kv_cache_spec, FullAttentionSpec)]
+        full_groups = [
+            g for g, group in enumerate(target_groups) if isinstance(group.kv_cache_spec, FullAttentionSpec)
+        ]
         if not full_groups:
             raise ValueError(
                 "speculative method 'draft_model' needs a target with full-attention layers (its block "
@@ -106,7 +112,9 @@ class DraftModelProposer:
         model = get_model(self.model_config, self.device)
         specs = get_kv_cache_specs(model, self.block_size, kv_cache_dtype_size)
         if any(isinstance(spec, MambaSpec) for spec in specs.values()):
-            raise ValueError("the draft model has Mamba layers: its state cannot be rolled back past rejected drafts")
+            raise ValueError(
+                "the draft model has Mamba layers: its state cannot be rolled back past rejected drafts"
+            )
         self.layers = [m for m in model.modules() if isinstance(m, Attention) and m.causal]
         for layer in self.layers:
             # The draft's forwards carry one metadata: its own (see _forward).
@@ -133,6 +141,14 @@ class DraftModelProposer:
             # zeros: padded reads are masked, but 0 * NaN is NaN.
             layer.kv_cache = torch.zeros(shape, dtype=dtype, device=self.device)
             self.kv_caches.append(layer.kv_cache)
+        logger.info(
+            "draft model %s: %d layers, KV cache %.0f MiB (%d blocks of the pool, %d scratch blocks)",
+            self.model_config.model,
+            len(self.layers),
+            sum(t.untyped_storage().nbytes() for t in self.kv_caches) / (1 << 20),
+            num_blocks,
+            num_all_blocks - num_blocks,
+        )
 
     # ------------------------------------------------------------------ proposing
     def _block_table(self, batch: InputBatch, num_reqs: int, last_position: int) -> np.ndarray:
@@ -143,7 +159,9 @@ class DraftModelProposer:
         cols = np.arange(width)
         # Columns past a row's S scratch blocks are never used: clipped to stay in its scratch.
         scratch_col = np.minimum(cols[None, :] - num_blocks[:, None], self.num_scratch_blocks_per_row - 1)
-        scratch = self._scratch_base + np.arange(num_reqs)[:, None] * self.num_scratch_blocks_per_row + scratch_col
+        scratch = (
+            self._scratch_base + np.arange(num_reqs)[:, None] * self.num_scratch_blocks_per_row + scratch_col
+        )
         return np.where(cols[None, :] < num_blocks[:, None], table, scratch).astype(np.int32)
 
     def _forward(
@@ -160,7 +178,9 @@ class DraftModelProposer:
         assert self.model is not None
         block_size = self.block_size
         rows = np.repeat(np.arange(query_lens.shape[0]), query_lens)
-        slot_mapping = block_table[rows, positions // block_size].astype(np.int64) * block_size + positions % block_size
+        slot_mapping = (
+            block_table[rows, positions // block_size].astype(np.int64) * block_size + positions % block_size
+        )
         seq_lens = num_computed + query_lens
         common = CommonAttentionMetadata(
             query_start_loc=torch.from_numpy(query_start_loc),

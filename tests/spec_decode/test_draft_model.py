@@ -26,50 +26,95 @@ def in_process_engine(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PAGEDSERVE_ENABLE_MULTIPROCESSING", "0")
 
 
+PROMPTS = repetitive_prompts(0, lengths=(5, 8, 12, 20))
+PARAMS = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (32, 1, 40, 20)]
 _WITHOUT_SPECULATION: dict[str, list[list[int]]] = {}
-PARAMS = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (40, 1, 50, 25)]
 
 
-def generate(path: str, speculative_config: dict | None = None, **engine_kwargs):
-    """-> (greedy outputs, the engine's stats, whether every KV block went back to the pool)."""
-    llm = LLM(path, dtype="float32", max_model_len=256, speculative_config=speculative_config, **engine_kwargs)
-    try:
-        outs = llm.generate(repetitive_prompts(0, lengths=(5, 8, 12, 20)), PARAMS, use_tqdm=False)
-        manager = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager
-        blocks_back = manager.num_free_blocks == manager.num_usable_blocks and not manager.req_to_blocks
-        return [list(o.outputs[0].token_ids) for o in outs], llm.llm_engine.stats, blocks_back
-    finally:
+def without_speculation(path: str) -> list[list[int]]:
+    if path not in _WITHOUT_SPECULATION:
+        llm = LLM(path, dtype="float32", max_model_len=256)
+        _WITHOUT_SPECULATION[path] = [
+            list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+        ]
         del llm
+    return _WITHOUT_SPECULATION[path]
+
+
+def draft_config(path: str) -> dict:
+    return {"method": "draft_model", "model": path, "num_speculative_tokens": 3}
+
+
+def all_blocks_free(llm: LLM) -> bool:
+    manager = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager
+    return manager.num_free_blocks == manager.num_usable_blocks and not manager.req_to_blocks
+
+
+def assert_timed(spec) -> None:
+    assert spec is not None and spec.num_drafts > 0
+    assert spec.num_draft_steps > 0 and spec.draft_time_s > 0
+    assert spec.num_verify_steps > 0 and spec.verify_time_s > 0
 
 
 @pytest.mark.parametrize(
-    "draft, engine_kwargs",
-    [
-        ("self", {}),
-        ("small", {"max_num_batched_tokens": 16}),  # chunked prefill; drafts cut by the token budget
-        ("small", {"num_gpu_blocks_override": 10, "max_num_batched_tokens": 64}),  # preemption
-    ],
-    ids=["target-drafts-for-itself", "small-draft-chunked", "small-draft-preemption"],
+    "engine_kwargs",
+    [{"block_size": 4}, {"num_gpu_blocks_override": 10, "max_num_batched_tokens": 64}],
+    ids=["prefix-hits", "preemption"],
 )
-def test_greedy_outputs_equal_outputs_without_speculation(make_tiny_checkpoint, draft, engine_kwargs):
+def test_target_drafting_for_itself_accepts_nearly_every_draft(make_tiny_checkpoint, engine_kwargs):
+    """The same weights draft and verify, so a draft differs from the target's argmax only by float
+    rounding: near-total acceptance shows that the draft's K/V follows the target's through
+    rejections, preemption (recomputed from scratch) and prefix-cache hits (blocks another request
+    filled, generated tokens included)."""
     path = make_tiny_checkpoint("llama")
-    draft_path = path if draft == "self" else make_tiny_checkpoint("llama", **SMALL_DRAFT)
-    if path not in _WITHOUT_SPECULATION:
-        _WITHOUT_SPECULATION[path] = generate(path)[0]
-    spec = {"method": "draft_model", "model": draft_path, "num_speculative_tokens": 3}
-    got, stats, blocks_back = generate(path, spec, **engine_kwargs)
-    assert got == _WITHOUT_SPECULATION[path]
-    assert [len(tokens) for tokens in got] == [p.max_tokens for p in PARAMS]
-    assert blocks_back
-    speculated = stats.spec_decoding
-    assert speculated is not None and speculated.num_drafts > 0
-    assert speculated.num_draft_steps > 0 and speculated.draft_time_s > 0
-    assert speculated.num_verify_steps > 0 and speculated.verify_time_s > 0
-    if draft == "self":
-        # The same weights: a draft differs from the target's argmax only by float rounding.
-        assert speculated.acceptance_rate > 0.95, speculated
+    expected = without_speculation(path)
+    llm = LLM(
+        path, dtype="float32", max_model_len=256, speculative_config=draft_config(path), **engine_kwargs
+    )
+    got = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
+    assert got == expected
+    assert all_blocks_free(llm)
+    stats = llm.llm_engine.stats
+    assert_timed(stats.spec_decoding)
+    assert stats.spec_decoding.acceptance_rate > 0.95, stats.spec_decoding
     if "num_gpu_blocks_override" in engine_kwargs:
         assert stats.num_preemptions > 0
+    else:
+        follow_ups = [
+            {"prompt_token_ids": p["prompt_token_ids"] + out[:16]} for p, out in zip(PROMPTS, expected)
+        ]
+        hits_before, accepted_before = stats.prefix_cache_hits, stats.spec_decoding.num_accepted_tokens
+        drafted_before = stats.spec_decoding.num_draft_tokens
+        params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+        outs = llm.generate(follow_ups[2:], params, use_tqdm=False)  # the requests that ran past 16 tokens
+        stats = llm.llm_engine.stats
+        assert stats.prefix_cache_hits - hits_before >= sum(
+            len(f["prompt_token_ids"]) // 4 * 4 - 4 for f in follow_ups[2:]
+        )
+        assert [list(o.outputs[0].token_ids) for o in outs] == [out[16:28] for out in expected[2:]]
+        accepted = stats.spec_decoding.num_accepted_tokens - accepted_before
+        assert accepted > 0.95 * (stats.spec_decoding.num_draft_tokens - drafted_before)
+        assert all_blocks_free(llm)
+    del llm
+
+
+def test_smaller_draft_with_another_page_shape_and_chunked_prefill(make_tiny_checkpoint):
+    """A one-layer draft with 1 KV head of 24 (the target: 2 of 16), prompts chunked by a
+    16-token budget, which also cuts the drafts a step can verify."""
+    path = make_tiny_checkpoint("llama")
+    expected = without_speculation(path)
+    llm = LLM(
+        path,
+        dtype="float32",
+        max_model_len=256,
+        speculative_config=draft_config(make_tiny_checkpoint("llama", **SMALL_DRAFT)),
+        max_num_batched_tokens=16,
+    )
+    got = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
+    assert got == expected
+    assert all_blocks_free(llm)
+    assert_timed(llm.llm_engine.stats.spec_decoding)
+    del llm
 
 
 def test_draft_model_config(make_tiny_checkpoint):
@@ -85,7 +130,9 @@ def test_draft_model_config(make_tiny_checkpoint):
     with pytest.raises(ValueError, match="vocabulary"):
         spec.resolve_draft_model(target)
     with pytest.raises(ValueError, match="tensor_parallel_size 1"):
-        SpeculativeConfig(method="draft_model", model=path, num_speculative_tokens=2).resolve_draft_model(target, 2)
+        SpeculativeConfig(method="draft_model", model=path, num_speculative_tokens=2).resolve_draft_model(
+            target, 2
+        )
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         SpeculativeConfig(method="draft_model", model=path)
     with pytest.raises(ValueError, match="unknown fields"):
