@@ -9,23 +9,28 @@ The draft's page shape (KV heads, head size) may differ from the target's.
 After the target's step (sampling and rejection), for each request of the step:
 
     target step:             positions [c, c + q)          c: computed before, q: scheduled
-    draft forward 1:         positions [c, e)              e = N (known tokens) if it drafts,
+    draft forward 1:         positions [s, e)              e = N (known tokens) if it drafts,
                                                            else c + q; logits at N - 1 -> draft 1
     draft forwards 2 .. k:   one token each at N, N+1, ..., N+k-2 -> drafts 2 .. k
 
-Forward 1 writes draft K/V at every position the target computed, with the same tokens, so the
-draft's cache mirrors the target's: a prefix-cache hit, a resumed preempted request and the next
-chunk of a prompt find the draft's K/V in place (prefix caching shares blocks the target and the
-draft filled in the same step). A request's rejected drafts are the exception: its position N - 1
-holds the new token, and positions >= N hold nothing either model keeps; both models recompute
-from N - 1 (the target's num_computed then) next step, so draft K/V left at positions >= N - 1,
-accepted or not, is never read again.
+Invariant: after each step the draft's K/V is valid at every position the target computed (and
+at N - 1 of a drafting request), with the same tokens: the draft's cache mirrors the target's. A
+prefix-cache hit, a resumed preempted request and the next chunk of a prompt therefore find the
+draft's K/V in place (prefix caching shares blocks that the target and the draft filled in the
+same step).
+
+s = c, except for a request that drafted in the step before: forwards 2 .. k wrote K/V for its
+drafts 1 .. k-1 at N', N'+1, ... (N': its N then; this step verified from c = N' - 1), which
+stays valid for the drafts the target accepted, if it lies in blocks the request keeps: the
+block of position N' - 1 (blocks past it are freed when drafts are rejected). s then skips them:
+forward 1 covers at most the last accepted draft and the new token, not all accepted drafts.
 
 Trap: positions N - 1 .. N + k - 2 may lie past the request's blocks (the scheduler allocates a
 step's slots when it schedules that step, not ahead). Each batch row therefore has S =
 cdiv(k, block_size) scratch blocks after the pool's blocks, and the draft's block table is the
 row's blocks followed by its scratch blocks. Positions past the blocks start at a block boundary
-E >= c + q and end at most at c + q + k - 1 <= E + k - 1: S blocks hold them.
+E >= c + q and end at most at c + q + k - 1 <= E + k - 1: S blocks hold them. K/V in scratch is
+never reused: s falls back to N' - 1, as the target's c.
 """
 
 from __future__ import annotations
@@ -98,6 +103,9 @@ class DraftModelProposer:
         self.group_id = 0
         self._page_bytes = 0
         self._scratch_base = 0
+        # req_id -> (N', end of the draft's valid K/V if every draft is accepted) of a request that
+        # drafted in the last step it ran; see the module docstring.
+        self._valid_ends: dict[str, tuple[int, int]] = {}
 
     def load_model(self, target_groups: list[KVCacheGroupSpec], kv_cache_dtype_size: int) -> None:
         full_groups = [
@@ -150,7 +158,48 @@ class DraftModelProposer:
             num_all_blocks - num_blocks,
         )
 
+    def remove_requests(self, req_ids: set[str]) -> None:
+        """Finished or preempted requests: a resumed one gets new blocks."""
+        for req_id in req_ids:
+            self._valid_ends.pop(req_id, None)
+
     # ------------------------------------------------------------------ proposing
+    def _forward_starts(
+        self, batch: InputBatch, num_computed: np.ndarray, query_lens: np.ndarray, draft_rows: np.ndarray
+    ) -> np.ndarray:
+        """Where each row's forward 1 starts (s in the module docstring). A loop over the requests
+        that drafted in their last step, not over tokens."""
+        starts = num_computed.copy()
+        valid_ends = self._valid_ends
+        if not valid_ends:
+            return starts
+        is_draft_row = np.zeros(query_lens.shape[0], dtype=bool)
+        is_draft_row[draft_rows] = True
+        req_ids = batch.req_ids
+        for row in np.flatnonzero(query_lens > 0).tolist():
+            entry = valid_ends.pop(req_ids[row], None)  # type: ignore[arg-type]
+            # Only this step's verification (it starts at N' - 1) tells which drafts hold.
+            if entry is not None and is_draft_row[row] and entry[0] == num_computed[row] + 1:
+                starts[row] = min(entry[1], int(batch.num_tokens[row]) - 1)
+        return starts
+
+    def _remember_valid_ends(self, batch: InputBatch, draft_rows: np.ndarray, num_steps: int) -> None:
+        """Records what forwards 1 .. num_steps of this step leave valid for the next one."""
+        block_size = self.block_size
+        num_tokens = batch.num_tokens[draft_rows]
+        block_ends = batch.num_blocks[self.group_id, draft_rows] * block_size
+        # Kept whatever the next verification rejects: the block of position N - 1. Clamped
+        # forwards (see propose) overwrite position max_model_len - 1.
+        kept_ends = np.minimum(block_ends, (num_tokens + block_size - 1) // block_size * block_size)
+        kept_ends = np.minimum(kept_ends, self.max_model_len - 1)
+        new_token_kept = num_tokens - 1 < block_ends
+        valid_ends = np.where(
+            new_token_kept, num_tokens + np.clip(kept_ends - num_tokens, 0, num_steps - 1), num_tokens - 1
+        )
+        req_ids = batch.req_ids
+        for row, num_tokens_row, valid_end in zip(draft_rows.tolist(), num_tokens.tolist(), valid_ends.tolist()):
+            self._valid_ends[req_ids[row]] = (num_tokens_row, valid_end)  # type: ignore[index]
+
     def _block_table(self, batch: InputBatch, num_reqs: int, last_position: int) -> np.ndarray:
         """[num_reqs, blocks up to last_position] the rows' blocks, then each row's scratch blocks."""
         width = last_position // self.block_size + 1
@@ -232,12 +281,13 @@ class DraftModelProposer:
         block_table = self._block_table(batch, num_reqs, last_position)
 
         # Forward 1: the target's positions (mirror), and each drafting row's new token.
-        forward_lens = ends - num_computed
-        req_indices, positions, query_start_loc = flatten_queries(num_computed, forward_lens)
+        starts = self._forward_starts(batch, num_computed, query_lens, draft_rows)
+        forward_lens = ends - starts
+        req_indices, positions, query_start_loc = flatten_queries(starts, forward_lens)
         tokens = self._forward(
             batch.token_ids_cpu[req_indices, positions],
             positions,
-            num_computed,
+            starts,
             forward_lens,
             query_start_loc,
             block_table,
@@ -246,6 +296,7 @@ class DraftModelProposer:
         drafts = torch.empty((draft_rows.shape[0], max(num_steps, 1)), dtype=torch.int64)
         if num_steps == 0:
             return drafts.numpy()
+        self._remember_valid_ends(batch, draft_rows, num_steps)
         drafts[:, 0] = tokens
         # Forwards 2..: every drafting row feeds its last draft back, one token each.
         num_rows = draft_rows.shape[0]

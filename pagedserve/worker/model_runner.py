@@ -224,6 +224,8 @@ class ModelRunner:
                 self._preempted_generators[req_id] = state.generator
             batch.remove_request(req_id)
         batch.condense()
+        if isinstance(self.drafter, DraftModelProposer) and (so.finished_req_ids or so.preempted_req_ids):
+            self.drafter.remove_requests(so.finished_req_ids | so.preempted_req_ids)
         if so.num_kept_blocks:
             self._drop_rejected_blocks(so.num_kept_blocks)
 

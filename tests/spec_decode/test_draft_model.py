@@ -91,7 +91,9 @@ def test_target_drafting_for_itself_accepts_nearly_every_draft(make_tiny_checkpo
         assert stats.prefix_cache_hits - hits_before >= sum(
             len(f["prompt_token_ids"]) // 4 * 4 - 4 for f in follow_ups[2:]
         )
-        assert [list(o.outputs[0].token_ids) for o in outs] == [out[16:28] for out in expected[2:]]
+        # Greedy continuations (of which the first run knows up to 24 or 4 tokens).
+        for o, out in zip(outs, expected[2:]):
+            assert list(o.outputs[0].token_ids)[: len(out) - 16] == out[16:28]
         accepted = stats.spec_decoding.num_accepted_tokens - accepted_before
         assert accepted > 0.95 * (stats.spec_decoding.num_draft_tokens - drafted_before)
         assert all_blocks_free(llm)
