@@ -131,9 +131,13 @@ def tpot_ms(output: Any) -> tuple[float, int]:
     return 1e3 * (metrics.last_token_time - metrics.first_token_time) / (n - 1), n
 
 
-def spec_totals(llm: Any) -> tuple[int, int, int]:
+def spec_totals(llm: Any) -> tuple[float, ...]:
+    """(drafts, draft tokens, accepted tokens, draft seconds, draft steps, verify seconds, verify steps)."""
     spec = llm.llm_engine.stats.spec_decoding
-    return (0, 0, 0) if spec is None else (spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens)
+    if spec is None:
+        return (0, 0, 0, 0.0, 0, 0.0, 0)
+    return (spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens, spec.draft_time_s,
+            spec.num_draft_steps, spec.verify_time_s, spec.num_verify_steps)  # fmt: skip
 
 
 def bench_model(args: argparse.Namespace, name: str) -> dict[str, Any]:
@@ -169,7 +173,9 @@ def bench_model(args: argparse.Namespace, name: str) -> dict[str, Any]:
                 runs[key].num_tokens.append(n)
                 runs[key].token_ids.append(list(out.outputs[0].token_ids))
         after = spec_totals(engines["spec"])
-        drafts, draft_tokens, accepted = (a - b for a, b in zip(after, before))
+        drafts, draft_tokens, accepted, draft_s, draft_steps, verify_s, verify_steps = (
+            a - b for a, b in zip(after, before)
+        )
         ratios = [b / s for b, s in zip(runs["baseline"].tpot_ms, runs["spec"].tpot_ms)]
         cpu_ratios = [b / s for b, s in zip(runs["baseline"].cpu_ms_per_token, runs["spec"].cpu_ms_per_token)]
         summary = {
@@ -184,6 +190,8 @@ def bench_model(args: argparse.Namespace, name: str) -> dict[str, Any]:
             "acceptance_rate": accepted / draft_tokens if draft_tokens else 0.0,
             "mean_acceptance_length": 1 + accepted / drafts if drafts else 1.0,
             "num_drafts": drafts,
+            "draft_ms_per_step": 1e3 * draft_s / draft_steps if draft_steps else 0.0,
+            "verify_ms_per_step": 1e3 * verify_s / verify_steps if verify_steps else 0.0,
             "identical_outputs": sum(a == b for a, b in zip(runs["baseline"].token_ids, runs["spec"].token_ids)),
             "num_requests": len(requests),
         }
@@ -194,7 +202,8 @@ def bench_model(args: argparse.Namespace, name: str) -> dict[str, Any]:
             f"token {summary['baseline_cpu_ms_per_token']:.1f} -> {summary['spec_cpu_ms_per_token']:.1f} ms "
             f"(x{summary['cpu_speedup_median']:.2f}); "
             f"acceptance {100 * summary['acceptance_rate']:.0f}%, mean acceptance length "
-            f"{summary['mean_acceptance_length']:.2f}, identical outputs {summary['identical_outputs']}/{len(requests)}",
+            f"{summary['mean_acceptance_length']:.2f}, identical outputs {summary['identical_outputs']}/{len(requests)}; "
+            f"draft {summary['draft_ms_per_step']:.1f} ms/step, verify {summary['verify_ms_per_step']:.1f} ms/step",
             flush=True,
         )
 
