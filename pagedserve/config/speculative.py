@@ -11,14 +11,20 @@ on the CLI, `LLM(..., speculative_config={...})` offline. Methods:
   frequent continuation, token by token while its share stays at least
   `suffix_decoding_min_token_prob`; at most `suffix_decoding_max_spec_factor` x the match length
   tokens are proposed.
-- `draft_model`: a smaller model with the same tokenizer (`model`). Not implemented yet: refused.
+- `draft_model`: a smaller model with the same tokenizer and vocabulary (`model`: an HF directory
+  or a .gguf file), run greedily k times after each step in the same worker, with its own KV
+  tensors indexed by the target's block tables (spec_decode/draft_model.py). Given only `model`
+  (not "ngram"), the method is draft_model, as in vLLM.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pagedserve.config.model import ModelConfig
 
 SPECULATIVE_METHODS = ("ngram", "suffix", "draft_model")
 
@@ -36,6 +42,8 @@ class SpeculativeConfig:
     suffix_decoding_max_tree_depth: int = 24
     suffix_decoding_max_spec_factor: float = 1.0
     suffix_decoding_min_token_prob: float = 0.1
+    # draft_model: the draft checkpoint's config, resolved against the target's (resolve_draft_model)
+    draft_model_config: ModelConfig | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         method = self.method
@@ -56,9 +64,10 @@ class SpeculativeConfig:
             )
         self.method = method
         if method == "draft_model":
-            raise NotImplementedError(
-                "speculative_config method 'draft_model' is not implemented yet; use 'ngram' or 'suffix'"
-            )
+            if not self.model:
+                raise ValueError("speculative_config method 'draft_model' needs model (the draft checkpoint)")
+            if self.num_speculative_tokens is None:
+                raise ValueError("speculative_config method 'draft_model' needs num_speculative_tokens")
         if method == "ngram":
             if self.num_speculative_tokens is None:
                 raise ValueError("speculative_config method 'ngram' needs num_speculative_tokens")
@@ -102,13 +111,42 @@ class SpeculativeConfig:
                 raise ValueError(f"--speculative-config is not valid JSON: {e}") from None
         if not isinstance(value, dict):
             raise ValueError(f"speculative_config must be a JSON object, got {type(value).__name__}")
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls) if f.init}
         unknown = set(value) - known
         if unknown:
             raise ValueError(f"speculative_config has unknown fields {sorted(unknown)}; known: {sorted(known)}")
         return cls(**value)
 
+    def resolve_draft_model(self, target: ModelConfig, tensor_parallel_size: int = 1) -> None:
+        """draft_model: reads the draft checkpoint's config and checks that it can draft for `target`
+        (same vocabulary, the target's context length, one worker), before any weight is loaded."""
+        if self.method != "draft_model":
+            return
+        from pagedserve.config.model import ModelConfig
+
+        assert self.model is not None
+        if tensor_parallel_size > 1:
+            raise ValueError("speculative method 'draft_model' runs with tensor_parallel_size 1 only")
+        try:
+            draft = ModelConfig(
+                model=self.model,
+                dtype=target.torch_dtype,
+                max_model_len=target.max_model_len,
+                seed=target.seed,
+                task="generate",
+            )
+        except ValueError as e:
+            raise ValueError(f"speculative_config draft model {self.model!r}: {e}") from None
+        if draft.vocab_size != target.vocab_size:
+            raise ValueError(
+                f"the draft model's vocabulary ({draft.vocab_size} tokens, {self.model!r}) differs from the "
+                f"target's ({target.vocab_size} tokens): a draft model needs the target's tokenizer"
+            )
+        self.draft_model_config = draft
+
     def __str__(self) -> str:
+        if self.method == "draft_model":
+            return f"draft_model (model={self.model}, num_speculative_tokens={self.num_speculative_tokens})"
         if self.method == "ngram":
             return (
                 f"ngram (num_speculative_tokens={self.num_speculative_tokens}, "

@@ -153,7 +153,8 @@ class EngineArgs:
         metadata={
             "help": "speculative decoding as JSON (vLLM's fields), e.g. "
             '\'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}\'; '
-            "methods: ngram (prompt_lookup_min/max), suffix. Turns async scheduling off"
+            "methods: ngram (prompt_lookup_min/max), suffix, draft_model (model: a smaller checkpoint with "
+            "the same vocabulary). Turns async scheduling off"
         },
     )
     # --- pooling models ---
@@ -193,6 +194,7 @@ class EngineArgs:
                 raise ValueError("speculative decoding needs a generative model (task generate)")
             if self.pipeline_parallel_size > 1:
                 raise ValueError("speculative decoding does not work with pipeline_parallel_size > 1")
+            speculative_config.resolve_draft_model(model_config, self.tensor_parallel_size)
             if async_scheduling:
                 # NOTE: step n+1 would be scheduled before step n's drafts (and acceptance) are known.
                 logger.warning(

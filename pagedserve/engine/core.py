@@ -58,6 +58,7 @@ from pagedserve.executor.abstract import Executor
 from pagedserve.executor.selector import get_executor_class
 from pagedserve.logger import configure_logging
 from pagedserve.process_utils import set_parent_death_signal, watch_parent
+from pagedserve.spec_decode.metrics import SpecDecodingStats
 from pagedserve.structured_output import StructuredOutputManager
 from pagedserve.worker.outputs import ModelRunnerOutput
 
@@ -168,7 +169,9 @@ class EngineCore:
             self.structured_output_manager.wait_for_compilation(_IDLE_COMPILE_WAIT_S)
         grammar_output = self.scheduler.get_grammar_bitmask(scheduler_output)
         model_output = self.executor.execute_model(scheduler_output, grammar_output)
-        return self.scheduler.update_from_output(scheduler_output, model_output)
+        outputs = self.scheduler.update_from_output(scheduler_output, model_output)
+        self._record_spec_decode_times(outputs, model_output)
+        return outputs
 
     def step_with_batch_queue(self) -> EngineCoreOutputs:
         """Keeps up to `batch_queue_size` steps in flight: schedule step n+1 while step n runs
@@ -205,7 +208,9 @@ class EngineCore:
         if len(self.batch_queue) == 1 and not self.batch_queue[0][0].total_num_scheduled_tokens:
             self.structured_output_manager.wait_for_compilation(_IDLE_COMPILE_WAIT_S)
         scheduler_output, future = self.batch_queue.popleft()
-        outputs = self.scheduler.update_from_output(scheduler_output, future.result())
+        model_output = future.result()
+        outputs = self.scheduler.update_from_output(scheduler_output, model_output)
+        self._record_spec_decode_times(outputs, model_output)
         deferred = self._deferred_grammar
         if deferred is not None and (not self.batch_queue or self.batch_queue[0][0] is deferred[0]):
             # Every step older than the deferred one is collected: its matchers are current.
@@ -213,6 +218,17 @@ class EngineCore:
             self._deferred_grammar = None
             grammar_future.set_result(self.scheduler.get_grammar_bitmask(deferred_output))
         return outputs
+
+    def _record_spec_decode_times(self, outputs: EngineCoreOutputs, model_output: ModelRunnerOutput) -> None:
+        """The worker's draft and verify times of the step join its speculative decoding stats."""
+        stats = outputs.scheduler_stats
+        if stats is None or not (model_output.draft_time_s or model_output.verify_time_s):
+            return
+        if stats.spec_decoding_stats is None:
+            speculative_config = self.config.speculative_config
+            assert speculative_config is not None
+            stats.spec_decoding_stats = SpecDecodingStats.new(int(speculative_config.num_speculative_tokens or 0))
+        stats.spec_decoding_stats.observe_times(model_output.draft_time_s, model_output.verify_time_s)
 
     # ---------------------------------------------------------------- utilities
     def reset_prefix_cache(self) -> bool:

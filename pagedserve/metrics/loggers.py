@@ -85,7 +85,7 @@ class LoggingStatLogger(StatLoggerBase):
         logger.info(
             "%sSpecDecoding metrics: mean acceptance length %.2f, accepted throughput %.1f tok/s, drafted "
             "throughput %.1f tok/s, accepted %d tokens, drafted %d tokens, per-position acceptance rate %s, "
-            "avg draft acceptance rate %.1f%%",
+            "avg draft acceptance rate %.1f%%, draft time %.1f ms/step, verify time %.1f ms/step",
             label,
             spec.mean_acceptance_length,
             spec.num_accepted_tokens / elapsed,
@@ -94,4 +94,6 @@ class LoggingStatLogger(StatLoggerBase):
             spec.num_draft_tokens,
             per_position,
             100 * spec.acceptance_rate,
+            1000 * spec.mean_draft_time_s,
+            1000 * spec.mean_verify_time_s,
         )

@@ -36,6 +36,8 @@ _ITL_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4
                 7.5, 10.0, 20.0, 40.0, 80.0]  # fmt: skip
 _REQUEST_LATENCY_BUCKETS = [0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
                             40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]  # fmt: skip
+# Per step: n-gram drafts take tens of microseconds, a draft model's forwards tens of milliseconds.
+_SPEC_STEP_BUCKETS = [0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
 
 
 def build_1_2_5_buckets(max_value: int) -> list[int]:
@@ -220,7 +222,17 @@ class PrometheusStatLogger(StatLoggerBase):
             def counter(name: str, doc: str, extra_labels: tuple[str, ...] = ()) -> Counter:
                 return Counter(METRIC_PREFIX + name, doc, labels + list(extra_labels), registry=self.registry)
 
+            def histogram(name: str, doc: str) -> Histogram:
+                return Histogram(METRIC_PREFIX + name, doc, labels, buckets=_SPEC_STEP_BUCKETS, registry=self.registry)
+
             self.counter_spec_decode = SimpleNamespace(
+                draft_time=histogram(
+                    "spec_decode_draft_time_seconds", "Time per engine step spent proposing draft tokens."
+                ),
+                verify_time=histogram(
+                    "spec_decode_verify_time_seconds",
+                    "Time of an engine step that verified drafts (target forward and rejection sampling).",
+                ),
                 num_drafts=counter("spec_decode_num_drafts", "Draft sequences verified (speculative decoding)."),
                 num_draft_tokens=counter("spec_decode_num_draft_tokens", "Draft tokens verified."),
                 num_accepted_tokens=counter("spec_decode_num_accepted_tokens", "Draft tokens accepted."),
@@ -240,6 +252,11 @@ class PrometheusStatLogger(StatLoggerBase):
         counters.num_accepted_tokens.labels(*labels).inc(spec.num_accepted_tokens)
         for position, count in enumerate(spec.num_accepted_tokens_per_pos):
             counters.num_accepted_tokens_per_pos.labels(*labels, str(position)).inc(count)
+        # Stats come one engine step at a time: the mean is that step's time.
+        if spec.num_draft_steps:
+            counters.draft_time.labels(*labels).observe(spec.mean_draft_time_s)
+        if spec.num_verify_steps:
+            counters.verify_time.labels(*labels).observe(spec.mean_verify_time_s)
 
     def record(
         self, scheduler_stats: SchedulerStats | None, iteration_stats: IterationStats, engine_idx: int = 0

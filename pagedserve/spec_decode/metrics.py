@@ -17,6 +17,12 @@ class SpecDecodingStats(msgspec.Struct, omit_defaults=True):
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     num_accepted_tokens_per_pos: list[int] = []
+    # Measured in the worker: seconds proposing drafts over `num_draft_steps` steps, and seconds of
+    # the `num_verify_steps` steps that verified drafts (the target's forward, rejection sampling).
+    draft_time_s: float = 0.0
+    num_draft_steps: int = 0
+    verify_time_s: float = 0.0
+    num_verify_steps: int = 0
 
     @classmethod
     def new(cls, num_spec_tokens: int) -> SpecDecodingStats:
@@ -41,6 +47,27 @@ class SpecDecodingStats(msgspec.Struct, omit_defaults=True):
             per_pos.extend([0] * (len(other.num_accepted_tokens_per_pos) - len(per_pos)))
         for i, count in enumerate(other.num_accepted_tokens_per_pos):
             per_pos[i] += count
+        self.draft_time_s += other.draft_time_s
+        self.num_draft_steps += other.num_draft_steps
+        self.verify_time_s += other.verify_time_s
+        self.num_verify_steps += other.num_verify_steps
+
+    def observe_times(self, draft_time_s: float, verify_time_s: float) -> None:
+        """One step's draft and verify time (0: the step did not draft, or verified nothing)."""
+        if draft_time_s:
+            self.draft_time_s += draft_time_s
+            self.num_draft_steps += 1
+        if verify_time_s:
+            self.verify_time_s += verify_time_s
+            self.num_verify_steps += 1
+
+    @property
+    def mean_draft_time_s(self) -> float:
+        return self.draft_time_s / self.num_draft_steps if self.num_draft_steps else 0.0
+
+    @property
+    def mean_verify_time_s(self) -> float:
+        return self.verify_time_s / self.num_verify_steps if self.num_verify_steps else 0.0
 
     @property
     def acceptance_rate(self) -> float:

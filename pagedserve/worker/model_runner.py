@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from concurrent.futures import Future
 from typing import Any
 
@@ -40,7 +41,8 @@ from pagedserve.sample.metadata import SamplingMetadata
 from pagedserve.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID, RejectionSampler
 from pagedserve.sample.sampler import Sampler, gather_logprobs
 from pagedserve.sequence import IntermediateTensors
-from pagedserve.spec_decode.ngram_proposer import make_proposer
+from pagedserve.spec_decode.draft_model import DraftModelProposer
+from pagedserve.spec_decode.ngram_proposer import NgramProposer, SuffixProposer, make_proposer
 from pagedserve.utils import cdiv
 from pagedserve.worker.input_batch import CachedRequestState, InputBatch
 from pagedserve.worker.outputs import LogprobsLists, ModelRunnerOutput
@@ -77,7 +79,11 @@ class ModelRunner:
         self.lora_manager: LRUCacheWorkerLoRAManager | None = None
         # Speculative decoding: drafts proposed after each step, verified by the next one.
         speculative_config = config.speculative_config
-        self.drafter = make_proposer(speculative_config, self.max_model_len) if speculative_config else None
+        self.drafter: NgramProposer | SuffixProposer | DraftModelProposer | None = None
+        if speculative_config is not None and speculative_config.method == "draft_model":
+            self.drafter = DraftModelProposer(config, device, self.attn_backend, self.max_num_reqs)
+        elif speculative_config is not None:
+            self.drafter = make_proposer(speculative_config, self.max_model_len)
         self.rejection_sampler = RejectionSampler()
         # A verification (last token + drafts) runs as decodes in the attention backends.
         self.max_decode_query_len = 1 + (speculative_config.num_speculative_tokens or 0) if speculative_config else 1
@@ -119,6 +125,8 @@ class ModelRunner:
         )
         self.input_batch = self._make_input_batch(len(self.kv_cache_groups))
         self.is_mamba_group = [isinstance(g.kv_cache_spec, MambaSpec) for g in self.kv_cache_groups]
+        if isinstance(self.drafter, DraftModelProposer):
+            self.drafter.load_model(self.kv_cache_groups, dtype_size)
 
     @property
     def attention_layers(self) -> list[Attention]:
@@ -136,7 +144,10 @@ class ModelRunner:
     def kv_cache_bytes_per_block(self) -> int:
         if not self.kv_cache_groups:
             return 0
-        return self.num_kv_cache_tensors * self.kv_cache_groups[0].kv_cache_spec.page_size_bytes
+        per_block = self.num_kv_cache_tensors * self.kv_cache_groups[0].kv_cache_spec.page_size_bytes
+        if isinstance(self.drafter, DraftModelProposer):
+            per_block += self.drafter.kv_cache_bytes_per_block()
+        return per_block
 
     @property
     def num_state_slots(self) -> int:
@@ -150,6 +161,17 @@ class ModelRunner:
             for group in self.kv_cache_groups
             if isinstance(group.kv_cache_spec, MambaSpec)
         )
+
+    def cache_bytes_besides_blocks(self) -> int:
+        """What the cache budget pays before any block: Mamba state slots, draft scratch blocks."""
+        scratch_bytes = self.drafter.scratch_bytes() if isinstance(self.drafter, DraftModelProposer) else 0
+        return self.state_cache_bytes() + scratch_bytes
+
+    def kv_cache_tensors(self) -> list[torch.Tensor]:
+        """Every KV tensor: the target's (kv_caches) and the draft model's."""
+        if isinstance(self.drafter, DraftModelProposer):
+            return self.kv_caches + self.drafter.kv_caches
+        return list(self.kv_caches)
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = []
@@ -171,6 +193,8 @@ class ModelRunner:
             for j, layer_name in enumerate(group.layer_names):
                 layers[layer_name].kv_cache = self.kv_caches[j]
                 layers[layer_name].kv_cache_group_id = group_id
+        if isinstance(self.drafter, DraftModelProposer):
+            self.drafter.initialize_kv_cache(num_blocks, self.kv_cache_dtype)
 
     def _initialize_state_cache(self) -> None:
         assert self.model is not None
@@ -200,6 +224,8 @@ class ModelRunner:
                 self._preempted_generators[req_id] = state.generator
             batch.remove_request(req_id)
         batch.condense()
+        if isinstance(self.drafter, DraftModelProposer) and (so.finished_req_ids or so.preempted_req_ids):
+            self.drafter.remove_requests(so.finished_req_ids | so.preempted_req_ids)
         if so.num_kept_blocks:
             self._drop_rejected_blocks(so.num_kept_blocks)
 
@@ -300,18 +326,39 @@ class ModelRunner:
         sp = state.sampling_params
         return not sp.min_tokens or len(state.output_token_ids) >= sp.min_tokens  # type: ignore[union-attr]
 
-    def _propose_draft_token_ids(self, sampled_token_ids: list[list[int]]) -> list[list[int]]:
-        """Drafts to follow each request that sampled this step (one numpy pass per request)."""
+    def _propose_draft_token_ids(
+        self, sampled_token_ids: list[list[int]], common: CommonAttentionMetadata
+    ) -> list[list[int]]:
+        """Drafts to follow each request that sampled this step (n-gram and suffix: one numpy
+        pass per request; draft model: batched forwards, which also run when no request drafts)."""
         assert self.drafter is not None
         batch = self.input_batch
         drafts: list[list[int]] = [[] for _ in sampled_token_ids]
-        for row, tokens in enumerate(sampled_token_ids):
-            if not tokens:
-                continue
-            state = batch.states[row]
-            assert state is not None
-            if self._can_speculate(state):
+        rows = [
+            row
+            for row, tokens in enumerate(sampled_token_ids)
+            if tokens and self._can_speculate(batch.states[row])  # type: ignore[arg-type]
+        ]
+        if not isinstance(self.drafter, DraftModelProposer):
+            for row in rows:
                 drafts[row] = self.drafter.propose(batch.token_ids_cpu[row, : batch.num_tokens[row]]).tolist()
+            return drafts
+        # Drafts never run past max_model_len nor (with the bonus token) past max_tokens.
+        num_drafts = np.full(len(rows), self.drafter.k, dtype=np.int64)
+        for i, row in enumerate(rows):
+            state = batch.states[row]
+            max_tokens = state.sampling_params.max_tokens  # type: ignore[union-attr]
+            num_allowed = self.max_model_len - int(batch.num_tokens[row])
+            if max_tokens is not None:
+                num_allowed = min(num_allowed, max_tokens - len(state.output_token_ids) - 1)  # type: ignore[union-attr]
+            num_drafts[i] = min(num_drafts[i], num_allowed)
+        draft_rows = np.asarray(rows, dtype=np.int64)[num_drafts > 0]
+        num_drafts = num_drafts[num_drafts > 0]
+        tokens = self.drafter.propose(
+            batch, common.num_computed_tokens.numpy().copy(), common.query_lens.numpy().copy(), draft_rows, num_drafts
+        )
+        for i, row in enumerate(draft_rows.tolist()):
+            drafts[row] = tokens[i, : num_drafts[i]].tolist()
         return drafts
 
     def _sample_with_drafts(
@@ -445,6 +492,7 @@ class ModelRunner:
         """`grammar_output` (or its future, waited for after the forward pass) constrains the
         sampling of the step's structured requests."""
         assert self.model is not None
+        step_start = time.perf_counter()
         self._update_states(so)
         batch = self.input_batch
         n = batch.num_reqs
@@ -476,7 +524,7 @@ class ModelRunner:
             sampled_token_ids, logprobs = self._sample_with_drafts(
                 hidden_states, common, so.scheduled_spec_decode_tokens, grammar_output
             )
-            return self._make_output(hidden_states, common, req_ids, sampled_token_ids, logprobs)
+            return self._make_output(hidden_states, common, req_ids, sampled_token_ids, logprobs, step_start)
 
         logits_indices = common.query_start_loc[1:] - 1
         logits = self.model.compute_logits(hidden_states[logits_indices.to(self.device)])
@@ -512,17 +560,25 @@ class ModelRunner:
         req_ids: list[str],
         sampled_token_ids: list[list[int]],
         logprobs: LogprobsLists | None,
+        verify_start: float | None = None,
     ) -> ModelRunnerOutput:
+        """`verify_start`: when a step that verified drafts began (its time is the verify time)."""
         batch = self.input_batch
         prompt_logprobs = self._prompt_logprobs(hidden_states, common) if batch.prompt_logprobs else {}
-        return ModelRunnerOutput(
+        output = ModelRunnerOutput(
             req_ids=list(req_ids),
             req_id_to_index=dict(batch.req_id_to_index),
             sampled_token_ids=sampled_token_ids,
             logprobs=logprobs,
             prompt_logprobs_dict=prompt_logprobs,
-            spec_token_ids=self._propose_draft_token_ids(sampled_token_ids) if self.drafter is not None else None,
         )
+        if self.drafter is not None:
+            draft_start = time.perf_counter()
+            if verify_start is not None:
+                output.verify_time_s = draft_start - verify_start
+            output.spec_token_ids = self._propose_draft_token_ids(sampled_token_ids, common)
+            output.draft_time_s = time.perf_counter() - draft_start
+        return output
 
     def _lora_mapping(self, common: CommonAttentionMetadata) -> LoRAMapping | None:
         """Adapter slots of this step's tokens (rows of a request are contiguous)."""

@@ -62,3 +62,7 @@ class ModelRunnerOutput:
     # Speculative decoding: per request (batch order), the draft tokens proposed to follow the
     # tokens sampled this step; None without speculative decoding.
     spec_token_ids: list[list[int]] | None = None
+    # Speculative decoding: seconds this step spent proposing the drafts above, and (a step that
+    # verified drafts) running the target and the rejection sampler; 0 otherwise.
+    draft_time_s: float = 0.0
+    verify_time_s: float = 0.0

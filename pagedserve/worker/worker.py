@@ -80,14 +80,13 @@ class Worker:
             return cache_config.num_gpu_blocks
         budget = cache_config.kv_cache_memory_bytes
         if budget is None:
-            assert self.model_runner.model is not None
-            weights, _ = model_weight_bytes(self.model_runner.model)
+            weights, _ = self._weight_bytes()
             budget = min(
                 max(weights, _CPU_KV_CACHE_FLOOR_BYTES),
                 int(psutil.virtual_memory().total * _CPU_KV_CACHE_RAM_FRACTION),
             )
-        # Mamba state slots come out of the same budget, before any KV block.
-        budget -= self.model_runner.state_cache_bytes()
+        # Mamba state slots (and draft scratch blocks) come out of the same budget, before any KV block.
+        budget -= self.model_runner.cache_bytes_besides_blocks()
         per_block = self.model_runner.kv_cache_bytes_per_block()
         max_useful = (
             self.config.scheduler_config.max_num_seqs
@@ -103,14 +102,24 @@ class Worker:
             )
         return int(num_blocks)
 
+    def _weight_bytes(self) -> tuple[int, int]:
+        """model_weight_bytes of the model and of the draft model, if any."""
+        runner = self.model_runner
+        assert runner.model is not None
+        weights, mapped = model_weight_bytes(runner.model)
+        draft_model = getattr(runner.drafter, "model", None)
+        if draft_model is not None:
+            draft_weights, draft_mapped = model_weight_bytes(draft_model)
+            weights, mapped = weights + draft_weights, mapped + draft_mapped
+        return weights, mapped
+
     def get_kv_cache_groups(self) -> list[KVCacheGroupSpec]:
         return self.model_runner.get_kv_cache_groups()
 
     def initialize_cache(self, num_blocks: int) -> None:
         self.model_runner.initialize_kv_cache(num_blocks)
-        assert self.model_runner.model is not None
-        weights, mapped = model_weight_bytes(self.model_runner.model)
-        kv_cache = sum(t.untyped_storage().nbytes() for t in self.model_runner.kv_caches)
+        weights, mapped = self._weight_bytes()
+        kv_cache = sum(t.untyped_storage().nbytes() for t in self.model_runner.kv_cache_tensors())
         kv_cache += self.model_runner.state_cache_bytes()
         rss = psutil.Process().memory_info().rss
         logger.info(

@@ -116,8 +116,8 @@ def test_config_defaults_and_errors() -> None:
         SpeculativeConfig(method="ngram", num_speculative_tokens=2, prompt_lookup_min=3, prompt_lookup_max=2)
     with pytest.raises(ValueError, match="method"):
         SpeculativeConfig(method="eagle", num_speculative_tokens=2)
-    with pytest.raises(NotImplementedError, match="draft_model"):
-        SpeculativeConfig(method="draft_model", model="x.gguf", num_speculative_tokens=2)
+    with pytest.raises(ValueError, match="draft_model' needs model"):
+        SpeculativeConfig(method="draft_model", num_speculative_tokens=2)
     with pytest.raises(ValueError, match="unknown fields"):
         SpeculativeConfig.from_value({"method": "ngram", "num_speculative_tokens": 2, "lookup": 3})
     with pytest.raises(ValueError, match="JSON"):

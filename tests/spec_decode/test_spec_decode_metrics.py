@@ -71,6 +71,30 @@ def test_periodic_log_line(caplog: pytest.LogCaptureFixture) -> None:
     assert "avg draft acceptance rate 66.7%" in lines[0]
 
 
+def test_draft_and_verify_times_per_step(caplog: pytest.LogCaptureFixture) -> None:
+    """The worker's per-step times: a Prometheus histogram each, and means in the log line."""
+    steps = [(0.004, 0.030), (0.006, 0.0), (0.002, 0.050)]  # the second step verified nothing
+    prometheus, log = PrometheusStatLogger("m"), LoggingStatLogger()
+    for draft_time_s, verify_time_s in steps:
+        stats = _spec_stats([(3, 2)])
+        stats.observe_times(draft_time_s, verify_time_s)
+        for stat_logger in (prometheus, log):
+            stat_logger.record(SchedulerStats(spec_decoding_stats=stats), IterationStats())
+    text = generate_latest(prometheus.registry).decode()
+
+    def value(name: str) -> float:
+        return metric_value(text, "pagedserve:" + name, {"model_name": "m"})
+
+    assert value("spec_decode_draft_time_seconds_count") == 3
+    assert value("spec_decode_draft_time_seconds_sum") == pytest.approx(0.012)
+    assert value("spec_decode_verify_time_seconds_count") == 2
+    assert value("spec_decode_verify_time_seconds_sum") == pytest.approx(0.080)
+    with caplog.at_level(logging.INFO, logger="pagedserve.metrics.loggers"):
+        log.log()
+    (line,) = [r.getMessage() for r in caplog.records if "SpecDecoding" in r.getMessage()]
+    assert "draft time 4.0 ms/step, verify time 40.0 ms/step" in line
+
+
 @pytest.mark.slow
 def test_server_with_speculative_config_serves_the_metrics(make_tiny_checkpoint, tmp_path) -> None:
     server = RemoteOpenAIServer(
