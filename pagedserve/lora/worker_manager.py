@@ -108,12 +108,15 @@ class LRUCacheWorkerLoRAManager:
                 done.set_result(model)
                 return done
             future = self._loading.get(lora_id)
-            if future is None:
-                if self._loader is None:
-                    self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-load")
-                future = self._loader.submit(self._read, lora_request)
-                self._loading[lora_id] = future
-                future.add_done_callback(lambda f: self._store(lora_id, f))
+            if future is not None:
+                return future
+            if self._loader is None:
+                self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-load")
+            future = self._loader.submit(self._read, lora_request)
+            self._loading[lora_id] = future
+        # TRAP: outside the lock. A read that already finished (a broken file fails at once)
+        # runs the callback right here, in this thread, and _store takes the lock.
+        future.add_done_callback(lambda f: self._store(lora_id, f))
         return future
 
     def prepare(self, token_lora_ids: np.ndarray) -> LoRAMapping | None:

@@ -5,6 +5,7 @@ steps with adapter tokens run the fused C++ decode layer where it is built."""
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 
 import pytest
 
@@ -115,8 +116,23 @@ def test_adapter_loads_in_the_background_while_running_requests_decode(
     core.shutdown()
 
 
+class _InlineExecutor:
+    """Runs the read in the submitting thread: the future is finished before the manager adds
+    its done-callback, the order a fast failing read takes on a busy machine."""
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as error:
+            future.set_exception(error)
+        return future
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("read", ["background", "finished_before_callback"])
 def test_adapter_that_cannot_be_read_fails_its_request_and_the_engine_keeps_serving(
-    make_tiny_checkpoint, make_lora_adapter, tmp_path
+    make_tiny_checkpoint, make_lora_adapter, tmp_path, read: str
 ) -> None:
     import shutil
 
@@ -127,6 +143,8 @@ def test_adapter_that_cannot_be_read_fails_its_request_and_the_engine_keeps_serv
         model=base, dtype="float32", max_model_len=128, enable_lora=True, max_lora_rank=8
     ).create_engine_config()
     core = EngineCore(config)
+    if read == "finished_before_callback":
+        core.executor.worker.model_runner.lora_manager._loader = _InlineExecutor()
     processor = Processor(
         config.model_config, get_tokenizer(base), [], config.scheduler_config, lora_config=config.lora_config
     )
