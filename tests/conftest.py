@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,13 +39,20 @@ def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, hf_gguf: HFG
 
 
 class HFGGUFReferences:
-    """transformers' own loads of a real GGUF file, made once per session: each dequantizes every
-    tensor (and converts the vocabulary) in Python, 5-45 s per file, and several test modules
-    compare against the same file. Call `forget` for a big one used by one module only."""
+    """transformers' own loads of a real GGUF file, made once per session, and several test
+    modules compare against the same file. Call `forget` for a big one used by one module only.
+
+    Where a reference load's time goes: gguf-py's GGUFReader parses every metadata value into its
+    own numpy view (Gemma 3's 262k-token vocabulary: ~25 s a parse), and transformers parses the
+    file twice per model and twice per tokenizer; then gguf-py dequantizes in numpy. Here each
+    file is parsed once per session and quantized tensors are dequantized by our C++ kernel (held
+    equal to gguf-py's bit for bit by tests/kernels/test_gguf_ops.py). The config and vocabulary
+    conversion, the name mapping, the row permutations and the model stay transformers' own."""
 
     def __init__(self) -> None:
         self._models: dict[str, Any] = {}
         self._tokenizers: dict[str, Any] = {}
+        self._readers: dict[str, Any] = {}
 
     def model(self, path: str) -> Any:
         """The float32 model in eval mode; callers must not modify its weights."""
@@ -51,9 +60,10 @@ class HFGGUFReferences:
             from transformers import AutoModelForCausalLM
 
             directory, name = os.path.split(path)
-            self._models[path] = AutoModelForCausalLM.from_pretrained(
-                directory, gguf_file=name, dtype=torch.float32
-            ).eval()
+            with self._parsed_once():
+                self._models[path] = AutoModelForCausalLM.from_pretrained(
+                    directory, gguf_file=name, dtype=torch.float32
+                ).eval()
         return self._models[path]
 
     def tokenizer(self, path: str) -> Any:
@@ -61,12 +71,53 @@ class HFGGUFReferences:
             from transformers import AutoTokenizer
 
             directory, name = os.path.split(path)
-            self._tokenizers[path] = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+            with self._parsed_once():
+                self._tokenizers[path] = AutoTokenizer.from_pretrained(directory, gguf_file=name)
         return self._tokenizers[path]
 
     def forget(self, path: str) -> None:
         self._models.pop(path, None)
         self._tokenizers.pop(path, None)
+        self._readers.pop(os.path.realpath(path), None)
+
+    @contextlib.contextmanager
+    def _parsed_once(self) -> Iterator[None]:
+        import gguf
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        from pagedserve.kernels import gguf_ops
+
+        original_reader, original_dequantize = gguf.GGUFReader, gguf.dequantize
+
+        def reader(path: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
+            key = os.path.realpath(path)
+            if args or kwargs:  # a write mode: not ours to share
+                return original_reader(path, *args, **kwargs)
+            if key not in self._readers:
+                self._readers[key] = original_reader(path)
+            return self._readers[key]
+
+        def dequantize(data: Any, qtype: GGMLQuantizationType) -> Any:
+            qtype = GGMLQuantizationType(qtype)
+            if qtype.name not in _CPP_DEQUANTIZED or not gguf_ops.kernels_available():
+                return original_dequantize(data, qtype)
+            block_size, type_size = GGML_QUANT_SIZES[qtype]
+            rows = torch.from_numpy(np.array(data.reshape(-1, data.shape[-1]).view(np.uint8)))
+            num_columns = rows.shape[1] // type_size * block_size
+            values = gguf_ops.dequantize(rows, int(qtype), num_columns).numpy()
+            return values.reshape(*data.shape[:-1], num_columns)
+
+        # transformers imports both names from the package inside each load: the attributes are
+        # the hooks. The readers are only read (fields, tensor views of a read-only map).
+        gguf.GGUFReader, gguf.dequantize = reader, dequantize
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, gguf.dequantize = original_reader, original_dequantize
+
+
+# The types test_dequantize_equals_gguf_py_bit_for_bit covers.
+_CPP_DEQUANTIZED = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"})
 
 
 @pytest.fixture(scope="session")

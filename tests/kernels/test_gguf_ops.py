@@ -65,6 +65,12 @@ def test_dequantize_equals_gguf_py_bit_for_bit(qtype: GGMLQuantizationType) -> N
     assert torch.equal(ours.double(), reference(weight, qtype))
 
 
+def test_the_transformers_references_dequantize_only_the_types_checked_here() -> None:
+    from tests.conftest import _CPP_DEQUANTIZED
+
+    assert _CPP_DEQUANTIZED == {qtype.name for qtype in QUANTIZED}
+
+
 @pytest.mark.parametrize("qtype", QUANTIZED, ids=lambda t: t.name)
 @pytest.mark.parametrize("num_rows", [1, 2, 3, 4, 5, 9])
 def test_linear_is_within_the_activation_rounding_bound(qtype: GGMLQuantizationType, num_rows: int) -> None:
