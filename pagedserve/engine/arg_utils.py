@@ -195,8 +195,9 @@ class EngineArgs:
             if self.pipeline_parallel_size > 1:
                 raise ValueError("speculative decoding does not work with pipeline_parallel_size > 1")
             speculative_config.resolve_draft_model(model_config, self.tensor_parallel_size)
-            if async_scheduling:
-                # NOTE: step n+1 would be scheduled before step n's drafts (and acceptance) are known.
+            if async_scheduling and speculative_config.method == "draft_model":
+                # NOTE: the draft model's KV cache mirrors the target's positions step by step
+                # (spec_decode/draft_model.py); n-gram and suffix drafts run under async scheduling.
                 logger.warning(
                     "speculative decoding (%s) runs with synchronous scheduling: async scheduling is off",
                     speculative_config,
