@@ -351,7 +351,7 @@ class Scheduler:
             if num_new_tokens <= 0:
                 req_index += 1
                 continue
-            new_blocks = allocate_slots(request, num_new_tokens)
+            new_blocks = allocate_slots(request, num_new_tokens, num_unconfirmed_tokens=self._num_unconfirmed(request))
             if new_blocks is None:
                 num_new_tokens, new_blocks, req_index = self._allocate_running(request, num_new_tokens, req_index, step)
                 if new_blocks is None:
@@ -374,7 +374,9 @@ class Scheduler:
             num_known = request.num_tokens + request.num_output_placeholders - request.num_computed_tokens
             if 0 < num_known < num_new_tokens:
                 num_new_tokens = num_known
-                new_blocks = self.kv_cache_manager.allocate_slots(request, num_new_tokens)
+                new_blocks = self.kv_cache_manager.allocate_slots(
+                    request, num_new_tokens, num_unconfirmed_tokens=self._num_unconfirmed(request)
+                )
                 if new_blocks is not None:
                     return num_new_tokens, new_blocks, req_index
         while True:
@@ -395,9 +397,17 @@ class Scheduler:
             step.preempted.append(preempted)
             if preempted is request:
                 return num_new_tokens, None, req_index
-            new_blocks = self.kv_cache_manager.allocate_slots(request, num_new_tokens)
+            new_blocks = self.kv_cache_manager.allocate_slots(
+                request, num_new_tokens, num_unconfirmed_tokens=self._num_unconfirmed(request)
+            )
             if new_blocks is not None:
                 return num_new_tokens, new_blocks, req_index
+
+    def _num_unconfirmed(self, request: Request) -> int:
+        """Async speculation: computed tokens counted for the drafts of the request's step in
+        flight (its placeholders: 1 + those drafts), which may yet be rejected."""
+        num_placeholders = request.num_output_placeholders
+        return num_placeholders - 1 if num_placeholders > 1 and self._placeholder_drafts else 0
 
     def _add_scheduled_running(
         self, request: Request, num_new_tokens: int, new_blocks: KVCacheBlocks, step: _StepPlan
