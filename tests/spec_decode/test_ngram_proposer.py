@@ -124,7 +124,7 @@ def test_config_defaults_and_errors() -> None:
         SpeculativeConfig.from_value("{method: ngram}")
 
 
-def test_cli_flag_takes_json_and_only_draft_model_turns_async_scheduling_off(make_tiny_checkpoint) -> None:
+def test_cli_flag_takes_json_and_keeps_async_scheduling(make_tiny_checkpoint) -> None:
     parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
     path = make_tiny_checkpoint("llama")
     args = parser.parse_args(
@@ -145,4 +145,6 @@ def test_cli_flag_takes_json_and_only_draft_model_turns_async_scheduling_off(mak
     assert plain.create_engine_config().scheduler_config.async_scheduling
     draft = f'{{"method": "draft_model", "model": "{path}", "num_speculative_tokens": 2}}'
     args = parser.parse_args(["--model", path, "--speculative-config", draft])
+    assert EngineArgs.from_cli_args(args).create_engine_config().scheduler_config.async_scheduling
+    args = parser.parse_args(["--model", path, "--speculative-config", draft, "--no-async-scheduling"])
     assert not EngineArgs.from_cli_args(args).create_engine_config().scheduler_config.async_scheduling

@@ -193,9 +193,6 @@ class Scheduler:
             return
         if self.use_pp:
             raise ValueError("speculative decoding does not work with pipeline parallelism")
-        assert speculative_config is not None
-        if self.async_scheduling and speculative_config.method == "draft_model":
-            raise ValueError("the draft_model method needs synchronous scheduling (async_scheduling=False)")
         if any(isinstance(group.kv_cache_spec, MambaSpec) for group in kv_cache_groups or ()):
             # A Mamba state slot cannot be rolled back past rejected drafts.
             raise ValueError("speculative decoding does not support models with Mamba layers")
