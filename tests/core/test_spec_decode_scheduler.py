@@ -230,6 +230,42 @@ def test_rejected_drafts_give_their_blocks_back_at_once() -> None:
     assert scheduler.kv_cache_manager.num_free_blocks == baseline
 
 
+def test_async_scheduling_schedules_placeholder_drafts_and_takes_rejected_slots_back() -> None:
+    """Step n+1 is scheduled before step n's output: its drafts are placeholder slots, counted as
+    accepted until the output shows how many the worker filled and how many it accepted."""
+    scheduler = spec_scheduler(num_spec_tokens=3, num_blocks=32, block_size=4, async_scheduling=True)
+    baseline = scheduler.kv_cache_manager.num_free_blocks
+    request = make_request("a", [1, 2, 3, 4, 5, 6], max_tokens=30)
+    scheduler.add_request(request)
+    so1 = scheduler.schedule()
+    assert so1.num_scheduled_tokens == {"a": 6} and so1.scheduled_spec_decode_tokens == {}
+    assert request.num_output_placeholders == 1 and request.spec_token_ids == [-1, -1, -1]
+    # Before step 1's output: its token (in flight) and 3 draft slots.
+    so2 = scheduler.schedule()
+    assert so2.num_scheduled_tokens == {"a": 4} and so2.scheduled_spec_decode_tokens == {"a": [-1, -1, -1]}
+    assert so2.scheduled_cached_reqs.num_computed_tokens == [6]
+    assert request.num_computed_tokens == 10 and request.num_output_placeholders == 1 + 4
+    outputs = scheduler.update_from_output(so1, ModelRunnerOutput(["a"], {"a": 0}, [[7]], None, {}, num_draft_tokens=[0]))
+    assert outputs.outputs[0].new_token_ids == [7] and request.num_output_placeholders == 4
+    # Before step 2's output, whose 3 drafts count as accepted: computed 10 (the worker knows better).
+    so3 = scheduler.schedule()
+    assert so3.num_scheduled_tokens == {"a": 4} and so3.scheduled_cached_reqs.num_computed_tokens == [10]
+    assert scheduler.kv_cache_manager.num_free_blocks == baseline - 4  # 14 slots
+    # Step 2 filled 2 of its 3 slots and accepted 1 draft: 2 slots were not computed after all.
+    outputs = scheduler.update_from_output(
+        so2, ModelRunnerOutput(["a"], {"a": 0}, [[8, 11]], None, {}, num_draft_tokens=[2])
+    )
+    assert outputs.outputs[0].new_token_ids == [8, 11]
+    assert request.num_tokens == 9 and request.num_computed_tokens == 14 - 2 and request.num_output_placeholders == 4
+    stats = outputs.scheduler_stats.spec_decoding_stats
+    assert (stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens) == (1, 2, 1)
+    # 12 slots (step 3's in flight included) need 3 blocks: the 4th goes back, the workers hear of it next step.
+    assert scheduler.kv_cache_manager.num_free_blocks == baseline - 3
+    assert scheduler.schedule().num_kept_blocks == {"a": 3}
+    scheduler.finish_requests("a", scheduler.requests["a"].status.FINISHED_ABORTED)
+    assert scheduler.kv_cache_manager.num_free_blocks == baseline
+
+
 def test_drafts_are_cut_to_max_tokens_and_the_token_budget() -> None:
     scheduler = spec_scheduler(num_spec_tokens=5, max_num_batched_tokens=8)
     scheduler.add_request(make_request("a", [1, 2, 3], max_tokens=4))
