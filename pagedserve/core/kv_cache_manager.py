@@ -150,6 +150,7 @@ class KVCacheManager:
         num_new_computed_tokens: int = 0,
         new_computed_blocks: KVCacheBlocks | None = None,
         num_lookahead_tokens: int = 0,
+        num_unconfirmed_tokens: int = 0,
     ) -> KVCacheBlocks | None:
         """Make room for `num_new_tokens` tokens after the computed ones.
 
@@ -161,6 +162,10 @@ class KVCacheManager:
         Returns the newly allocated blocks (not the hit blocks), or None, with nothing changed,
         when the free blocks (free cached ones included) do not suffice. Sliding-window groups
         first give back the blocks the request's next query can no longer see.
+
+        `num_unconfirmed_tokens`: of `request.num_computed_tokens`, the drafts of a step in flight
+        counted as accepted (speculation under async scheduling). The next query may start that
+        much earlier, so sliding-window groups keep what a query from there can see.
         """
         coordinator = self.coordinator
         request_id = request.request_id
@@ -169,7 +174,7 @@ class KVCacheManager:
         if self.max_model_len is not None and num_tokens_need_slot > self.max_model_len:
             num_tokens_need_slot = self.max_model_len
         if self._has_window_groups:
-            coordinator.remove_skipped_blocks(request_id, request.num_computed_tokens)
+            coordinator.remove_skipped_blocks(request_id, request.num_computed_tokens - num_unconfirmed_tokens)
         req_blocks = self.req_to_blocks.get(request_id)
         hit_blocks = new_computed_blocks.blocks if new_computed_blocks is not None else None
         has_hits = hit_blocks is not None and bool(hit_blocks[0])

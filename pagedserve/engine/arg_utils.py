@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import re
 from dataclasses import dataclass, fields
 from typing import Any
@@ -20,8 +19,6 @@ from pagedserve.config import (
     StructuredOutputsConfig,
 )
 from pagedserve.config.parallel import DEFAULT_DP_RPC_PORT
-
-logger = logging.getLogger(__name__)
 
 _MEMORY_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -154,7 +151,7 @@ class EngineArgs:
             "help": "speculative decoding as JSON (vLLM's fields), e.g. "
             '\'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}\'; '
             "methods: ngram (prompt_lookup_min/max), suffix, draft_model (model: a smaller checkpoint with "
-            "the same vocabulary). Turns async scheduling off"
+            "the same vocabulary)"
         },
     )
     # --- pooling models ---
@@ -195,13 +192,6 @@ class EngineArgs:
             if self.pipeline_parallel_size > 1:
                 raise ValueError("speculative decoding does not work with pipeline_parallel_size > 1")
             speculative_config.resolve_draft_model(model_config, self.tensor_parallel_size)
-            if async_scheduling:
-                # NOTE: step n+1 would be scheduled before step n's drafts (and acceptance) are known.
-                logger.warning(
-                    "speculative decoding (%s) runs with synchronous scheduling: async scheduling is off",
-                    speculative_config,
-                )
-                async_scheduling = False
         max_num_batched_tokens = self.max_num_batched_tokens
         if max_num_batched_tokens is None:
             max_num_batched_tokens = 2048 if enable_chunked_prefill else max(2048, max_model_len)

@@ -31,6 +31,14 @@ cdiv(k, block_size) scratch blocks after the pool's blocks, and the draft's bloc
 row's blocks followed by its scratch blocks. Positions past the blocks start at a block boundary
 E >= c + q and end at most at c + q + k - 1 <= E + k - 1: S blocks hold them. K/V in scratch is
 never reused: s falls back to N' - 1, as the target's c.
+
+Async scheduling: c and q are the positions the target really computed (the runner corrects the
+scheduler's count, which takes a step's drafts as accepted until it sees the step's output). The
+scheduler then gives rejected slots back one step later, and keeps at least the block of N - 1,
+so valid ends stay inside kept blocks. Until the cut reaches the worker, a row's table may still
+end in blocks the pool already gave to another request for the next step; forwards 2 .. k may
+write there (positions >= N), which this request never reads back and which the block's next
+owner overwrites (its forward 1 mirrors every position its target computes) before reading.
 """
 
 from __future__ import annotations

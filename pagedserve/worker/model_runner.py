@@ -43,6 +43,7 @@ from pagedserve.sample.sampler import Sampler, gather_logprobs
 from pagedserve.sequence import IntermediateTensors
 from pagedserve.spec_decode.draft_model import DraftModelProposer
 from pagedserve.spec_decode.ngram_proposer import NgramProposer, SuffixProposer, make_proposer
+from pagedserve.spec_decode.utils import sampling_params_allow_drafts
 from pagedserve.utils import cdiv
 from pagedserve.worker.input_batch import CachedRequestState, InputBatch
 from pagedserve.worker.outputs import LogprobsLists, ModelRunnerOutput
@@ -89,6 +90,14 @@ class ModelRunner:
         self.max_decode_query_len = 1 + (speculative_config.num_speculative_tokens or 0) if speculative_config else 1
         # req_id -> whether its sampling parameters allow drafts (see _can_speculate).
         self._speculates: dict[str, bool] = {}
+        # Speculation under async scheduling: the scheduler sends placeholder drafts (their slots)
+        # and counts them as accepted before it knows; this runner fills the slots with its own
+        # drafts and computes from the true positions (see _fill_draft_slots).
+        self.async_spec = speculative_config is not None and config.scheduler_config.async_scheduling
+        # req_id -> the drafts proposed after its last step (async speculation only).
+        self._drafts: dict[str, list[int]] = {}
+        # req_id -> draft slots of the previous step that it did not accept (async speculation).
+        self._num_rejected_slots: dict[str, int] = {}
 
     def _make_input_batch(self, num_kv_cache_groups: int) -> InputBatch:
         return InputBatch(
@@ -217,11 +226,13 @@ class ModelRunner:
             self.requests.pop(req_id, None)
             self._preempted_generators.pop(req_id, None)
             self._speculates.pop(req_id, None)
+            self._drafts.pop(req_id, None)
             batch.remove_request(req_id)
         for req_id in so.preempted_req_ids:
             state = self.requests.pop(req_id, None)
             if state is not None and state.generator is not None:
                 self._preempted_generators[req_id] = state.generator
+            self._drafts.pop(req_id, None)
             batch.remove_request(req_id)
         batch.condense()
         if isinstance(self.drafter, DraftModelProposer) and (so.finished_req_ids or so.preempted_req_ids):
@@ -231,11 +242,14 @@ class ModelRunner:
 
         cached = so.scheduled_cached_reqs
         new_token_ids = cached.new_token_ids  # pipeline parallel only
+        async_spec = self.async_spec
         for i, req_id in enumerate(cached.req_ids):
             state = self.requests[req_id]
             num_computed = cached.num_computed_tokens[i]
-            state.num_computed_tokens = num_computed
             row = batch.req_id_to_index[req_id]
+            if async_spec:
+                num_computed = self._true_num_computed(req_id, row, num_computed)
+            state.num_computed_tokens = num_computed
             batch.num_computed_tokens[row] = num_computed
             if new_token_ids:
                 # Tokens another stage sampled: the step's inputs end at num_computed + scheduled.
@@ -276,7 +290,7 @@ class ModelRunner:
                 self.lora_manager.add_request(new.lora_request)
             self.requests[new.req_id] = state
             batch.add_request(state)
-        if so.scheduled_spec_decode_tokens:
+        if so.scheduled_spec_decode_tokens and not async_spec:
             self._write_draft_tokens(so.scheduled_spec_decode_tokens)
 
     # ------------------------------------------------------------------ speculative decoding
@@ -294,6 +308,75 @@ class ModelRunner:
                 del group_blocks[num_kept:]
                 batch.num_blocks[group_id, row] = min(int(batch.num_blocks[group_id, row]), num_kept)
 
+    def _true_num_computed(self, req_id: str, row: int, num_computed: int) -> int:
+        """Async speculation: the request's computed tokens, from the scheduler's count.
+
+        The scheduler counts every draft slot of a step whose output it has not seen as accepted:
+        when the request's previous step was still in flight at scheduling time, its count is
+        too high by that step's rejected (or unfilled) slots. This runner advanced its own count
+        by what each step really computed, so it is the true one; the scheduler's must match it
+        up to those slots.
+        """
+        true_num_computed = int(self.input_batch.num_computed_tokens[row])
+        if num_computed != true_num_computed and num_computed != true_num_computed + self._num_rejected_slots.get(
+            req_id, 0
+        ):
+            raise RuntimeError(
+                f"request {req_id}: the scheduler counts {num_computed} computed tokens, the worker "
+                f"{true_num_computed} (+{self._num_rejected_slots.get(req_id, 0)} rejected draft slots)"
+            )
+        return true_num_computed
+
+    def _fill_draft_slots(self, so: SchedulerOutput) -> tuple[dict[str, int], dict[str, list[int]]]:
+        """The step's tokens per request and drafts per request. Async speculation: the scheduled
+        drafts are placeholders; each request's slots get the drafts proposed after its last step
+        (as many as fit), and slots left empty are not computed. -> (num_scheduled_tokens,
+        spec_tokens) with the real drafts."""
+        spec_slots = so.scheduled_spec_decode_tokens
+        if not self.async_spec or not spec_slots:
+            return so.num_scheduled_tokens, spec_slots
+        num_scheduled_tokens = so.num_scheduled_tokens
+        spec_tokens: dict[str, list[int]] = {}
+        drafts = self._drafts
+        for req_id, slots in spec_slots.items():
+            draft_token_ids = drafts.get(req_id)
+            num_filled = min(len(draft_token_ids), len(slots)) if draft_token_ids else 0
+            if num_filled:
+                spec_tokens[req_id] = draft_token_ids[:num_filled]  # type: ignore[index]
+            if num_filled < len(slots):
+                if num_scheduled_tokens is so.num_scheduled_tokens:
+                    num_scheduled_tokens = dict(num_scheduled_tokens)
+                num_scheduled_tokens[req_id] -= len(slots) - num_filled
+        if spec_tokens:
+            self._write_draft_tokens(spec_tokens)
+        return num_scheduled_tokens, spec_tokens
+
+    def _advance_async_spec_state(
+        self,
+        so: SchedulerOutput,
+        common: CommonAttentionMetadata,
+        req_ids: list[str],
+        sampled_token_ids: list[list[int]],
+        spec_tokens: dict[str, list[int]],
+    ) -> None:
+        """Async speculation, after the step: each row's computed count advances by what it really
+        computed (its tokens less its rejected drafts); the rejected slots are remembered for the
+        next step's check (_true_num_computed)."""
+        batch = self.input_batch
+        n = len(req_ids)
+        num_computed_now = common.query_lens.numpy().copy()
+        rejected_slots: dict[str, int] = {}
+        if so.scheduled_spec_decode_tokens:
+            index = batch.req_id_to_index
+            for req_id, slots in so.scheduled_spec_decode_tokens.items():
+                row = index[req_id]
+                num_accepted = len(sampled_token_ids[row]) - 1
+                num_computed_now[row] -= len(spec_tokens.get(req_id, ())) - num_accepted
+                if len(slots) > num_accepted:
+                    rejected_slots[req_id] = len(slots) - num_accepted
+        batch.num_computed_tokens[:n] += num_computed_now
+        self._num_rejected_slots = rejected_slots
+
     def _write_draft_tokens(self, spec_tokens: dict[str, list[int]]) -> None:
         """Drafts go after each request's known tokens (not counted in them): the step's inputs."""
         batch = self.input_batch
@@ -303,23 +386,11 @@ class ModelRunner:
             batch.token_ids_cpu[row, start : start + len(draft_token_ids)] = draft_token_ids
 
     def _can_speculate(self, state: CachedRequestState) -> bool:
-        """Drafts are verified against the raw (temperature, top-k/p, min-p) distribution: requests
-        whose sampling depends on more (penalties, logit bias, bad or allowed words, a grammar,
-        min_tokens not reached yet) or that want logprobs of every token get none."""
+        """Whether the request gets drafts after this step (see sampling_params_allow_drafts; and
+        not before min_tokens is reached)."""
         speculates = self._speculates.get(state.req_id)
         if speculates is None:
-            sp = state.sampling_params
-            speculates = (
-                sp is not None
-                and sp.logprobs is None
-                and sp.presence_penalty == 0
-                and sp.frequency_penalty == 0
-                and sp.repetition_penalty == 1
-                and not sp.logit_bias
-                and not sp.bad_words_token_ids
-                and not sp.allowed_token_ids
-                and sp.structured_outputs is None
-            )
+            speculates = sampling_params_allow_drafts(state.sampling_params)
             self._speculates[state.req_id] = speculates
         if not speculates:
             return False
@@ -423,16 +494,20 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ inputs
     def _prepare_inputs(
-        self, so: SchedulerOutput
+        self, so: SchedulerOutput, num_scheduled_tokens: dict[str, int] | None = None
     ) -> tuple[list[CommonAttentionMetadata], torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """-> (attention metadata per KV-cache group (at least one), input ids, positions, token
-        type ids or None). The groups' metadata differ only in block table and slot mapping."""
+        type ids or None). The groups' metadata differ only in block table and slot mapping.
+        `num_scheduled_tokens`: the step's tokens per request, if not the scheduler's (unfilled
+        draft slots under async speculation)."""
         batch = self.input_batch
         n = batch.num_reqs
+        if num_scheduled_tokens is None:
+            num_scheduled_tokens = so.num_scheduled_tokens
         num_scheduled = np.fromiter(
             # A running request may sit out a step (token budget, or async scheduling holding
             # back a request whose last token is in flight): it has 0 tokens this step.
-            (so.num_scheduled_tokens.get(r, 0) for r in batch.req_ids[:n]), dtype=np.int64, count=n
+            (num_scheduled_tokens.get(r, 0) for r in batch.req_ids[:n]), dtype=np.int64, count=n
         )
         cu_num_tokens = np.cumsum(num_scheduled)
         total = int(cu_num_tokens[-1])
@@ -500,7 +575,8 @@ class ModelRunner:
         if so.total_num_scheduled_tokens == 0 or n == 0:
             return ModelRunnerOutput([], {}, [], None, {})
 
-        commons, input_ids, positions, token_type_ids = self._prepare_inputs(so)
+        num_scheduled_tokens, spec_tokens = self._fill_draft_slots(so)
+        commons, input_ids, positions, token_type_ids = self._prepare_inputs(so, num_scheduled_tokens)
         common = commons[0]
         attn_metadata = self._build_attn_metadata(commons)
         pp_group = get_pp_group()
@@ -520,11 +596,13 @@ class ModelRunner:
         if self.is_pooling_model:
             return self._pool(hidden_states, common, req_ids)
 
-        if so.scheduled_spec_decode_tokens:
-            sampled_token_ids, logprobs = self._sample_with_drafts(
-                hidden_states, common, so.scheduled_spec_decode_tokens, grammar_output
+        if spec_tokens:
+            sampled_token_ids, logprobs = self._sample_with_drafts(hidden_states, common, spec_tokens, grammar_output)
+            if self.async_spec:
+                self._advance_async_spec_state(so, common, req_ids, sampled_token_ids, spec_tokens)
+            return self._make_output(
+                hidden_states, common, req_ids, sampled_token_ids, logprobs, step_start, spec_tokens
             )
-            return self._make_output(hidden_states, common, req_ids, sampled_token_ids, logprobs, step_start)
 
         logits_indices = common.query_start_loc[1:] - 1
         logits = self.model.compute_logits(hidden_states[logits_indices.to(self.device)])
@@ -551,6 +629,8 @@ class ModelRunner:
         logprobs = None
         if sampler_output.logprobs_tensors is not None:
             logprobs = sampler_output.logprobs_tensors.tolists()
+        if self.async_spec:
+            self._advance_async_spec_state(so, common, req_ids, sampled_token_ids, spec_tokens)
         return self._make_output(hidden_states, common, req_ids, sampled_token_ids, logprobs)
 
     def _make_output(
@@ -561,8 +641,10 @@ class ModelRunner:
         sampled_token_ids: list[list[int]],
         logprobs: LogprobsLists | None,
         verify_start: float | None = None,
+        spec_tokens: dict[str, list[int]] | None = None,
     ) -> ModelRunnerOutput:
-        """`verify_start`: when a step that verified drafts began (its time is the verify time)."""
+        """`verify_start`: when a step that verified drafts began (its time is the verify time);
+        `spec_tokens`: the drafts it verified."""
         batch = self.input_batch
         prompt_logprobs = self._prompt_logprobs(hidden_states, common) if batch.prompt_logprobs else {}
         output = ModelRunnerOutput(
@@ -576,9 +658,26 @@ class ModelRunner:
             draft_start = time.perf_counter()
             if verify_start is not None:
                 output.verify_time_s = draft_start - verify_start
-            output.spec_token_ids = self._propose_draft_token_ids(sampled_token_ids, common)
+            drafts = self._propose_draft_token_ids(sampled_token_ids, common)
+            if self.async_spec:
+                self._keep_drafts(req_ids, sampled_token_ids, drafts)
+                output.num_draft_tokens = [len(spec_tokens.get(r, ())) for r in req_ids] if spec_tokens else [0] * len(req_ids)
+            else:
+                output.spec_token_ids = drafts
             output.draft_time_s = time.perf_counter() - draft_start
         return output
+
+    def _keep_drafts(self, req_ids: list[str], sampled_token_ids: list[list[int]], drafts: list[list[int]]) -> None:
+        """Async speculation: a request that sampled this step keeps the drafts proposed after it
+        (none: older drafts are stale) for its next step's slots."""
+        kept = self._drafts
+        for row, tokens in enumerate(sampled_token_ids):
+            if not tokens:
+                continue
+            if drafts[row]:
+                kept[req_ids[row]] = drafts[row]
+            else:
+                kept.pop(req_ids[row], None)
 
     def _lora_mapping(self, common: CommonAttentionMetadata) -> LoRAMapping | None:
         """Adapter slots of this step's tokens (rows of a request are contiguous)."""

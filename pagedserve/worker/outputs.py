@@ -62,6 +62,10 @@ class ModelRunnerOutput:
     # Speculative decoding: per request (batch order), the draft tokens proposed to follow the
     # tokens sampled this step; None without speculative decoding.
     spec_token_ids: list[list[int]] | None = None
+    # Speculative decoding under async scheduling (the worker keeps its drafts, spec_token_ids is
+    # None): per request (batch order), the drafts it verified in the step's scheduled draft slots
+    # (at most as many as the slots). None otherwise: the scheduler knows them.
+    num_draft_tokens: list[int] | None = None
     # Speculative decoding: seconds this step spent proposing the drafts above, and (a step that
     # verified drafts) running the target and the rejection sampler; 0 otherwise.
     draft_time_s: float = 0.0

@@ -10,6 +10,7 @@ different output tokens.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -173,17 +174,26 @@ def run_until_done(
     worker: SimulatedWorker,
     max_steps: int = 10_000,
     arrivals: dict[int, list[Request]] | None = None,
+    async_scheduling: bool = False,
 ) -> RunResult:
-    """Step until every request finished; `arrivals[step]` are added before that step."""
+    """Step until every request finished; `arrivals[step]` are added before that step (steps
+    counted as collected). `async_scheduling`: the engine core's batch queue of two, step n+1 is
+    scheduled before step n's output is applied."""
     result = RunResult()
     arrivals = dict(arrivals or {})
-    while scheduler.has_requests() or arrivals:
+    # The worker runs the steps in order; the scheduler sees a step's output when it is collected.
+    in_flight: deque[tuple[SchedulerOutput, ModelRunnerOutput]] = deque()
+    while scheduler.has_requests() or arrivals or in_flight:
         assert result.num_steps < max_steps, "scheduler did not finish"
         for request in arrivals.pop(result.num_steps, []):
             scheduler.add_request(request)
-        scheduler_output = scheduler.schedule()
-        check_invariants(scheduler)
-        outputs = scheduler.update_from_output(scheduler_output, worker.execute(scheduler_output))
+        if not in_flight or scheduler.has_requests():
+            scheduler_output = scheduler.schedule()
+            check_invariants(scheduler)
+            in_flight.append((scheduler_output, worker.execute(scheduler_output)))
+            if async_scheduling and len(in_flight) < 2 and scheduler_output.total_num_scheduled_tokens:
+                continue
+        outputs = scheduler.update_from_output(*in_flight.popleft())
         check_invariants(scheduler)
         result.num_steps += 1
         result.step_outputs.append(outputs)

@@ -6,6 +6,10 @@ earlier position hold exactly the request's tokens and the drafts before it: a r
 left in a cached block, a freed block still in use or a wrong block table shows up as an
 assertion or as different tokens. Drafts are the true continuation with a wrong token at a
 random position (or none), so every acceptance length occurs.
+
+Under async scheduling the scheduler sends placeholder drafts; the simulated worker, like the model
+runner, fills the slots with the drafts it proposed after the request's last step (sometimes
+fewer than the slots), computes from the true positions and reports how many drafts it verified.
 """
 
 from __future__ import annotations
@@ -52,6 +56,13 @@ class SpecSimulatedWorker:
     kv_slots: dict[int, list[int | None]] = field(default_factory=dict)
     num_verified_drafts: int = 0
     num_accepted: int = 0
+    async_scheduling: bool = False
+    # Async scheduling: req_id -> drafts proposed after its last step; the draft slots of the
+    # previous step each request did not accept (the scheduler may still count them).
+    drafts: dict[str, list[int]] = field(default_factory=dict)
+    rejected_slots: dict[str, int] = field(default_factory=dict)
+    num_corrected: int = 0
+    num_unfilled_slots: int = 0
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -68,7 +79,9 @@ class SpecSimulatedWorker:
     def _propose(self, token_ids: list[int]) -> list[int]:
         drafts, tokens = [], list(token_ids)
         wrong_at = self.num_spec_tokens if self.rng.random() < self.p_all_right else self.rng.randrange(self.num_spec_tokens)
-        for j in range(self.num_spec_tokens):
+        # Async scheduling: sometimes fewer drafts than the slots the scheduler reserves.
+        num_drafts = self.rng.randint(0, self.num_spec_tokens) if self.async_scheduling else self.num_spec_tokens
+        for j in range(num_drafts):
             token = next_token(tokens)
             if j == wrong_at:
                 token = (token + 1 + self.rng.randrange(VOCAB_SIZE - 1)) % VOCAB_SIZE
@@ -79,6 +92,7 @@ class SpecSimulatedWorker:
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
         for req_id in so.finished_req_ids | so.preempted_req_ids:
             self.requests.pop(req_id, None)
+            self.drafts.pop(req_id, None)
         for req_id, num_kept in so.num_kept_blocks.items():
             if req_id in self.requests:
                 del self.requests[req_id].block_ids[num_kept:]
@@ -90,17 +104,32 @@ class SpecSimulatedWorker:
         cached = so.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             req = self.requests[req_id]
-            assert req.num_computed_tokens == cached.num_computed_tokens[i], req_id
+            if cached.num_computed_tokens[i] != req.num_computed_tokens:
+                # Only a step in flight whose drafts the scheduler counted as accepted.
+                assert self.async_scheduling, req_id
+                assert cached.num_computed_tokens[i] == req.num_computed_tokens + self.rejected_slots[req_id], req_id
+                self.num_corrected += 1
             if cached.new_block_ids[i] is not None:
                 req.block_ids.extend(cached.new_block_ids[i][0])
 
+        num_scheduled_tokens = dict(so.num_scheduled_tokens)
+        spec_tokens = so.scheduled_spec_decode_tokens
+        if self.async_scheduling:
+            spec_tokens = {}
+            for req_id, slots in so.scheduled_spec_decode_tokens.items():
+                assert set(slots) == {-1}, "placeholder drafts"
+                filled = self.drafts.get(req_id, [])[: len(slots)]
+                if filled:
+                    spec_tokens[req_id] = filled
+                num_scheduled_tokens[req_id] -= len(slots) - len(filled)
+                self.num_unfilled_slots += len(slots) - len(filled)
         written: set[tuple[int, int]] = set()
-        for req_id, num_tokens in so.num_scheduled_tokens.items():
+        for req_id, num_tokens in num_scheduled_tokens.items():
             req = self.requests[req_id]
-            inputs = req.token_ids + so.scheduled_spec_decode_tokens.get(req_id, [])
+            inputs = req.token_ids + spec_tokens.get(req_id, [])
             start, end = req.num_computed_tokens, req.num_computed_tokens + num_tokens
             assert 0 < num_tokens and end <= len(inputs), (req_id, start, end)
-            if req_id in so.scheduled_spec_decode_tokens:
+            if req_id in spec_tokens:
                 assert end == len(inputs), "drafts are scheduled after every known token"
             for position in range(start, end):
                 block, offset = self._slot(req, position)
@@ -112,9 +141,10 @@ class SpecSimulatedWorker:
         req_ids: list[str] = []
         sampled: list[list[int]] = []
         spec_token_ids: list[list[int]] = []
-        for req_id, num_tokens in so.num_scheduled_tokens.items():
+        rejected_slots: dict[str, int] = {}
+        for req_id, num_tokens in num_scheduled_tokens.items():
             req = self.requests[req_id]
-            drafts = so.scheduled_spec_decode_tokens.get(req_id, [])
+            drafts = spec_tokens.get(req_id, [])
             end = req.num_computed_tokens + num_tokens
             req_ids.append(req_id)
             num_known = len(req.token_ids)
@@ -139,14 +169,26 @@ class SpecSimulatedWorker:
             req.num_computed_tokens = len(req.token_ids) - 1
             sampled.append(new_tokens)
             spec_token_ids.append(self._propose(req.token_ids))
-        return ModelRunnerOutput(
+            num_slots = len(so.scheduled_spec_decode_tokens.get(req_id, ()))
+            if num_slots > len(new_tokens) - 1:
+                rejected_slots[req_id] = num_slots - (len(new_tokens) - 1)
+        output = ModelRunnerOutput(
             req_ids=req_ids,
             req_id_to_index={r: i for i, r in enumerate(req_ids)},
             sampled_token_ids=sampled,
             logprobs=None,
             prompt_logprobs_dict={},
-            spec_token_ids=spec_token_ids,
         )
+        if not self.async_scheduling:
+            output.spec_token_ids = spec_token_ids
+            return output
+        # Async scheduling: the worker keeps its drafts for the next step's slots.
+        self.rejected_slots = rejected_slots
+        for req_id, tokens, drafts in zip(req_ids, sampled, spec_token_ids):
+            if tokens:
+                self.drafts[req_id] = drafts
+        output.num_draft_tokens = [len(spec_tokens.get(r, ())) for r in req_ids]
+        return output
 
 
 def spec_scheduler(num_spec_tokens: int, **kwargs: object) -> Scheduler:
@@ -184,6 +226,42 @@ def test_rejected_drafts_give_their_blocks_back_at_once() -> None:
     so = scheduler.schedule()
     assert so.num_kept_blocks == {"a": 2} and so.num_scheduled_tokens == {"a": 1}
     assert scheduler.schedule().num_kept_blocks == {}
+    scheduler.finish_requests("a", scheduler.requests["a"].status.FINISHED_ABORTED)
+    assert scheduler.kv_cache_manager.num_free_blocks == baseline
+
+
+def test_async_scheduling_schedules_placeholder_drafts_and_takes_rejected_slots_back() -> None:
+    """Step n+1 is scheduled before step n's output: its drafts are placeholder slots, counted as
+    accepted until the output shows how many the worker filled and how many it accepted."""
+    scheduler = spec_scheduler(num_spec_tokens=3, num_blocks=32, block_size=4, async_scheduling=True)
+    baseline = scheduler.kv_cache_manager.num_free_blocks
+    request = make_request("a", [1, 2, 3, 4, 5, 6], max_tokens=30)
+    scheduler.add_request(request)
+    so1 = scheduler.schedule()
+    assert so1.num_scheduled_tokens == {"a": 6} and so1.scheduled_spec_decode_tokens == {}
+    assert request.num_output_placeholders == 1 and request.spec_token_ids == [-1, -1, -1]
+    # Before step 1's output: its token (in flight) and 3 draft slots.
+    so2 = scheduler.schedule()
+    assert so2.num_scheduled_tokens == {"a": 4} and so2.scheduled_spec_decode_tokens == {"a": [-1, -1, -1]}
+    assert so2.scheduled_cached_reqs.num_computed_tokens == [6]
+    assert request.num_computed_tokens == 10 and request.num_output_placeholders == 1 + 4
+    outputs = scheduler.update_from_output(so1, ModelRunnerOutput(["a"], {"a": 0}, [[7]], None, {}, num_draft_tokens=[0]))
+    assert outputs.outputs[0].new_token_ids == [7] and request.num_output_placeholders == 4
+    # Before step 2's output, whose 3 drafts count as accepted: computed 10 (the worker knows better).
+    so3 = scheduler.schedule()
+    assert so3.num_scheduled_tokens == {"a": 4} and so3.scheduled_cached_reqs.num_computed_tokens == [10]
+    assert scheduler.kv_cache_manager.num_free_blocks == baseline - 4  # 14 slots
+    # Step 2 filled 2 of its 3 slots and accepted 1 draft: 2 slots were not computed after all.
+    outputs = scheduler.update_from_output(
+        so2, ModelRunnerOutput(["a"], {"a": 0}, [[8, 11]], None, {}, num_draft_tokens=[2])
+    )
+    assert outputs.outputs[0].new_token_ids == [8, 11]
+    assert request.num_tokens == 9 and request.num_computed_tokens == 14 - 2 and request.num_output_placeholders == 4
+    stats = outputs.scheduler_stats.spec_decoding_stats
+    assert (stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens) == (1, 2, 1)
+    # 12 slots (step 3's in flight included) need 3 blocks: the 4th goes back, the workers hear of it next step.
+    assert scheduler.kv_cache_manager.num_free_blocks == baseline - 3
+    assert scheduler.schedule().num_kept_blocks == {"a": 3}
     scheduler.finish_requests("a", scheduler.requests["a"].status.FINISHED_ABORTED)
     assert scheduler.kv_cache_manager.num_free_blocks == baseline
 
@@ -233,18 +311,26 @@ def _workload(seed: int, num_requests: int) -> list[tuple[str, list[int], int]]:
     return workload
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("num_blocks", [300, 20], ids=["plenty", "preemption"])
 @pytest.mark.parametrize("seed", range(4))
-def test_speculation_generates_the_reference_tokens_and_frees_every_block(seed: int, num_blocks: int) -> None:
-    scheduler = spec_scheduler(num_spec_tokens=3, num_blocks=num_blocks, max_num_batched_tokens=32)
-    worker = SpecSimulatedWorker(block_size=4, num_spec_tokens=3, seed=seed)
+def test_speculation_generates_the_reference_tokens_and_frees_every_block(
+    seed: int, num_blocks: int, async_scheduling: bool
+) -> None:
+    scheduler = spec_scheduler(
+        num_spec_tokens=3, num_blocks=num_blocks, max_num_batched_tokens=32, async_scheduling=async_scheduling
+    )
+    worker = SpecSimulatedWorker(block_size=4, num_spec_tokens=3, seed=seed, async_scheduling=async_scheduling)
     arrivals: dict[int, list[Request]] = {}
     workload = _workload(seed, 12)
     for i, (request_id, prompt, max_tokens) in enumerate(workload):
         arrivals.setdefault(i // 2, []).append(make_request(request_id, prompt, max_tokens=max_tokens))
-    result = run_until_done(scheduler, worker, arrivals=arrivals)
+    result = run_until_done(scheduler, worker, arrivals=arrivals, async_scheduling=async_scheduling)
     assert result.token_ids == {rid: reference_tokens(prompt, n) for rid, prompt, n in workload}
     assert worker.num_verified_drafts > 10 and worker.num_accepted > 10
+    if async_scheduling:
+        # Steps were scheduled with drafts in flight, corrected, and with slots left unfilled.
+        assert worker.num_corrected > 10 and worker.num_unfilled_slots > 10
     assert (result.num_preemptions > 0) == (num_blocks == 20)
     manager = scheduler.kv_cache_manager
     assert manager.num_free_blocks == manager.num_usable_blocks and not manager.req_to_blocks
@@ -260,6 +346,7 @@ def test_speculation_generates_the_reference_tokens_and_frees_every_block(seed: 
     num_spec_tokens=st.integers(1, 6),
     enable_prefix_caching=st.booleans(),
     policy=st.sampled_from(["fcfs", "priority"]),
+    async_scheduling=st.booleans(),
 )
 def test_any_configuration_with_speculation_generates_the_reference_tokens(
     seed: int,
@@ -270,6 +357,7 @@ def test_any_configuration_with_speculation_generates_the_reference_tokens(
     num_spec_tokens: int,
     enable_prefix_caching: bool,
     policy: str,
+    async_scheduling: bool,
 ) -> None:
     max_model_len = 64
     capacity = (num_blocks - 1) * block_size
@@ -282,8 +370,11 @@ def test_any_configuration_with_speculation_generates_the_reference_tokens(
         max_model_len=max_model_len,
         enable_prefix_caching=enable_prefix_caching,
         policy=policy,
+        async_scheduling=async_scheduling,
     )
-    worker = SpecSimulatedWorker(block_size=block_size, num_spec_tokens=num_spec_tokens, seed=seed)
+    worker = SpecSimulatedWorker(
+        block_size=block_size, num_spec_tokens=num_spec_tokens, seed=seed, async_scheduling=async_scheduling
+    )
     rng = random.Random(seed)
     arrivals: dict[int, list[Request]] = {}
     expected: dict[str, list[int]] = {}
@@ -295,7 +386,7 @@ def test_any_configuration_with_speculation_generates_the_reference_tokens(
         arrivals.setdefault(rng.randrange(i + 1), []).append(
             make_request(request_id, prompt, max_tokens=max_tokens, priority=rng.randint(0, 2))
         )
-    result = run_until_done(scheduler, worker, arrivals=arrivals)
+    result = run_until_done(scheduler, worker, arrivals=arrivals, async_scheduling=async_scheduling)
     assert result.token_ids == expected
     assert all(o.finish_reason == FinishReason.LENGTH for o in result.finished.values())
     check_invariants(scheduler)

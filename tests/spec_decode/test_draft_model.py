@@ -2,7 +2,8 @@
 speculation, token for token, on tiny random float32 checkpoints (the target drafting for itself,
 where nearly every draft is accepted, and a smaller draft with another page shape, with chunked
 prefill and with preemption); the KV blocks all return to the pool; the config refuses a draft
-of another vocabulary.
+of another vocabulary. The engine's default async scheduling is on: the worker verifies the drafts
+it proposed after a step in the next step's placeholder slots.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def assert_timed(spec) -> None:
 
 @pytest.mark.parametrize(
     "engine_kwargs",
-    [{"block_size": 4}, {"num_gpu_blocks_override": 10, "max_num_batched_tokens": 64}],
+    [{"block_size": 4}, {"num_gpu_blocks_override": 8, "max_num_batched_tokens": 64}],
     ids=["prefix-hits", "preemption"],
 )
 def test_target_drafting_for_itself_accepts_nearly_every_draft(make_tiny_checkpoint, engine_kwargs):

@@ -124,12 +124,13 @@ def test_config_defaults_and_errors() -> None:
         SpeculativeConfig.from_value("{method: ngram}")
 
 
-def test_cli_flag_takes_json_and_turns_async_scheduling_off(make_tiny_checkpoint) -> None:
+def test_cli_flag_takes_json_and_keeps_async_scheduling(make_tiny_checkpoint) -> None:
     parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
+    path = make_tiny_checkpoint("llama")
     args = parser.parse_args(
         [
             "--model",
-            make_tiny_checkpoint("llama"),
+            path,
             "--speculative-config",
             '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 3}',
         ]
@@ -138,7 +139,12 @@ def test_cli_flag_takes_json_and_turns_async_scheduling_off(make_tiny_checkpoint
     assert config.speculative_config == SpeculativeConfig(
         method="ngram", num_speculative_tokens=4, prompt_lookup_min=2, prompt_lookup_max=3
     )
-    assert not config.scheduler_config.async_scheduling
-    plain = EngineArgs.from_cli_args(parser.parse_args(["--model", make_tiny_checkpoint("llama")]))
+    assert config.scheduler_config.async_scheduling
+    plain = EngineArgs.from_cli_args(parser.parse_args(["--model", path]))
     assert plain.create_engine_config().speculative_config is None
     assert plain.create_engine_config().scheduler_config.async_scheduling
+    draft = f'{{"method": "draft_model", "model": "{path}", "num_speculative_tokens": 2}}'
+    args = parser.parse_args(["--model", path, "--speculative-config", draft])
+    assert EngineArgs.from_cli_args(args).create_engine_config().scheduler_config.async_scheduling
+    args = parser.parse_args(["--model", path, "--speculative-config", draft, "--no-async-scheduling"])
+    assert not EngineArgs.from_cli_args(args).create_engine_config().scheduler_config.async_scheduling

@@ -3,6 +3,10 @@ outputs without, token for token, on tiny random float32 checkpoints (chunked pr
 with a tiny KV cache, n=2, prefix-cache hits, a sliding-window model, mixed sampling parameters,
 structured outputs) and on SmolLM2; seeded outputs do not depend on the batch.
 
+The engine's default async scheduling runs with n-gram and suffix speculation (the worker fills in
+the drafts of steps scheduled before the previous step's output is known); the `-sync` case keeps
+the synchronous path covered.
+
 Random weights rarely continue a prompt by copying it, but their greedy outputs fall into loops
 and the prompts repeat token sequences, so drafts are found and (partly) accepted: each test
 checks that speculation really happened.
@@ -49,6 +53,12 @@ def generate(path: str, prompts, params, speculative_config=None, **engine_kwarg
     llm = LLM(path, dtype="float32", max_model_len=512, speculative_config=speculative_config, **engine_kwargs)
     try:
         outs = llm.generate(prompts, params, use_tqdm=False)
+        engine_core = getattr(llm.llm_engine.engine_core, "engine_core", None)  # None: its own process
+        if engine_core is not None:
+            assert engine_core.config.scheduler_config.async_scheduling == engine_kwargs.get("async_scheduling", True)
+            # Every block of every request (rejected drafts' included) went back to the pool.
+            manager = engine_core.scheduler.kv_cache_manager
+            assert manager.num_free_blocks == manager.num_usable_blocks and not manager.req_to_blocks
         return [[list(c.token_ids) for c in o.outputs] for o in outs], llm.llm_engine.stats
     finally:
         del llm
@@ -64,6 +74,7 @@ _ENGINE_KWARGS = {
     "chunked": {"max_num_batched_tokens": 32},  # chunked prefill; drafts cut by the token budget
     "preemption": {"num_gpu_blocks_override": 12, "max_num_batched_tokens": 64},
     "no-prefix-caching": {"enable_prefix_caching": False},
+    "preemption-sync": {"num_gpu_blocks_override": 12, "max_num_batched_tokens": 64, "async_scheduling": False},
 }
 
 

@@ -18,6 +18,7 @@ from pagedserve.core.sched.output import CachedRequestData, GrammarOutput, NewRe
 from pagedserve.core.sched.request_queue import create_request_queue
 from pagedserve.engine import EngineCoreOutput, EngineCoreOutputs, SchedulerStats
 from pagedserve.spec_decode.metrics import SpecDecodingStats
+from pagedserve.spec_decode.utils import sampling_params_allow_drafts
 from pagedserve.structured_output import StructuredOutputManager
 from pagedserve.worker.outputs import LogprobsLists, ModelRunnerOutput
 
@@ -72,8 +73,9 @@ class _ScheduledRunning:
     has_pending_token: bool
     # Pipeline parallel only: its sampled tokens among this step's input positions.
     new_token_ids: list[int] | None = None
-    # Scheduling it added an output placeholder (async scheduling / pipeline parallel).
-    placeholder_added: bool = False
+    # Output placeholders scheduling it added (async scheduling / pipeline parallel): 1 for the
+    # token it samples, plus its drafts under async scheduling (optimistically all accepted).
+    num_placeholders_added: int = 0
     # The drafts it verifies this step (None: none).
     spec_token_ids: list[int] | None = None
 
@@ -98,8 +100,8 @@ class _StepPlan:
         if num_unscheduled is None:
             return
         position = next(i for i, s in enumerate(self.running) if s.request is request)
-        if self.running.pop(position).placeholder_added:
-            request.num_output_placeholders -= 1  # for a step it is not in
+        # For a step it is not in.
+        request.num_output_placeholders -= self.running.pop(position).num_placeholders_added
         request.num_computed_tokens -= num_unscheduled
         self.token_budget += num_unscheduled
 
@@ -180,17 +182,30 @@ class Scheduler:
         `spec_token_ids`); a request carries them to its next step, which verifies them."""
         self.num_spec_tokens = 0 if speculative_config is None else int(speculative_config.num_speculative_tokens or 0)
         self._spec_stats: SpecDecodingStats | None = None
+        # Async scheduling only (see below); empty otherwise.
+        self._placeholder_drafts: list[int] = []
+        # req_id -> whether its sampling parameters allow drafts (async scheduling only).
+        self._drafts_allowed: dict[str, bool] = {}
         # req_id -> blocks per attention group kept after rejected drafts gave theirs back; sent
         # with the next step (SchedulerOutput.num_kept_blocks).
         self._num_kept_blocks: dict[str, int] = {}
         if not self.num_spec_tokens:
             return
-        if self.async_scheduling or self.use_pp:
-            raise ValueError("speculative decoding needs synchronous scheduling and no pipeline parallelism")
+        if self.use_pp:
+            raise ValueError("speculative decoding does not work with pipeline parallelism")
         if any(isinstance(group.kv_cache_spec, MambaSpec) for group in kv_cache_groups or ()):
             # A Mamba state slot cannot be rolled back past rejected drafts.
             raise ValueError("speculative decoding does not support models with Mamba layers")
         self._spec_stats = SpecDecodingStats.new(self.num_spec_tokens)
+        if self.async_scheduling:
+            # Async scheduling: step n+1 is scheduled before step n's drafts and acceptance are
+            # known. A request that samples in step n carries `num_spec_tokens` placeholder
+            # drafts (-1) into step n+1, which gets their slots; the worker, which holds the
+            # drafts it proposed after step n and knows how many step n accepted, fills them in
+            # (fewer if it has fewer) and corrects the positions. The request's
+            # num_computed_tokens and num_output_placeholders count every scheduled draft as
+            # accepted until the step's output shows otherwise (_update_after_verification).
+            self._placeholder_drafts = [-1] * self.num_spec_tokens
 
     # ---------------------------------------------------------------- requests in and out
 
@@ -274,6 +289,8 @@ class Scheduler:
         self.kv_cache_manager.free(request)
         if self._num_kept_blocks:
             self._num_kept_blocks.pop(request.request_id, None)
+        if self._drafts_allowed:
+            self._drafts_allowed.pop(request.request_id, None)
         self.finished_req_ids.add(request.request_id)
         del self.requests[request.request_id]
 
@@ -331,7 +348,7 @@ class Scheduler:
             if num_new_tokens <= 0:
                 req_index += 1
                 continue
-            new_blocks = allocate_slots(request, num_new_tokens)
+            new_blocks = allocate_slots(request, num_new_tokens, num_unconfirmed_tokens=self._num_unconfirmed(request))
             if new_blocks is None:
                 num_new_tokens, new_blocks, req_index = self._allocate_running(request, num_new_tokens, req_index, step)
                 if new_blocks is None:
@@ -354,7 +371,9 @@ class Scheduler:
             num_known = request.num_tokens + request.num_output_placeholders - request.num_computed_tokens
             if 0 < num_known < num_new_tokens:
                 num_new_tokens = num_known
-                new_blocks = self.kv_cache_manager.allocate_slots(request, num_new_tokens)
+                new_blocks = self.kv_cache_manager.allocate_slots(
+                    request, num_new_tokens, num_unconfirmed_tokens=self._num_unconfirmed(request)
+                )
                 if new_blocks is not None:
                     return num_new_tokens, new_blocks, req_index
         while True:
@@ -375,9 +394,17 @@ class Scheduler:
             step.preempted.append(preempted)
             if preempted is request:
                 return num_new_tokens, None, req_index
-            new_blocks = self.kv_cache_manager.allocate_slots(request, num_new_tokens)
+            new_blocks = self.kv_cache_manager.allocate_slots(
+                request, num_new_tokens, num_unconfirmed_tokens=self._num_unconfirmed(request)
+            )
             if new_blocks is not None:
                 return num_new_tokens, new_blocks, req_index
+
+    def _num_unconfirmed(self, request: Request) -> int:
+        """Async speculation: computed tokens counted for the drafts of the request's step in
+        flight (its placeholders: 1 + those drafts), which may yet be rejected."""
+        num_placeholders = request.num_output_placeholders
+        return num_placeholders - 1 if num_placeholders > 1 and self._placeholder_drafts else 0
 
     def _add_scheduled_running(
         self, request: Request, num_new_tokens: int, new_blocks: KVCacheBlocks, step: _StepPlan
@@ -395,10 +422,12 @@ class Scheduler:
         step.num_scheduled_tokens[request.request_id] = num_new_tokens
         # Advanced now (vLLM-style): the step's tokens count as computed from here on.
         request.num_computed_tokens = num_computed_tokens + num_new_tokens
-        if self.async_scheduling or self.use_pp:
-            scheduled.placeholder_added = self._add_placeholder_if_sampling(request)
         if request.spec_token_ids:
             scheduled.spec_token_ids = self._take_scheduled_spec_tokens(request)
+        if self.async_scheduling or self.use_pp:
+            scheduled.num_placeholders_added = self._add_placeholders_if_sampling(
+                request, len(scheduled.spec_token_ids) if scheduled.spec_token_ids else 0
+            )
         step.token_budget -= num_new_tokens
         step.running.append(scheduled)
 
@@ -444,8 +473,9 @@ class Scheduler:
     def _take_scheduled_spec_tokens(request: Request) -> list[int]:
         """The drafts that fit this step's tokens (after every known token), verified now; the
         request's own list is emptied: the worker proposes the next drafts."""
-        # request.num_computed_tokens already counts this step's tokens.
-        num_scheduled_spec = request.num_computed_tokens - request.num_tokens
+        # request.num_computed_tokens already counts this step's tokens; the first tokens after
+        # the known ones are those still in flight (async scheduling), then the drafts.
+        num_scheduled_spec = request.num_computed_tokens - request.num_tokens - request.num_output_placeholders
         scheduled = request.spec_token_ids[:num_scheduled_spec] if num_scheduled_spec > 0 else []
         request.spec_token_ids = []
         return scheduled
@@ -522,7 +552,7 @@ class Scheduler:
         step.num_scheduled_tokens[request_id] = num_new_tokens
         request.num_computed_tokens = num_computed_tokens + num_new_tokens
         if self.async_scheduling or self.use_pp:
-            self._add_placeholder_if_sampling(request)
+            self._add_placeholders_if_sampling(request, 0)
         step.token_budget -= num_new_tokens
 
     def _running_lora_ids(self) -> set[int]:
@@ -568,18 +598,34 @@ class Scheduler:
             return max(self.running, key=lambda r: (r.priority, r.arrival_time))
         return self.running[-1]
 
-    @staticmethod
-    def _add_placeholder_if_sampling(request: Request) -> bool:
-        """Async scheduling: a step that computes every known (and pending) token samples one
-        more, whose value arrives only after the next schedule(); count it as a placeholder.
-        The worker writes the sampled token into the next step's input ids itself."""
+    def _add_placeholders_if_sampling(self, request: Request, num_scheduled_spec: int) -> int:
+        """Async scheduling: a step that computes every known (and pending) token and its
+        `num_scheduled_spec` drafts samples 1 + (accepted drafts) more tokens, whose values arrive
+        only after the next schedule(); count them as placeholders, every draft as accepted. The
+        worker writes the sampled tokens into the next step's input ids itself. -> placeholders
+        added. With speculation the request also gets placeholder drafts for its next step."""
         if (
-            request.sampling_params is not None
-            and request.num_computed_tokens == request.num_tokens + request.num_output_placeholders
+            request.sampling_params is None
+            or request.num_computed_tokens != request.num_tokens + request.num_output_placeholders + num_scheduled_spec
         ):
-            request.num_output_placeholders += 1
-            return True
-        return False
+            return 0
+        num_added = 1 + num_scheduled_spec
+        request.num_output_placeholders += num_added
+        if self._placeholder_drafts and self._request_allows_drafts(request):
+            num_drafts = self.num_spec_tokens
+            if request.max_tokens is not None:
+                # Accepted drafts and the bonus token never run past max_tokens, even if every
+                # placeholder in flight is accepted.
+                num_allowed = request.max_tokens - request.num_output_tokens - request.num_output_placeholders - 1
+                num_drafts = min(num_drafts, max(num_allowed, 0))
+            request.spec_token_ids = self._placeholder_drafts[:num_drafts]
+        return num_added
+
+    def _request_allows_drafts(self, request: Request) -> bool:
+        allowed = self._drafts_allowed.get(request.request_id)
+        if allowed is None:
+            allowed = self._drafts_allowed[request.request_id] = sampling_params_allow_drafts(request.sampling_params)
+        return allowed
 
     def _preempt(self, request: Request) -> None:
         """Free every block and send the request back to the front of the waiting queue.
@@ -596,9 +642,11 @@ class Scheduler:
         if request.num_output_placeholders:
             # NOTE: with more than two steps in flight (pipeline parallel) the request may be
             # resumed before those steps come back; their tokens must not be taken as its own.
-            self._num_stale_samples[request.request_id] = (
-                self._num_stale_samples.get(request.request_id, 0) + request.num_output_placeholders
-            )
+            # Pipeline parallel: one placeholder per step in flight. With speculation (async
+            # scheduling only: at most one step in flight when a step is scheduled) a step
+            # counts 1 + its drafts.
+            num_steps = 1 if self.num_spec_tokens else request.num_output_placeholders
+            self._num_stale_samples[request.request_id] = self._num_stale_samples.get(request.request_id, 0) + num_steps
         request.num_output_placeholders = 0
         request.num_preemptions += 1
         self._num_preemptions_since_stats += 1
@@ -720,8 +768,12 @@ class Scheduler:
         to its grammar, settles verified drafts and takes the next ones. -> (the tokens kept,
         whether the request stopped)."""
         num_sampled = len(new_token_ids)
+        scheduled_spec = None
+        if scheduler_output.scheduled_spec_decode_tokens:
+            scheduled_spec = scheduler_output.scheduled_spec_decode_tokens.get(request.request_id)
         if request.num_output_placeholders:
-            request.num_output_placeholders -= 1
+            # The step's placeholders (async scheduling): its sampled token and every draft.
+            request.num_output_placeholders -= 1 + (len(scheduled_spec) if scheduled_spec else 0)
         stopped = False
         if num_sampled == 1:
             request.append_output_token_ids(new_token_ids[0])
@@ -737,32 +789,38 @@ class Scheduler:
                     break
         if not stopped and request.structured_output_request is not None:
             stopped = self._advance_grammar(request, new_token_ids)
-        if scheduler_output.scheduled_spec_decode_tokens:
-            scheduled_spec = scheduler_output.scheduled_spec_decode_tokens.get(request.request_id)
-            if scheduled_spec:
-                self._update_after_verification(request, scheduled_spec, num_sampled, stopped)
+        if scheduled_spec:
+            num_verified = len(scheduled_spec)
+            if model_runner_output.num_draft_tokens is not None:
+                # Async scheduling: the worker verified its own drafts in the scheduled slots.
+                num_verified = model_runner_output.num_draft_tokens[model_runner_output.req_id_to_index[request.request_id]]
+            self._update_after_verification(request, len(scheduled_spec), num_verified, num_sampled, stopped)
         spec_token_ids = model_runner_output.spec_token_ids
         if spec_token_ids is not None and not stopped:
             self._set_draft_token_ids(request, spec_token_ids[model_runner_output.req_id_to_index[request.request_id]])
         return new_token_ids, stopped
 
     def _update_after_verification(
-        self, request: Request, scheduled_spec: list[int], num_sampled: int, stopped: bool
+        self, request: Request, num_scheduled_spec: int, num_verified: int, num_sampled: int, stopped: bool
     ) -> None:
-        """A step verified `scheduled_spec` and sampled `num_sampled` tokens (accepted drafts, then
-        a replacement or bonus token): rejected drafts are not computed after all, and the blocks
-        that only they used go back to the pool (the worker cuts its block table likewise)."""
-        num_draft = len(scheduled_spec)
+        """A step had `num_scheduled_spec` draft slots, verified `num_verified` drafts in them (all
+        but under async scheduling, where the worker may have had fewer) and sampled `num_sampled`
+        tokens (accepted drafts, then a replacement or bonus token): the slots of rejected (or
+        unfilled) drafts are not computed after all, and the blocks that only they used go back to
+        the pool (the worker cuts its block table likewise)."""
         num_accepted = num_sampled - 1
-        num_rejected = num_draft - num_accepted
-        if self._spec_stats is not None:
-            self._spec_stats.observe_draft(num_draft, num_accepted)
+        num_rejected = num_scheduled_spec - num_accepted
+        if self._spec_stats is not None and num_verified:
+            self._spec_stats.observe_draft(num_verified, num_accepted)
         if num_rejected <= 0:
             return
         request.num_computed_tokens -= num_rejected
         if not stopped:
-            # Keep the blocks of every known token: the last one is computed next step.
-            num_kept = self.kv_cache_manager.free_blocks_beyond(request, request.num_tokens)
+            # Keep the blocks of every known token (the last one is computed next step) and, under
+            # async scheduling, every slot of a later step in flight (num_computed_tokens counts
+            # them, its drafts as accepted).
+            num_kept_tokens = max(request.num_tokens, request.num_computed_tokens)
+            num_kept = self.kv_cache_manager.free_blocks_beyond(request, num_kept_tokens)
             if num_kept is not None:
                 self._num_kept_blocks[request.request_id] = num_kept
 
