@@ -7,18 +7,23 @@ requests of 1-4 sentences, 64 clients each keeping one request in flight on /v1/
     # A/B of the engine's settings: pagedserve servers that differ only in their environment,
     # every variant and vLLM once per round, rounds alternating
     python benchmarks/peers/embed_serving.py --engines pagedserve --rounds 2 \
-        --pagedserve-variants default= omp1=OMP_NUM_THREADS=1 active=OMP_WAIT_POLICY=ACTIVE
+        --pagedserve-variants default= omp1=OMP_NUM_THREADS=1 passive=OMP_WAIT_POLICY=PASSIVE
 
 Reported per engine and encoding format: sentences/s, request latency p50/p99, the client's own CPU
-time (it shares the machine with the server), start-to-healthy; ratios against pagedserve in the
-same run (and round), and the cosine between the two servers' vectors for every sentence. Both servers compute
-in float32 with up to --max-num-seqs requests per step. vLLM is optional (install: see
+time (it shares the machine with the server), start-to-healthy; ratios against the first server of
+the same round, and the cosine between the first server's vectors and every other's, sentence by
+sentence. Both servers compute in float32 with up to --max-num-seqs requests per step. vLLM is optional (install: see
 benchmarks/peers/vllm_pooling.py); `--engines pagedserve` runs ours alone.
 
 Trap when reading the figures on a small machine: the client and the server's frontend share the
 cores with the engine's OpenMP threads, and a parallel region waits for its slowest thread, so an
-engine thread preempted by the frontend stalls the others. On 2 cores the served rate then sits near
-the offline rate of one thread, whatever the engine's thread count; compare served with served.
+engine thread preempted by the frontend stalls the others; compare served with served. Even so, on a
+2-core machine the engine core's default (one OpenMP thread per core, libgomp's spin-then-sleep
+waits) served more than its alternatives in the A/B above (2 rounds, the same run): one thread
+(OMP_NUM_THREADS=1) 0.69x and 0.89x, passive waits (OMP_WAIT_POLICY=PASSIVE) 0.95x and 0.98x. One
+thread leaves a core to the frontend and client, which need far less than a core; sleeping waits
+make every parallel region pay a wake-up. So `pagedserve serve` sets neither; both are the user's
+to set in the environment.
 """
 
 from __future__ import annotations
