@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import base64
 import re
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -94,3 +95,22 @@ def test_vllm_peer_without_its_python_says_where_to_install_it(tmp_path: Path) -
     assert parser.parse_args(["--peers", "vllm,auto"]).peers == ["vllm", "auto"]
     with pytest.raises(FileNotFoundError, match="vllm_pooling.py"):
         embed.VllmPoolingPeer(str(tmp_path / "no-python"), "model", "float32", 8, str(tmp_path))
+
+
+def test_embed_serving_variants_name_a_label_and_its_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "peers" / "embed_serving.py"
+    spec = importlib.util.spec_from_file_location("embed_serving", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "embed_serving", module)  # dataclasses look their module up there
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts benchmarks/ on it
+    spec.loader.exec_module(module)
+    assert module.parse_variant("default=").env == {}
+    variant = module.parse_variant("omp1=OMP_NUM_THREADS=1,OMP_WAIT_POLICY=PASSIVE")
+    assert (variant.label, variant.engine) == ("omp1", "pagedserve")
+    assert variant.env == {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    for bad in ("nolabel", "=X=1", "x=NOVALUE"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            module.parse_variant(bad)
