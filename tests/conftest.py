@@ -120,6 +120,31 @@ class HFGGUFReferences:
 _CPP_DEQUANTIZED = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"})
 
 
+# pytest-xdist (`-n 2 --dist loadgroup`, the README's test command) sends each group to one
+# worker. A test file is a group (its module fixtures are built once); files that share a
+# session fixture that is slow to build, or a fixed port, are one group.
+_XDIST_GROUPS = {
+    "tests/distributed/test_ray_executor.py": "ray",  # one Ray cluster per machine at a time
+    "tests/distributed/test_ray_multihost.py": "ray",
+    "tests/models/test_gemma3.py": "gemma3-270m-reference",
+    "tests/models/test_gguf_loader.py": "gemma3-270m-reference",
+    "tests/test_tokenizer.py": "gemma3-270m-reference",
+    "tests/entrypoints/test_smollm2.py": "smollm2-reference",
+    "tests/lora/test_lora_smollm2.py": "smollm2-reference",
+    "tests/models/test_real_gguf_numerics.py": "smollm2-reference",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marks into node ids
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = config.rootpath
+    for item in items:
+        path = item.path.relative_to(root).as_posix()
+        # The OpenAI-server modules share session servers (tests/entrypoints/openai/conftest.py).
+        default = "openai-servers" if path.startswith("tests/entrypoints/openai/") else path
+        item.add_marker(pytest.mark.xdist_group(_XDIST_GROUPS.get(path, default)))
+
+
 @pytest.fixture(scope="session")
 def hf_gguf() -> HFGGUFReferences:
     return HFGGUFReferences()
