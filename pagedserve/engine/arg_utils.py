@@ -87,7 +87,10 @@ class EngineArgs:
     scheduling_policy: str = dataclasses.field(default="fcfs", metadata={"help": "fcfs or priority"})
     async_scheduling: bool = dataclasses.field(
         default=True,
-        metadata={"help": "schedule step n+1 while step n runs (outputs are identical either way)"},
+        metadata={
+            "help": "schedule step n+1 while step n runs (the outputs of synchronous scheduling, except "
+            "seeded sampling of a request preempted while its step was in flight)"
+        },
     )
     disable_hybrid_kv_cache_manager: bool = dataclasses.field(
         default=False,
