@@ -122,9 +122,11 @@ _CPP_DEQUANTIZED = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q
 
 # pytest-xdist (`-n 2 --dist loadgroup`, the README's test command) sends each group to one
 # worker. A test file is a group (its module fixtures are built once); files that share a
-# session fixture that is slow to build, or a fixed port, are one group.
+# session fixture that is slow to build, or machine-wide Ray state, are one group.
 _XDIST_GROUPS = {
-    "tests/distributed/test_ray_executor.py": "ray",  # one Ray cluster per machine at a time
+    # test_ray_executor counts the machine's Ray worker processes; test_ray_multihost takes the
+    # fixed GCS port: the two never overlap.
+    "tests/distributed/test_ray_executor.py": "ray",
     "tests/distributed/test_ray_multihost.py": "ray",
     "tests/models/test_gemma3.py": "gemma3-270m-reference",
     "tests/models/test_gguf_loader.py": "gemma3-270m-reference",
