@@ -2,9 +2,9 @@
 a byte every HEARTBEAT_INTERVAL_S.
 
 A worker process that dies closes its connection (the kernel sends FIN or RST at once, also when a
-whole node's processes are killed), and a node that vanishes without a word goes silent: either
-way the engine core learns within seconds, where Ray itself notices a dead node only after its
-health checks time out (tens of seconds by default).
+whole node's processes are killed), and a node that vanishes without a word goes silent: the
+engine core learns of the first at once and of the second after the silence timeout, where Ray
+itself notices a dead node only after its health checks time out (tens of seconds by default).
 """
 
 from __future__ import annotations
@@ -18,8 +18,11 @@ import time
 from pagedserve.executor.abstract import WorkerDiedError
 
 HEARTBEAT_INTERVAL_S = 0.5
-# Silence after which a worker counts as gone (PAGEDSERVE_WORKER_HEARTBEAT_TIMEOUT_S).
-DEFAULT_HEARTBEAT_TIMEOUT_S = 4.0
+# Silence after which a worker counts as gone (PAGEDSERVE_WORKER_HEARTBEAT_TIMEOUT_S). A worker
+# that dies closes its connection and is caught at once, so this only bounds how long a vanished
+# host goes unnoticed. TRAP: a live worker starved of CPU falls silent too (4.1 s seen on a loaded
+# 2-core machine), and a false death kills the engine: keep it well above scheduling stalls.
+DEFAULT_HEARTBEAT_TIMEOUT_S = 15.0
 _RANK_BYTES = 4
 
 
