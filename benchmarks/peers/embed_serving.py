@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from compare_serving import wait_healthy  # noqa: E402
 
 from pagedserve.benchmarks.embed import DEFAULT_VLLM_PYTHON, VLLM_POOLING_SCRIPT, report_agreement  # noqa: E402
 from pagedserve.benchmarks.server_process import start_pagedserve_server, stop_server  # noqa: E402
+from pagedserve.envs import environment  # noqa: E402
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,9 +76,7 @@ def start_server(variant: Variant, args: argparse.Namespace, out: Path) -> tuple
     """-> (the server, seconds from start to healthy)."""
     start = time.perf_counter()
     log_path = out / f"{variant.label}-server.log"
-    saved = {key: os.environ.get(key) for key in variant.env}
-    os.environ.update(variant.env)  # the server process inherits them
-    try:
+    with environment(**variant.env):  # the server process inherits them
         if variant.engine == "pagedserve":
             flags = ["--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs), *args.pagedserve_args.split()]
             proc = start_pagedserve_server(args.model, args.port, flags, str(log_path), args.startup_timeout)
@@ -93,12 +91,6 @@ def start_server(variant: Variant, args: argparse.Namespace, out: Path) -> tuple
             wait_healthy(f"http://127.0.0.1:{args.port}", proc, args.startup_timeout)
         else:
             raise SystemExit(f"unknown engine {variant.engine!r}")
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     return proc, time.perf_counter() - start
 
 
