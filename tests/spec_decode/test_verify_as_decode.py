@@ -85,11 +85,19 @@ def test_verification_equals_decoding_one_token_at_a_time(make_tiny_checkpoint, 
     torch.testing.assert_close(verify, one_by_one, rtol=1e-4, atol=1e-4)
 
 
-def test_verification_on_gguf_weights(make_tiny_gguf):
+@pytest.mark.parametrize("sliding_window", [None, 8], ids=["full", "window-8"])
+def test_verification_on_gguf_weights(make_tiny_gguf, sliding_window):
     torch.set_num_threads(2)
     path, _ = make_tiny_gguf("qwen2", [T.Q8_0, T.Q4_1, T.Q5_0])
     config = ModelConfig(model=path, max_model_len=256)
-    verify, one_by_one = _run(get_model(config), config.vocab_size, "CPU_PAGED", True)
+    if sliding_window is not None:
+        # A request's queries then attend from different first keys (decode_layer.cpp: a run's rows).
+        config.hf_config.sliding_window = sliding_window
+        config.hf_config.use_sliding_window = True
+        config.hf_config.max_window_layers = 0
+    model = get_model(config)
+    assert all(layer.self_attn.attn.sliding_window == sliding_window for layer in model.model.layers)
+    verify, one_by_one = _run(model, config.vocab_size, "CPU_PAGED", True)
     # The same rows through the same kernels: bitwise equal, so greedy verification accepts exactly
     # what one-by-one decoding would produce.
     assert torch.equal(verify, one_by_one)

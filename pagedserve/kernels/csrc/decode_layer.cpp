@@ -26,7 +26,12 @@
 // dispatching ~20 torch ops than computing; and every parallel op forks the thread team again,
 // which costs tens of microseconds in a VM (a sleeping thread is woken by an inter-processor
 // interrupt). DecodeModel.forward therefore runs all layers in one OpenMP region: the threads
-// split each phase's rows and meet at a spinning barrier between phases (9 per layer).
+// split each phase's rows and meet at a spinning barrier between phases (9 per layer, 10 when
+// the attention phase is split in two: see layer_in_region).
+//
+// Attention reads each K/V row once per (request, KV head, part of its query heads): a request's
+// speculative queries attend together (query_runs), and the keys' cache offsets come from one walk
+// over the block table, not a division per key.
 
 #include <ATen/Parallel.h>
 #include <omp.h>
@@ -40,6 +45,8 @@
 #include <memory>
 #include <thread>
 #include <cmath>
+#include <limits>
+#include <utility>
 #include <vector>
 
 #include "cpu_math.h"
@@ -99,92 +106,169 @@ void silu_and_mul_row(const float* gate, const float* up, int64_t n, float* y) {
   for (; i < n; ++i) y[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
 }
 
-// Attention of one request's query heads [group, D] of one KV head over its cached keys.
-struct AttendWork {
-  const float* q;  // [group, D] (contiguous heads)
-  float* out;      // [group, D]
-  const int32_t* blocks;
-  int64_t first, num_keys;  // keys at positions first .. first + num_keys - 1
-  int64_t group, D, block_size;
-  int64_t kv_head, num_kv_heads;
-  float scale;
+// Attention rows of one item: some query heads, of one KV head, of one request's queries (one
+// query, or a request's last token and its drafts: adjacent queries whose block tables agree).
+// Row i attends keys at positions [begin[i], end[i]).
+struct AttendRows {
+  std::vector<const float*> q;  // [D] each
+  std::vector<float*> out;      // [D] each
+  std::vector<int64_t> begin, end;
+  void clear() {
+    q.clear();
+    out.clear();
+    begin.clear();
+    end.clear();
+  }
 };
 
+// Per-thread scratch of the attention phase.
+struct AttendScratch {
+  AttendRows rows;
+  std::vector<float> scores;     // [rows, keys rounded up to 8]
+  std::vector<int64_t> offsets;  // element offset of each key's row in the caches
+};
+
+// Keys a pass reads ahead of the one it computes with. A request's keys sit in blocks scattered over
+// the cache, 16 rows a block, too short a run for the hardware prefetcher to follow.
+constexpr int64_t kPrefetchKeys = 16;
+
 template <typename C>
-void attend(const AttendWork& w, const C* k_cache, const C* v_cache, std::vector<float>& scores) {
-  const int64_t D = w.D, n = w.num_keys;
-  auto row = [&](const C* cache, int64_t j) {
-    const int64_t pos = w.first + j;
-    const int64_t slot = static_cast<int64_t>(w.blocks[pos / w.block_size]) * w.block_size + pos % w.block_size;
-    return cache + (slot * w.num_kv_heads + w.kv_head) * D;
-  };
-  scores.resize(w.group * n);
-  for (int64_t g = 0; g < w.group; ++g) {
-    const float* q = w.q + g * D;
-    float* s = scores.data() + g * n;
-    int64_t j = 0;
+inline void prefetch_row(const C* row, int64_t bytes) {
 #if defined(PAGEDSERVE_AVX2)
-    if (D % 8 == 0) {
-      for (; j + 8 <= n; j += 8) {
-        const C* rows[8];
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+#else
+  (void)row;
+  (void)bytes;
+#endif
+}
+
+// Softmax of s[0, n) in place, unnormalised; returns 1 / sum.
+inline float softmax_unnormalised(float* s, int64_t n) {
+  float max_score = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) max_score = std::max(max_score, s[i]);
+  float total = 0.0f;
+  int64_t i = 0;
+#if defined(PAGEDSERVE_AVX2)
+  __m256 vtotal = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = pagedserve::exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), _mm256_set1_ps(max_score)));
+    _mm256_storeu_ps(s + i, e);
+    vtotal = _mm256_add_ps(vtotal, e);
+  }
+  total = pagedserve::hsum8(vtotal);
+#endif
+  for (; i < n; ++i) {
+    s[i] = std::exp(s[i] - max_score);
+    total += s[i];
+  }
+  return 1.0f / total;
+}
+
+// The rows of `s.rows` over keys [first, first + n) whose rows (at `s.offsets`, D values each) sit
+// in k_cache and v_cache.
+//
+// Every row's result is computed by the same instructions whatever the other rows are (its own
+// key range, its own softmax and V pass; each key's score comes from a full 8-key chunk: the
+// chunks past the last key repeat it), so a query's output does not depend on which queries, how
+// many heads or which keys share its item: outputs are the same alone, in a batch, and as one of
+// a request's speculative queries.
+//
+// 8 keys' K rows are read once for every row's scores. Each row then makes its own pass over V:
+// the rows after the first find V in cache while the item's V rows fit in L2 (D = 64, float32:
+// up to ~2k keys on Zen 3), in L3 beyond. Attention at long contexts is bound by reading the
+// cache: a float16/bfloat16 cache (--kv-cache-dtype) halves it.
+template <typename C>
+void attend_rows(AttendScratch& s, const C* k_cache, const C* v_cache, int64_t first, int64_t n, int64_t D,
+                 float scale) {
+  const AttendRows& rows = s.rows;
+  const int64_t num_rows = static_cast<int64_t>(rows.q.size());
+  const int64_t* offsets = s.offsets.data();
+  bool vector = false;
+#if defined(PAGEDSERVE_AVX2)
+  vector = D % 8 == 0;
+#endif
+  const int64_t padded = vector ? (n + 7) / 8 * 8 : n;
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(C));
+  s.scores.resize(num_rows * padded);
+  float* scores = s.scores.data();
+  if (vector) {
+#if defined(PAGEDSERVE_AVX2)
+    for (int64_t j = 0; j < padded; j += 8) {
+      const C* keys[8];
+      for (int r = 0; r < 8; ++r) keys[r] = k_cache + offsets[j + r];
+      if (j + kPrefetchKeys + 8 <= padded)
+        for (int r = 0; r < 8; ++r) prefetch_row(k_cache + offsets[j + kPrefetchKeys + r], row_bytes);
+      for (int64_t i = 0; i < num_rows; ++i) {
+        const float* q = rows.q[i];
         __m256 acc[8];
-        for (int r = 0; r < 8; ++r) {
-          rows[r] = row(k_cache, j + r);
-          acc[r] = _mm256_setzero_ps();
-        }
+        for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
         for (int64_t d = 0; d < D; d += 8) {
           const __m256 qv = _mm256_loadu_ps(q + d);
-          for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(qv, pagedserve::load8f(rows[r] + d), acc[r]);
+          for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(qv, pagedserve::load8f(keys[r] + d), acc[r]);
         }
-        _mm256_storeu_ps(s + j, _mm256_mul_ps(pagedserve::hsum8x8(acc), _mm256_set1_ps(w.scale)));
+        _mm256_storeu_ps(scores + i * padded + j, _mm256_mul_ps(pagedserve::hsum8x8(acc), _mm256_set1_ps(scale)));
       }
     }
 #endif
-    for (; j < n; ++j) {
-      const C* k = row(k_cache, j);
-      float dot = 0.0f;
-      for (int64_t d = 0; d < D; ++d) dot += q[d] * static_cast<float>(k[d]);
-      s[j] = dot * w.scale;
-    }
-    // softmax over the keys, normalised at the end
-    float max_score = -INFINITY;
-    for (int64_t i = 0; i < n; ++i) max_score = std::max(max_score, s[i]);
-    float total = 0.0f;
-    int64_t i = 0;
-#if defined(PAGEDSERVE_AVX2)
-    __m256 vtotal = _mm256_setzero_ps();
-    for (; i + 8 <= n; i += 8) {
-      const __m256 e = pagedserve::exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), _mm256_set1_ps(max_score)));
-      _mm256_storeu_ps(s + i, e);
-      vtotal = _mm256_add_ps(vtotal, e);
-    }
-    total = pagedserve::hsum8(vtotal);
-#endif
-    for (; i < n; ++i) {
-      s[i] = std::exp(s[i] - max_score);
-      total += s[i];
-    }
-    const float inv_total = 1.0f / total;
-    float* out = w.out + g * D;
+  } else {
+    for (int64_t i = 0; i < num_rows; ++i)
+      for (int64_t j = 0; j < n; ++j) {
+        const C* k = k_cache + offsets[j];
+        float dot = 0.0f;
+        for (int64_t d = 0; d < D; ++d) dot += rows.q[i][d] * static_cast<float>(k[d]);
+        scores[i * padded + j] = dot * scale;
+      }
+  }
+  for (int64_t i = 0; i < num_rows; ++i) {
+    const int64_t skip = rows.begin[i] - first, m = rows.end[i] - rows.begin[i];
+    float* p = scores + i * padded + skip;
+    const int64_t* offs = offsets + skip;
+    const float inv_total = softmax_unnormalised(p, m);
+    float* out = rows.out[i];
     int64_t d0 = 0;
 #if defined(PAGEDSERVE_AVX2)
     for (; d0 + 64 <= D; d0 += 64) {  // 64 output values in 8 registers per pass over V
       __m256 acc[8];
       for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
-      for (int64_t k = 0; k < n; ++k) {
-        const C* v = row(v_cache, k) + d0;
-        const __m256 p = _mm256_set1_ps(s[k]);
-        for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(p, pagedserve::load8f(v + 8 * c), acc[c]);
+      for (int64_t k = 0; k < m; ++k) {
+        if (d0 == 0 && k + kPrefetchKeys < m) prefetch_row(v_cache + offs[k + kPrefetchKeys], row_bytes);
+        const C* v = v_cache + offs[k] + d0;
+        const __m256 pk = _mm256_set1_ps(p[k]);
+        for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(pk, pagedserve::load8f(v + 8 * c), acc[c]);
       }
       for (int c = 0; c < 8; ++c) _mm256_storeu_ps(out + d0 + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv_total)));
+    }
+    for (; d0 + 8 <= D; d0 += 8) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t k = 0; k < m; ++k)
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(p[k]), pagedserve::load8f(v_cache + offs[k] + d0), acc);
+      _mm256_storeu_ps(out + d0, _mm256_mul_ps(acc, _mm256_set1_ps(inv_total)));
     }
 #endif
     for (int64_t d = d0; d < D; ++d) {
       float acc = 0.0f;
-      for (int64_t k = 0; k < n; ++k) acc += s[k] * static_cast<float>(row(v_cache, k)[d]);
+      for (int64_t k = 0; k < m; ++k) acc += p[k] * static_cast<float>(v_cache[offs[k] + d]);
       out[d] = acc * inv_total;
     }
   }
+}
+
+// s.offsets[j] = the cache offset of key first + j of KV head h through `blocks`, for j < n, then
+// the last key again up to a multiple of 8. One division per call, none per key.
+void key_offsets(AttendScratch& s, const int32_t* blocks, int64_t block_size, int64_t first, int64_t n,
+                 int64_t kv_size, int64_t head_offset) {
+  const int64_t padded = (n + 7) / 8 * 8;
+  s.offsets.resize(padded);
+  int64_t b = first / block_size, o = first % block_size;
+  for (int64_t j = 0; j < n; ++j) {
+    s.offsets[j] = (static_cast<int64_t>(blocks[b]) * block_size + o) * kv_size + head_offset;
+    if (++o == block_size) {
+      o = 0;
+      ++b;
+    }
+  }
+  for (int64_t j = n; j < padded; ++j) s.offsets[j] = s.offsets[n - 1];
 }
 
 // One layer's weights and shapes, as both entry points receive them.
@@ -288,6 +372,9 @@ struct StepInputs {
   // Some query reads a slot another query of the step writes (several queries of one request):
   // the attention phase writes every K/V first, then attends (one more barrier).
   bool kv_first = false;
+  // Queries that attend as one item: [r0, r1) of one request (see query_runs); a run per query
+  // unless kv_first.
+  std::vector<std::pair<int64_t, int64_t>> runs;
 };
 
 // Whether a query reads the slot written by the query before it: then they belong to one request
@@ -301,6 +388,28 @@ bool queries_share_slots(const StepInputs& in, int64_t block_size) {
     if (block * block_size + p % block_size == in.slots[in.tokens[r - 1]]) return true;
   }
   return false;
+}
+
+// Adjacent queries whose block tables agree on every block the earlier one reads: a request's
+// last token and its drafts. Query r - 1 may then read its keys through r's table, so the run's
+// K/V rows are read once for all of them. Only with kv_first (every K/V of the step is written
+// before any query attends), which such queries imply.
+std::vector<std::pair<int64_t, int64_t>> query_runs(const StepInputs& in, int64_t block_size) {
+  std::vector<std::pair<int64_t, int64_t>> runs;
+  for (int64_t r = 0; r < in.T; ++r) {
+    const int64_t prev_len = r > 0 ? in.seq_lens[r - 1] : 0;
+    const int64_t blocks = (prev_len + block_size - 1) / block_size;
+    const bool joins = in.kv_first && r > 0 && in.seq_lens[r] > prev_len && blocks <= in.table_stride &&
+                       std::equal(in.block_table + (r - 1) * in.table_stride,
+                                  in.block_table + (r - 1) * in.table_stride + blocks,
+                                  in.block_table + r * in.table_stride);
+    if (joins) {
+      runs.back().second = r + 1;
+    } else {
+      runs.emplace_back(r, r + 1);
+    }
+  }
+  return runs;
 }
 
 StepInputs step_inputs(int64_t T, const at::Tensor& positions, const at::Tensor& slot_mapping,
@@ -335,35 +444,38 @@ void check_cache(const at::Tensor& kv_cache, const LayerWeights& lw) {
               "llama decode: KV cache must be float32, bfloat16 or float16");
 }
 
-// Rows [t_begin, t_end) of the attention phase's items: q/k norms and RoPE of request r's query
-// heads of KV head h and of its key head, K/V into the cache, then attention. Items (r, h) are
-// independent: each touches only its heads of qkv, its cache slot, its output heads.
-// What attend_items does with its items: prepare q, k and write K/V, attend, or both.
+// The attention phase's items. Preparing: item (r, h) = r * KVH + h does the q/k norms and RoPE of
+// query r's heads of KV head h and of its key head, and writes K/V into the cache. Attending: item
+// (run u, h, part p) = (u * KVH + h) * head_split + p attends the run's queries' heads of KV head h
+// in part p of the group. Items are independent: each touches only its heads of qkv, its cache
+// slot, its output heads. With head_split 1 and a run per query both numberings agree, and one
+// phase may do both (kPrepareAndAttend): a lone query reads only its own new K/V.
 enum AttendPhase { kPrepare = 1, kAttend = 2, kPrepareAndAttend = 3 };
 
 template <typename C>
 void attend_items(const LayerWeights& lw, const StepInputs& in, at::Tensor& kv_cache, float* qkv, float* attn,
-                  int64_t item_begin, int64_t item_end, std::vector<float>& scores, AttendPhase phase) {
-  const int64_t D = lw.head_dim, group = lw.num_heads / lw.num_kv_heads;
+                  int64_t item_begin, int64_t item_end, int64_t head_split, AttendScratch& scratch,
+                  AttendPhase phase) {
+  const int64_t D = lw.head_dim, KVH = lw.num_kv_heads, group = lw.num_heads / KVH;
   const int64_t q_size = lw.q_size(), kv_size = lw.kv_size(), qkv_size = lw.qkv_size();
   const int64_t half = lw.rotary_dim / 2, block_size = kv_cache.size(2);
   C* k_cache = kv_cache.data_ptr<C>();
   C* v_cache = k_cache + kv_cache.stride(0);
   float head[512];
   for (int64_t item = item_begin; item < item_end; ++item) {
-    const int64_t r = item / lw.num_kv_heads, h = item % lw.num_kv_heads, t = in.tokens[r];
-    float* row = qkv + t * qkv_size;
-    const int64_t pos = in.positions[t];  // checked in run_layers: no exception may leave the region
-    const float* cos = lw.cos_sin + pos * lw.rotary_dim;
-    const float* sin = cos + half;
-    auto prepare = [&](float* x, const float* norm_w) {
-      if (norm_w != nullptr) {
-        rms_norm_row(x, norm_w, D, lw.eps, head);
-        std::copy(head, head + D, x);
-      }
-      rope_head(x, cos, sin, lw.rotary_dim, lw.neox);
-    };
     if (phase & kPrepare) {
+      const int64_t r = item / KVH, h = item % KVH, t = in.tokens[r];
+      float* row = qkv + t * qkv_size;
+      const int64_t pos = in.positions[t];  // checked in run_layers: no exception may leave the region
+      const float* cos = lw.cos_sin + pos * lw.rotary_dim;
+      const float* sin = cos + half;
+      auto prepare = [&](float* x, const float* norm_w) {
+        if (norm_w != nullptr) {
+          rms_norm_row(x, norm_w, D, lw.eps, head);
+          std::copy(head, head + D, x);
+        }
+        rope_head(x, cos, sin, lw.rotary_dim, lw.neox);
+      };
       for (int64_t g = 0; g < group; ++g) prepare(row + (h * group + g) * D, lw.q_norm);
       float* k = row + q_size + h * D;
       const float* v = row + q_size + kv_size + h * D;
@@ -376,27 +488,42 @@ void attend_items(const LayerWeights& lw, const StepInputs& in, at::Tensor& kv_c
       }
     }
     if (!(phase & kAttend)) continue;
-    const int64_t seq_len = in.seq_lens[r];
-    const int64_t first = lw.sliding_window > 0 ? std::max<int64_t>(0, seq_len - lw.sliding_window) : 0;
-    const AttendWork work{row + h * group * D,  attn + t * q_size + h * group * D, in.block_table + r * in.table_stride,
-                          first,                seq_len - first,                   group,
-                          D,                    block_size,                        h,
-                          lw.num_kv_heads,      lw.scale};
-    attend<C>(work, k_cache, v_cache, scores);
+    const int64_t u = item / (KVH * head_split), h = item / head_split % KVH, part = item % head_split;
+    const int64_t g0 = part * group / head_split, g1 = (part + 1) * group / head_split;
+    const auto [r0, r1] = in.runs[u];
+    AttendRows& rows = scratch.rows;
+    rows.clear();
+    int64_t first = std::numeric_limits<int64_t>::max(), last = 0;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t t = in.tokens[r], seq_len = in.seq_lens[r];
+      const int64_t begin = lw.sliding_window > 0 ? std::max<int64_t>(0, seq_len - lw.sliding_window) : 0;
+      first = std::min(first, begin);
+      last = std::max(last, seq_len);
+      for (int64_t g = g0; g < g1; ++g) {
+        rows.q.push_back(qkv + t * qkv_size + (h * group + g) * D);
+        rows.out.push_back(attn + t * q_size + (h * group + g) * D);
+        rows.begin.push_back(begin);
+        rows.end.push_back(seq_len);
+      }
+    }
+    // The run's last query has the longest table; the others agree with it where they read.
+    key_offsets(scratch, in.block_table + (r1 - 1) * in.table_stride, block_size, first, last - first, kv_size, h * D);
+    attend_rows<C>(scratch, k_cache, v_cache, first, last - first, D, lw.scale);
   }
 }
 
 void attend_items_any(const LayerWeights& lw, const StepInputs& in, at::Tensor& kv_cache, float* qkv, float* attn,
-                      int64_t item_begin, int64_t item_end, std::vector<float>& scores, AttendPhase phase) {
+                      int64_t item_begin, int64_t item_end, int64_t head_split, AttendScratch& scratch,
+                      AttendPhase phase) {
   switch (kv_cache.scalar_type()) {
     case at::kFloat:
-      attend_items<float>(lw, in, kv_cache, qkv, attn, item_begin, item_end, scores, phase);
+      attend_items<float>(lw, in, kv_cache, qkv, attn, item_begin, item_end, head_split, scratch, phase);
       break;
     case at::kBFloat16:
-      attend_items<c10::BFloat16>(lw, in, kv_cache, qkv, attn, item_begin, item_end, scores, phase);
+      attend_items<c10::BFloat16>(lw, in, kv_cache, qkv, attn, item_begin, item_end, head_split, scratch, phase);
       break;
     default:
-      attend_items<c10::Half>(lw, in, kv_cache, qkv, attn, item_begin, item_end, scores, phase);
+      attend_items<c10::Half>(lw, in, kv_cache, qkv, attn, item_begin, item_end, head_split, scratch, phase);
   }
 }
 
@@ -528,7 +655,7 @@ struct StepBuffers {
 // layer's output. Every phase ends at a barrier: its outputs are read by all threads next.
 void layer_in_region(const LayerWeights& lw, const StepInputs& in, float* residual, const float* hidden,
                      bool add_hidden, at::Tensor& kv_cache, float* out, StepBuffers& b, SpinBarrier& spin, int tid,
-                     int nt, std::vector<float>& scores, const LayerLora* lora, const int64_t* token_slots) {
+                     int nt, AttendScratch& scratch, const LayerLora* lora, const int64_t* token_slots) {
   const int64_t T = in.T, H = lw.hidden, I = lw.intermediate, I2 = 2 * I;
   auto barrier = [&] { spin.wait(); };
   // rows of x for a GEMM with K columns: quantized by row shares
@@ -564,13 +691,20 @@ void layer_in_region(const LayerWeights& lw, const StepInputs& in, float* residu
   quantize(b.x.data(), H, lw.qkv);
   gemm(b.x.data(), H, lw.qkv, lw.qkv_bias, b.qkv.data(), lw.qkv_size(), 0);
 
-  const auto [i0, i1] = share(T * lw.num_kv_heads, tid, nt);
-  if (in.kv_first) {
-    attend_items_any(lw, in, kv_cache, b.qkv.data(), b.attn.data(), i0, i1, scores, kPrepare);
+  // Attention items: (query, KV head) preparing; (run, KV head, part of the group) attending. A
+  // batch with fewer (run, KV head) pairs than ~4 per thread (one request: SmolLM2 has 3 KV heads)
+  // splits each group's query heads, or one thread would do twice the other's share.
+  const int64_t KVH = lw.num_kv_heads, group = lw.num_heads / KVH;
+  const int64_t pairs = static_cast<int64_t>(in.runs.size()) * KVH;
+  const int64_t head_split = std::clamp<int64_t>((4 * nt + pairs - 1) / pairs, 1, group);
+  const auto [i0, i1] = share(T * KVH, tid, nt);
+  if (in.kv_first || head_split > 1) {
+    attend_items_any(lw, in, kv_cache, b.qkv.data(), b.attn.data(), i0, i1, 1, scratch, kPrepare);
     barrier();
-    attend_items_any(lw, in, kv_cache, b.qkv.data(), b.attn.data(), i0, i1, scores, kAttend);
+    const auto [a0, a1] = share(pairs * head_split, tid, nt);
+    attend_items_any(lw, in, kv_cache, b.qkv.data(), b.attn.data(), a0, a1, head_split, scratch, kAttend);
   } else {
-    attend_items_any(lw, in, kv_cache, b.qkv.data(), b.attn.data(), i0, i1, scores, kPrepareAndAttend);
+    attend_items_any(lw, in, kv_cache, b.qkv.data(), b.attn.data(), i0, i1, 1, scratch, kPrepareAndAttend);
   }
   barrier();
   quantize(b.attn.data(), lw.q_size(), lw.o);
@@ -616,6 +750,7 @@ at::Tensor run_layers(const std::vector<LayerWeights>& layers, at::Tensor& resid
     first = first_hidden->data_ptr<float>();
   }
   in.kv_first = queries_share_slots(in, kv_caches.front().size(2));
+  in.runs = query_runs(in, kv_caches.front().size(2));
   StepBuffers b;
   for (const LayerWeights& lw : layers) {  // every layer's sizes are the same in these models
     TORCH_CHECK(lw.hidden == H, "llama decode: layers of different widths");
@@ -630,12 +765,12 @@ at::Tensor run_layers(const std::vector<LayerWeights>& layers, at::Tensor& resid
     // NOTE: the team may be smaller than asked (nested in another region, or a thread limit).
 #pragma omp single
     spin = std::make_unique<SpinBarrier>(omp_get_num_threads());
-    std::vector<float> scores;
+    AttendScratch scratch;
     const int tid = omp_get_thread_num(), threads = omp_get_num_threads();
     for (size_t l = 0; l < layers.size(); ++l) {
       const float* hidden = l == 0 ? first : outs[(l - 1) % 2].data_ptr<float>();
       layer_in_region(layers[l], in, res, hidden, hidden != nullptr, kv_caches[l], outs[l % 2].data_ptr<float>(), b,
-                      *spin, tid, threads, scores, loras == nullptr ? nullptr : &(*loras)[l], token_slots);
+                      *spin, tid, threads, scratch, loras == nullptr ? nullptr : &(*loras)[l], token_slots);
     }
   }
   return outs[(layers.size() - 1) % 2];
