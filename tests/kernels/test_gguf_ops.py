@@ -81,12 +81,16 @@ def test_linear_is_within_the_activation_rounding_bound(qtype: GGMLQuantizationT
     assert ((y - x.double() @ dense.T).abs() <= error_bound(x, dense)).all()
 
 
-def test_linear_output_rows_do_not_depend_on_the_batch() -> None:
-    weight = random_weight(T.Q4_K, 33, 256)
-    x = torch.randn(7, 256)
-    batched = gguf_ops.linear(x, [weight], [T.Q4_K])
+@pytest.mark.parametrize("qtype", QUANTIZED, ids=lambda t: t.name)
+def test_linear_output_rows_do_not_depend_on_the_batch(qtype: GGMLQuantizationType) -> None:
+    # Tiles of 1 or 2 weight rows (per type) and 1-4 rows of x, and 32-value blocks past the last
+    # whole group of 8 (288 columns): every (x row, weight row) pair computes alike.
+    columns = 288 if GGML_QUANT_SIZES[qtype][0] == 32 else 512
+    weight = random_weight(qtype, 33, columns)
+    x = torch.randn(7, columns)
+    batched = gguf_ops.linear(x, [weight], [qtype])
     for row in range(7):
-        assert torch.equal(gguf_ops.linear(x[row : row + 1], [weight], [T.Q4_K])[0], batched[row])
+        assert torch.equal(gguf_ops.linear(x[row : row + 1], [weight], [qtype])[0], batched[row])
 
 
 def test_linear_concatenates_shards_of_mixed_types_and_adds_the_bias() -> None:
