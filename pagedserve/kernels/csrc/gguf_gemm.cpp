@@ -940,6 +940,14 @@ int64_t gguf_row_bytes(const std::vector<GgufShard>& shards, int64_t K) {
   return std::max<int64_t>(1, total_bytes / std::max<int64_t>(rows, 1));
 }
 
+// Whether several rows of x meet two weight rows per tile (unpacking shared by both) or one.
+// NOTE: measured on Zen 3 (AVX2), rows of x 2-16: the heavier types (Q8_0 1.06, Q6_K 0.82, Q5_K
+// 0.69 bytes a value) run faster one row at a time once their weights come from L3 or memory:
+// 1.5-3x on Q8_0 LM heads (SmolLM2, Qwen2.5-0.5B) and on Qwen2.5-1.5B's Q6_K gate/up-sized
+// matrices at 2-8 rows; the two rows' interleaved streams defeat the prefetchers. The lighter
+// types measure alike either way (in cache, two rows are a little ahead).
+inline bool two_row_tiles(int64_t type) { return type != kQ8_0 && type != kQ6_K && type != kQ5_K; }
+
 void gguf_gemm_rows(const float* x, int64_t ldx, const GgufActivations& qx, int64_t M, int64_t K,
                     const std::vector<GgufShard>& shards, int64_t n_begin, int64_t n_end, const float* bias, float* y,
                     int64_t ldy) {
@@ -952,7 +960,7 @@ void gguf_gemm_rows(const float* x, int64_t ldx, const GgufActivations& qx, int6
   };
 #if defined(PAGEDSERVE_AVX2)
   // Rows are walked in chunks that stay in L1/L2 while every group of (up to 4) rows of x passes
-  // over them, two weight rows per tile.
+  // over them, one or two weight rows per tile (two_row_tiles).
   const int64_t chunk = std::max<int64_t>(8, (16 * 1024) / gguf_row_bytes(shards, K));
   float yt[8];
   for (int64_t n0 = n_begin; n0 < n_end; n0 += chunk) {
@@ -966,9 +974,7 @@ void gguf_gemm_rows(const float* x, int64_t ldx, const GgufActivations& qx, int6
         const GgufShard& sh = shards[s];
         const int64_t shard_end = first_row + sh.rows, local = n - first_row;
         // one row of x: single-row tiles of 8 sub-blocks at a time (quant_row_grouped)
-        // NOTE: Q8_0 keeps one weight row per tile at any M: with two, its tile ran 1.3-1.7x slower
-        // at 4-8 rows of x than two one-row tiles (measured on Zen 3, AVX2), 3x on a streamed LM head.
-        const int rw = n + 1 < std::min(n1, shard_end) && (M > 1 || is_plain(sh.type)) && sh.type != kQ8_0 ? 2 : 1;
+        const int rw = n + 1 < std::min(n1, shard_end) && (M > 1 || is_plain(sh.type)) && two_row_tiles(sh.type) ? 2 : 1;
         const uint8_t* w[2] = {sh.data + local * sh.row_stride, sh.data + (local + rw - 1) * sh.row_stride};
         const int64_t prefetch = n + 2 * rw <= std::min(n_end, shard_end) ? rw * sh.row_stride : 0;
         tile_for(sh.type, rw, ra)({w, prefetch, K, &qx, x + m0 * ldx, ldx, m0, yt});
