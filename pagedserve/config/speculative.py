@@ -42,6 +42,10 @@ class SpeculativeConfig:
     suffix_decoding_max_tree_depth: int = 24
     suffix_decoding_max_spec_factor: float = 1.0
     suffix_decoding_min_token_prob: float = 0.1
+    # Any method: a step with more than this many requests (running and waiting) verifies no
+    # drafts. Verifying k drafts turns each decode into k + 1 rows of every matrix product; once
+    # a batch makes the step compute-bound, drafts that are rarely accepted cost throughput.
+    disable_by_batch_size: int | None = None
     # draft_model: the draft checkpoint's config, resolved against the target's (resolve_draft_model)
     draft_model_config: ModelConfig | None = field(default=None, init=False, repr=False)
 
@@ -95,6 +99,8 @@ class SpeculativeConfig:
                 raise ValueError("suffix_decoding_min_token_prob must be in [0, 1]")
             if self.num_speculative_tokens is None:
                 self.num_speculative_tokens = self.suffix_decoding_max_tree_depth
+        if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
+            raise ValueError(f"disable_by_batch_size must be >= 1, got {self.disable_by_batch_size}")
         assert self.num_speculative_tokens is not None
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")

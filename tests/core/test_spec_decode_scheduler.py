@@ -191,9 +191,11 @@ class SpecSimulatedWorker:
         return output
 
 
-def spec_scheduler(num_spec_tokens: int, **kwargs: object) -> Scheduler:
+def spec_scheduler(num_spec_tokens: int, disable_by_batch_size: int | None = None, **kwargs: object) -> Scheduler:
     return make_scheduler(
-        speculative_config=SpeculativeConfig(method="ngram", num_speculative_tokens=num_spec_tokens),
+        speculative_config=SpeculativeConfig(
+            method="ngram", num_speculative_tokens=num_spec_tokens, disable_by_batch_size=disable_by_batch_size
+        ),
         **kwargs,  # type: ignore[arg-type]
     )
 
@@ -280,6 +282,25 @@ def test_drafts_are_cut_to_max_tokens_and_the_token_budget() -> None:
     assert so.scheduled_spec_decode_tokens == {"a": [5, 6]}
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_batch_larger_than_disable_by_batch_size_verifies_no_drafts(async_scheduling: bool) -> None:
+    scheduler = spec_scheduler(num_spec_tokens=3, disable_by_batch_size=1, async_scheduling=async_scheduling)
+    worker = SpecSimulatedWorker(block_size=16, num_spec_tokens=3, p_all_right=1.0, async_scheduling=async_scheduling)
+    scheduler.add_request(make_request("a", [1, 2, 3, 4], max_tokens=40))
+    scheduler.add_request(make_request("b", [5, 6, 7], max_tokens=6))
+    steps = []
+    while scheduler.has_unfinished_requests():
+        so = scheduler.schedule()
+        steps.append((len(scheduler.running), so.scheduled_spec_decode_tokens))
+        scheduler.update_from_output(so, worker.execute(so))
+    # Two requests: no drafts; once b is done, a alone verifies drafts again.
+    assert all(not spec for running, spec in steps if running > 1)
+    assert any(spec for running, spec in steps if running == 1)
+    assert worker.num_verified_drafts > 0
+    manager = scheduler.kv_cache_manager
+    assert manager.num_free_blocks == manager.num_usable_blocks
+
+
 def test_stop_token_among_accepted_drafts_ends_the_request_there() -> None:
     scheduler = spec_scheduler(num_spec_tokens=3)
     scheduler.add_request(make_request("a", [1, 2, 3], max_tokens=10, stop_token_ids=[42]))
@@ -311,14 +332,19 @@ def _workload(seed: int, num_requests: int) -> list[tuple[str, list[int], int]]:
     return workload
 
 
+@pytest.mark.parametrize("disable_by_batch_size", [None, 3], ids=["always", "disable-above-3"])
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("num_blocks", [300, 20], ids=["plenty", "preemption"])
 @pytest.mark.parametrize("seed", range(4))
 def test_speculation_generates_the_reference_tokens_and_frees_every_block(
-    seed: int, num_blocks: int, async_scheduling: bool
+    seed: int, num_blocks: int, async_scheduling: bool, disable_by_batch_size: int | None
 ) -> None:
     scheduler = spec_scheduler(
-        num_spec_tokens=3, num_blocks=num_blocks, max_num_batched_tokens=32, async_scheduling=async_scheduling
+        num_spec_tokens=3,
+        disable_by_batch_size=disable_by_batch_size,
+        num_blocks=num_blocks,
+        max_num_batched_tokens=32,
+        async_scheduling=async_scheduling,
     )
     worker = SpecSimulatedWorker(block_size=4, num_spec_tokens=3, seed=seed, async_scheduling=async_scheduling)
     arrivals: dict[int, list[Request]] = {}
@@ -327,10 +353,14 @@ def test_speculation_generates_the_reference_tokens_and_frees_every_block(
         arrivals.setdefault(i // 2, []).append(make_request(request_id, prompt, max_tokens=max_tokens))
     result = run_until_done(scheduler, worker, arrivals=arrivals, async_scheduling=async_scheduling)
     assert result.token_ids == {rid: reference_tokens(prompt, n) for rid, prompt, n in workload}
-    assert worker.num_verified_drafts > 10 and worker.num_accepted > 10
-    if async_scheduling:
-        # Steps were scheduled with drafts in flight, corrected, and with slots left unfilled.
-        assert worker.num_corrected > 10 and worker.num_unfilled_slots > 10
+    if disable_by_batch_size is None:
+        assert worker.num_verified_drafts > 10 and worker.num_accepted > 10
+        if async_scheduling:
+            # Steps were scheduled with drafts in flight, corrected, and with slots left unfilled.
+            assert worker.num_corrected > 10 and worker.num_unfilled_slots > 10
+    else:
+        # Drafts only in the steps with at most 3 requests.
+        assert worker.num_verified_drafts > 0
     assert (result.num_preemptions > 0) == (num_blocks == 20)
     manager = scheduler.kv_cache_manager
     assert manager.num_free_blocks == manager.num_usable_blocks and not manager.req_to_blocks

@@ -122,6 +122,10 @@ def test_config_defaults_and_errors() -> None:
         SpeculativeConfig.from_value({"method": "ngram", "num_speculative_tokens": 2, "lookup": 3})
     with pytest.raises(ValueError, match="JSON"):
         SpeculativeConfig.from_value("{method: ngram}")
+    with pytest.raises(ValueError, match="disable_by_batch_size"):
+        SpeculativeConfig(method="ngram", num_speculative_tokens=2, disable_by_batch_size=0)
+    config = SpeculativeConfig.from_value('{"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 4}')
+    assert config is not None and config.disable_by_batch_size == 4
 
 
 def test_cli_flag_takes_json_and_keeps_async_scheduling(make_tiny_checkpoint) -> None:

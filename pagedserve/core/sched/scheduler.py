@@ -181,6 +181,7 @@ class Scheduler:
         """Speculative decoding: the worker proposes drafts after each step (ModelRunnerOutput's
         `spec_token_ids`); a request carries them to its next step, which verifies them."""
         self.num_spec_tokens = 0 if speculative_config is None else int(speculative_config.num_speculative_tokens or 0)
+        self.spec_disable_by_batch_size = None if speculative_config is None else speculative_config.disable_by_batch_size
         self._spec_stats: SpecDecodingStats | None = None
         # Async scheduling only (see below); empty otherwise.
         self._placeholder_drafts: list[int] = []
@@ -330,9 +331,15 @@ class Scheduler:
         allocate_slots = self.kv_cache_manager.allocate_slots
         use_pp = self.use_pp
         max_model_len = self.max_model_len
+        limit = self.spec_disable_by_batch_size
+        # A batch this large verifies no drafts (speculative_config.disable_by_batch_size). Drafts
+        # are optional: dropping them is what _allocate_running does before preempting anyone.
+        drop_drafts = limit is not None and len(running) + len(self.waiting) > limit
         req_index = 0
         while req_index < len(running) and step.token_budget > 0:
             request = running[req_index]
+            if drop_drafts and request.spec_token_ids:
+                request.spec_token_ids = []
             num_computed_tokens = request.num_computed_tokens
             num_placeholders = request.num_output_placeholders
             num_new_tokens = request.num_tokens + len(request.spec_token_ids) + num_placeholders - num_computed_tokens
