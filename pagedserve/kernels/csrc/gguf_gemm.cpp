@@ -653,9 +653,9 @@ inline float finish_row(__m256 acc, __m256 mins, float tail) {
 
 // Part g of `groups` of the row at `row` + prefetch (row_bytes, the tail blocks past the last whole
 // group included): every cache line it touches, so that the next tile finds its whole rows in L1.
-// NOTE: parts of whole groups left the tail's lines (and a group's last partial line) to the
-// hardware prefetcher, which loses two interleaved row streams: Q8_0 rows of 896 values (952
-// bytes, 4 tail blocks) then ran 3x slower at 2 rows of x than at 1.
+// NOTE: prefetching whole groups only left the tail's lines (and a group's last partial line) to
+// the hardware prefetcher, which loses interleaved row streams: 2 of the 15 lines of a Q8_0 row
+// of 896 values (4 tail blocks past 3 groups).
 template <int64_t T>
 void prefetch_part(const uint8_t* row, int64_t prefetch, int64_t g, int64_t groups, int64_t row_bytes) {
   if (prefetch == 0) return;
