@@ -216,7 +216,7 @@ def print_table(concurrency: int, results: dict[str, dict]) -> None:
         "| metric | "
         + " | ".join(engines)
         + " | "
-        + " | ".join(f"{e} / pagedserve" for e in engines[1:])
+        + " | ".join(f"{e} / {engines[0]}" for e in engines[1:])
         + " |"
     )
     print("|---" * (1 + 2 * len(engines) - 1) + "|")
