@@ -696,7 +696,7 @@ void layer_in_region(const LayerWeights& lw, const StepInputs& in, float* residu
   // splits each group's query heads, or one thread would do twice the other's share.
   const int64_t KVH = lw.num_kv_heads, group = lw.num_heads / KVH;
   const int64_t pairs = static_cast<int64_t>(in.runs.size()) * KVH;
-  const int64_t head_split = std::clamp<int64_t>((4 * nt + pairs - 1) / pairs, 1, group);
+  const int64_t head_split = pairs == 0 ? 1 : std::clamp<int64_t>((4 * nt + pairs - 1) / pairs, 1, group);
   const auto [i0, i1] = share(T * KVH, tid, nt);
   if (in.kv_first || head_split > 1) {
     attend_items_any(lw, in, kv_cache, b.qkv.data(), b.attn.data(), i0, i1, 1, scratch, kPrepare);
