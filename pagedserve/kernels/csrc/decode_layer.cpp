@@ -106,24 +106,18 @@ void silu_and_mul_row(const float* gate, const float* up, int64_t n, float* y) {
   for (; i < n; ++i) y[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
 }
 
-// Attention rows of one item: some query heads, of one KV head, of one request's queries (one
-// query, or a request's last token and its drafts: adjacent queries whose block tables agree).
-// Row i attends keys at positions [begin[i], end[i]).
-struct AttendRows {
-  std::vector<const float*> q;  // [D] each
-  std::vector<float*> out;      // [D] each
-  std::vector<int64_t> begin, end;
-  void clear() {
-    q.clear();
-    out.clear();
-    begin.clear();
-    end.clear();
-  }
+// One attention row of an item. An item is some query heads, of one KV head, of one request's
+// queries (one query, or a request's last token and its drafts: adjacent queries whose block
+// tables agree). A row attends the keys at positions [begin, end).
+struct AttendRow {
+  const float* q;  // [D]
+  float* out;      // [D]
+  int64_t begin, end;
 };
 
 // Per-thread scratch of the attention phase.
 struct AttendScratch {
-  AttendRows rows;
+  std::vector<AttendRow> rows;
   std::vector<float> scores;     // [rows, keys rounded up to 8]
   std::vector<int64_t> offsets;  // element offset of each key's row in the caches
 };
@@ -131,17 +125,6 @@ struct AttendScratch {
 // Keys a pass reads ahead of the one it computes with. A request's keys sit in blocks scattered over
 // the cache, 16 rows a block, too short a run for the hardware prefetcher to follow.
 constexpr int64_t kPrefetchKeys = 16;
-
-template <typename C>
-inline void prefetch_row(const C* row, int64_t bytes) {
-#if defined(PAGEDSERVE_AVX2)
-  const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
-#else
-  (void)row;
-  (void)bytes;
-#endif
-}
 
 // Softmax of s[0, n) in place, unnormalised; returns 1 / sum.
 inline float softmax_unnormalised(float* s, int64_t n) {
@@ -181,8 +164,8 @@ inline float softmax_unnormalised(float* s, int64_t n) {
 template <typename C>
 void attend_rows(AttendScratch& s, const C* k_cache, const C* v_cache, int64_t first, int64_t n, int64_t D,
                  float scale) {
-  const AttendRows& rows = s.rows;
-  const int64_t num_rows = static_cast<int64_t>(rows.q.size());
+  const std::vector<AttendRow>& rows = s.rows;
+  const int64_t num_rows = static_cast<int64_t>(rows.size());
   const int64_t* offsets = s.offsets.data();
   bool vector = false;
 #if defined(PAGEDSERVE_AVX2)
@@ -198,9 +181,9 @@ void attend_rows(AttendScratch& s, const C* k_cache, const C* v_cache, int64_t f
       const C* keys[8];
       for (int r = 0; r < 8; ++r) keys[r] = k_cache + offsets[j + r];
       if (j + kPrefetchKeys + 8 <= padded)
-        for (int r = 0; r < 8; ++r) prefetch_row(k_cache + offsets[j + kPrefetchKeys + r], row_bytes);
+        for (int r = 0; r < 8; ++r) pagedserve::prefetch_bytes(k_cache + offsets[j + kPrefetchKeys + r], row_bytes);
       for (int64_t i = 0; i < num_rows; ++i) {
-        const float* q = rows.q[i];
+        const float* q = rows[i].q;
         __m256 acc[8];
         for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
         for (int64_t d = 0; d < D; d += 8) {
@@ -216,23 +199,23 @@ void attend_rows(AttendScratch& s, const C* k_cache, const C* v_cache, int64_t f
       for (int64_t j = 0; j < n; ++j) {
         const C* k = k_cache + offsets[j];
         float dot = 0.0f;
-        for (int64_t d = 0; d < D; ++d) dot += rows.q[i][d] * static_cast<float>(k[d]);
+        for (int64_t d = 0; d < D; ++d) dot += rows[i].q[d] * static_cast<float>(k[d]);
         scores[i * padded + j] = dot * scale;
       }
   }
   for (int64_t i = 0; i < num_rows; ++i) {
-    const int64_t skip = rows.begin[i] - first, m = rows.end[i] - rows.begin[i];
+    const int64_t skip = rows[i].begin - first, m = rows[i].end - rows[i].begin;
     float* p = scores + i * padded + skip;
     const int64_t* offs = offsets + skip;
     const float inv_total = softmax_unnormalised(p, m);
-    float* out = rows.out[i];
+    float* out = rows[i].out;
     int64_t d0 = 0;
 #if defined(PAGEDSERVE_AVX2)
     for (; d0 + 64 <= D; d0 += 64) {  // 64 output values in 8 registers per pass over V
       __m256 acc[8];
       for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
       for (int64_t k = 0; k < m; ++k) {
-        if (d0 == 0 && k + kPrefetchKeys < m) prefetch_row(v_cache + offs[k + kPrefetchKeys], row_bytes);
+        if (d0 == 0 && k + kPrefetchKeys < m) pagedserve::prefetch_bytes(v_cache + offs[k + kPrefetchKeys], row_bytes);
         const C* v = v_cache + offs[k] + d0;
         const __m256 pk = _mm256_set1_ps(p[k]);
         for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(pk, pagedserve::load8f(v + 8 * c), acc[c]);
@@ -491,7 +474,7 @@ void attend_items(const LayerWeights& lw, const StepInputs& in, at::Tensor& kv_c
     const int64_t u = item / (KVH * head_split), h = item / head_split % KVH, part = item % head_split;
     const int64_t g0 = part * group / head_split, g1 = (part + 1) * group / head_split;
     const auto [r0, r1] = in.runs[u];
-    AttendRows& rows = scratch.rows;
+    std::vector<AttendRow>& rows = scratch.rows;
     rows.clear();
     int64_t first = std::numeric_limits<int64_t>::max(), last = 0;
     for (int64_t r = r0; r < r1; ++r) {
@@ -500,10 +483,7 @@ void attend_items(const LayerWeights& lw, const StepInputs& in, at::Tensor& kv_c
       first = std::min(first, begin);
       last = std::max(last, seq_len);
       for (int64_t g = g0; g < g1; ++g) {
-        rows.q.push_back(qkv + t * qkv_size + (h * group + g) * D);
-        rows.out.push_back(attn + t * q_size + (h * group + g) * D);
-        rows.begin.push_back(begin);
-        rows.end.push_back(seq_len);
+        rows.push_back({qkv + t * qkv_size + (h * group + g) * D, attn + t * q_size + (h * group + g) * D, begin, seq_len});
       }
     }
     // The run's last query has the longest table; the others agree with it where they read.

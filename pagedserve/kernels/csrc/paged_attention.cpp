@@ -37,13 +37,7 @@ struct Work {
 
 template <typename T>
 inline void prefetch_row(const T* row, int64_t head_size) {
-#if defined(__AVX512F__)
-  const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t b = 0; b < head_size * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
-#else
-  (void)row;
-  (void)head_size;
-#endif
+  pagedserve::prefetch_bytes(row, head_size * static_cast<int64_t>(sizeof(T)));
 }
 
 // ---- portable path: any head size, any CPU --------------------------------------------------
