@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import hashlib
 import json
 import logging
@@ -31,13 +34,45 @@ def get_tokenizer(
     if path.endswith(".gguf"):
         if not os.path.isfile(path):
             raise ValueError(f"tokenizer file {path!r} does not exist")
-        return _gguf_tokenizer(path)
-    if not os.path.isdir(path):
+        tok = _gguf_tokenizer(path)
+    elif not os.path.isdir(path):
         raise ValueError(
             f"tokenizer {path!r} is neither a checkpoint directory nor a .gguf file "
             "(there is no model hub here: pass a local path)"
         )
-    return _from_directory(path, trust_remote_code)
+    else:
+        tok = _from_directory(path, trust_remote_code)
+    _drop_construction_copies(tok)
+    return tok
+
+
+# Attributes in which transformers 5's BPE tokenizer classes (Qwen2Tokenizer, LlamaTokenizer,
+# GemmaTokenizer, ...) keep the Python vocabulary dict and merges list they built the Rust
+# tokenizer from. Nothing reads them after __init__: encoding, decoding, get_vocab() and
+# save_pretrained() all go through the Rust tokenizer.
+_CONSTRUCTION_COPIES = ("_vocab", "_merges")
+
+
+def _drop_construction_copies(tok: PreTrainedTokenizerBase) -> None:
+    """Free the tokenizer's Python copies of its vocabulary and merges, and hand the freed heap
+    back to the OS: on Qwen2.5's 151k vocabulary the copies are ~50 MB of Python objects and
+    parsing left ~50 MB more of fragmented heap, i.e. ~100 MB of the API server's resident memory."""
+    for name in _CONSTRUCTION_COPIES:
+        value = getattr(tok, name, None)
+        if isinstance(value, (dict, list)):
+            setattr(tok, name, type(value)())
+    gc.collect()  # the load leaves reference cycles holding parsed JSON; trim after they go
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """glibc's malloc_trim(0): return free heap pages to the OS (a no-op elsewhere)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS)
+        pass
 
 
 def _from_directory(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -95,7 +95,10 @@ def materialize_meta_module(model: nn.Module, device: torch.device | str) -> Non
                 continue
             new = replaced.get(id(param))
             if new is None:
-                new = nn.Parameter(torch.empty_like(param, device=device), requires_grad=False)
+                # Not empty_like: on a meta tensor it runs torch's Python reference, which
+                # imports sympy (~33 MB resident in the engine process for the rest of its life).
+                storage = torch.empty_strided(param.size(), param.stride(), dtype=param.dtype, device=device)
+                new = nn.Parameter(storage, requires_grad=False)
                 new.__dict__.update(param.__dict__)
                 replaced[id(param)] = new
             module._parameters[name] = new
