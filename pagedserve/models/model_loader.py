@@ -72,9 +72,10 @@ def iterate_weights(model_config: ModelConfig) -> Iterator[tuple[str, Any]]:
 def build_meta_model(model_config: ModelConfig) -> nn.Module:
     """The registered model for `model_config`, built on the meta device (shapes, no storage)."""
     model_cls, _ = resolve_model_cls(model_config.architectures)
-    max_position = max(
-        int(getattr(model_config.hf_config, "max_position_embeddings", 0) or 0), model_config.max_model_len
-    )
+    # Models take max_position only to size their rotary cos/sin tables (absolute position
+    # embeddings follow the checkpoint's config). No position reaches max_model_len: the scheduler
+    # stops a request there and cuts drafts to it. Qwen2.5's 32k-row table was 8 MB resident.
+    max_position = model_config.max_model_len
     quant_config = None
     if model_config.quantization is not None:
         quant_config = get_quantization_config(model_config.quantization)
