@@ -93,6 +93,38 @@ def test_linear_output_rows_do_not_depend_on_the_batch(qtype: GGMLQuantizationTy
         assert torch.equal(gguf_ops.linear(x[row : row + 1], [weight], [qtype])[0], batched[row])
 
 
+@pytest.mark.parametrize("qtype", QUANTIZED, ids=lambda t: t.name)
+@pytest.mark.parametrize("num_rows", [16, 23, 300])
+def test_panels_are_within_the_activation_rounding_bound(qtype: GGMLQuantizationType, num_rows: int) -> None:
+    # From 16 rows of x on, weights are unpacked into panels of 16 rows: 37 rows are two whole
+    # panels and one of 5, 300 rows of x two slices of up to 256, and 288 columns end in 32-value
+    # blocks past the last group of 8.
+    columns = 288 if GGML_QUANT_SIZES[qtype][0] == 32 else 512
+    weight = random_weight(qtype, 37, columns, seed=num_rows)
+    dense = reference(weight, qtype)
+    x = torch.randn(num_rows, columns, generator=torch.Generator().manual_seed(num_rows))
+    bias = torch.randn(37)
+    y = gguf_ops.linear(x, [weight], [qtype], bias).double()
+    assert ((y - x.double() @ dense.T - bias.double()).abs() <= error_bound(x, dense) + 1e-6).all()
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q8_0], ids=lambda t: t.name)
+def test_panel_rows_do_not_depend_on_the_batch(qtype: GGMLQuantizationType) -> None:
+    # Panels take rows of x 4 at a time and a remainder of 1-3: a row's result is the same in a
+    # batch of 23 as in a batch of 16 that starts elsewhere, and with any number of threads.
+    columns = 288 if GGML_QUANT_SIZES[qtype][0] == 32 else 512
+    weight = random_weight(qtype, 40, columns)
+    x = torch.randn(23, columns)
+    batched = gguf_ops.linear(x, [weight], [qtype])
+    assert torch.equal(gguf_ops.linear(x[5:21], [weight], [qtype]), batched[5:21])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(gguf_ops.linear(x, [weight], [qtype]), batched)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_linear_concatenates_shards_of_mixed_types_and_adds_the_bias() -> None:
     plain = [torch.randn(10, 256), torch.randn(5, 256).bfloat16(), torch.randn(7, 256).half()]
     weights = [GGUFWeight.from_dense(t) for t in plain]
@@ -164,8 +196,9 @@ def test_fallback_without_the_kernel_agrees(monkeypatch: pytest.MonkeyPatch) -> 
 
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q5_1, T.Q6_K], ids=lambda t: t.name)
 def test_large_batches_dequantize_and_match_float32_with_plain_weights_in_place(qtype: GGMLQuantizationType) -> None:
-    # From 96 rows of x on, weight rows are dequantized into a buffer and multiplied by BLAS:
-    # float32 activations, so the result is the float32 product of the dequantized weights.
+    # From 96 rows of x on, a linear with plain shards dequantizes its weight rows into a buffer
+    # and multiplies by BLAS: float32 activations, so the result is the float32 product of the
+    # dequantized weights.
     quantized = random_weight(qtype, 70, 256, seed=3)
     plain = torch.randn(20, 256)
     weights = [quantized, GGUFWeight.from_dense(plain).data, quantized[10:30]]

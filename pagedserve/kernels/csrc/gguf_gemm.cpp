@@ -33,9 +33,12 @@
 // VNNI, vpmaddubsw needs a vpmaddwd to widen its sums: no fewer multiplies per value than int16.
 // The tiles are bound by unpacking and horizontal sums, not by multiplies.
 //
-// Every (row of x, row of W) dot product runs the same instruction sequence whatever M, the
-// thread count or the other rows are, so results do not depend on the batch. Work is split over
-// output rows only.
+// Below kPanelMinRows rows of x, tiles unpack the weights for every 4 rows of x and sum each
+// 32-value block horizontally; from kPanelMinRows on, panels unpack 16 weight rows once into a
+// column-interleaved layout that every row of x shares (see "Panels" below). Within each of the
+// two, every (row of x, row of W) dot product runs the same instruction sequence whatever M, the
+// thread count or the other rows are, so results do not depend on the batch; across the two they
+// differ in the last bits. Work is split over output rows only.
 //
 // Without AVX2 (or on another architecture) a scalar path dequantizes each weight row and takes
 // float dot products with unquantized x: slower, and slightly more exact.
@@ -745,6 +748,213 @@ void quant_tile(const uint8_t* const* w, int64_t prefetch, int64_t K, const Quan
     for (int r = 0; r < RA; ++r) y[i * RA + r] = finish_row(acc[i][r], mins[i][r], tail[i][r]);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Panels (M >= kPanelMinRows): 16 weight rows are unpacked once into int16 pairs stored column-
+// interleaved -- for block b and value pair p, one vector holds that pair of 8 weight rows -- so
+// that vpmaddwd against a broadcast pair of x values gives 8 output columns' partial dots at
+// once. No horizontal sums, and each unpacked weight vector serves 4 rows of x. Block factors are
+// applied per block in float: acc += float(int dot) * (dw * d_a) + mw * s_a.
+// NOTE: a different summation order than the tiles above: a row's result differs in the last bits
+// between batches below and above kPanelMinRows (as it does across kDequantMinRows).
+
+constexpr int kPanelColumns = 16;  // weight rows per panel: two vectors of 8 output columns
+constexpr int64_t kPanelSliceRows = 256;
+
+struct Panel {
+  std::vector<int32_t> q;     // [blocks][16 pairs][16 columns]: an int16 pair per int32
+  std::vector<float> dw, mw;  // [blocks][16 columns]
+  void resize(int64_t blocks) {
+    q.resize(blocks * 16 * kPanelColumns);
+    dw.resize(blocks * kPanelColumns);
+    mw.resize(blocks * kPanelColumns);
+  }
+};
+
+// r[i] (8 int32 lanes each) -> r[j] lane i = old r[i] lane j.
+inline void transpose8x8(__m256i r[8]) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x31);
+  }
+}
+
+// rows[c] (16 weight rows of type T, K values each) -> the panel's layout. Each group also
+// prefetches its counterpart in next[c] (the next panel's rows; null: none): 16 interleaved row
+// streams are more than the hardware prefetcher follows, and packing waited on memory.
+template <int64_t T>
+void pack_panel(const uint8_t* const* rows, const uint8_t* const* next, int64_t K, Panel& panel) {
+  using G = Group<T>;
+  using B = QBlock<T>;
+  const int64_t blocks = K / 32, groups = blocks / 8;
+  alignas(32) int32_t block[kPanelColumns][16];  // column c's 16 pairs of one block
+  alignas(32) float dw[8], mw[8];
+  auto store_block = [&](int64_t b) {
+    for (int half = 0; half < 2; ++half) {    // columns 0-7, 8-15
+      for (int pairs = 0; pairs < 2; ++pairs) {  // pairs 0-7, 8-15
+        __m256i r[8];
+        for (int c = 0; c < 8; ++c)
+          r[c] = _mm256_load_si256(reinterpret_cast<const __m256i*>(&block[8 * half + c][8 * pairs]));
+        transpose8x8(r);
+        __m256i* out = reinterpret_cast<__m256i*>(panel.q.data() + (b * 16 + 8 * pairs) * kPanelColumns + 8 * half);
+        for (int p = 0; p < 8; ++p) _mm256_storeu_si256(out + 2 * p, r[p]);
+      }
+    }
+  };
+  const int64_t row_bytes = blocks * 32 / B::kValues * B::kBytes;
+  for (int64_t g = 0; g < groups; ++g) {
+    if (next != nullptr)
+      for (int c = 0; c < kPanelColumns; ++c) prefetch_part<T>(rows[c], next[c] - rows[c], g, groups, row_bytes);
+    for (int c = 0; c < kPanelColumns; ++c) {
+      const uint8_t* p = rows[c] + g * G::kGroupBytes;
+      __m256 d, m = _mm256_setzero_ps();
+      G::factors(p, &d, &m);
+      _mm256_store_ps(dw, d);
+      _mm256_store_ps(mw, m);
+      for (int j = 0; j < 8; ++j) {
+        panel.dw[(8 * g + j) * kPanelColumns + c] = dw[j];
+        panel.mw[(8 * g + j) * kPanelColumns + c] = mw[j];
+      }
+    }
+    for (int j = 0; j < 8; ++j) {
+      for (int c = 0; c < kPanelColumns; ++c) {
+        const Sub sub = G::unpack(rows[c] + g * G::kGroupBytes, j);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(&block[c][0]), sub.lo);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(&block[c][8]), sub.hi);
+      }
+      store_block(8 * g + j);
+    }
+  }
+  if constexpr (B::kSubs == 1) {  // blocks past the last whole group
+    for (int64_t b = 8 * groups; b < blocks; ++b) {
+      for (int c = 0; c < kPanelColumns; ++c) {
+        const Sub sub = B::unpack(rows[c] + b * B::kBytes, 0, {});
+        _mm256_store_si256(reinterpret_cast<__m256i*>(&block[c][0]), sub.lo);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(&block[c][8]), sub.hi);
+        alignas(16) float wm[4];
+        _mm_store_ps(wm, sub.wm);
+        panel.dw[b * kPanelColumns + c] = wm[0];
+        panel.mw[b * kPanelColumns + c] = wm[1];
+      }
+      store_block(b);
+    }
+  }
+}
+
+using PackFn = void (*)(const uint8_t* const*, const uint8_t* const*, int64_t, Panel&);
+
+PackFn pack_for(int64_t type) {
+  switch (type) {
+    case kQ4_0: return &pack_panel<kQ4_0>;
+    case kQ4_1: return &pack_panel<kQ4_1>;
+    case kQ5_0: return &pack_panel<kQ5_0>;
+    case kQ5_1: return &pack_panel<kQ5_1>;
+    case kQ8_0: return &pack_panel<kQ8_0>;
+    case kQ4_K: return &pack_panel<kQ4_K>;
+    case kQ5_K: return &pack_panel<kQ5_K>;
+    case kQ6_K: return &pack_panel<kQ6_K>;
+    default: TORCH_CHECK(false, "gguf: no panel for ggml type ", type);
+  }
+  return nullptr;
+}
+
+// Blocks [b_begin, b_end) of a packed panel against R rows of x from m0, added to f[r * 16 + c].
+// NOTE: noinline: inlined into gguf_gemm_rows, GCC keeps the accumulators on the stack.
+template <int R>
+__attribute__((noinline)) void panel_blocks(const Panel& panel, int64_t b_begin, int64_t b_end, const QuantizedX& qx,
+                                            int64_t m0, float* f) {
+  for (int64_t b = b_begin; b < b_end; ++b) {
+    __m256i acc[R][2];
+    const int32_t* xq[R];
+    for (int r = 0; r < R; ++r) {
+      acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+      xq[r] = reinterpret_cast<const int32_t*>(qx.row_q(m0 + r)) + 16 * b;
+    }
+    const __m256i* w = reinterpret_cast<const __m256i*>(panel.q.data() + b * 16 * kPanelColumns);
+#pragma GCC unroll 16
+    for (int p = 0; p < 16; ++p) {
+      const __m256i w0 = _mm256_loadu_si256(w + 2 * p), w1 = _mm256_loadu_si256(w + 2 * p + 1);
+      for (int r = 0; r < R; ++r) {
+        const __m256i xb = _mm256_set1_epi32(xq[r][p]);
+        acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(w0, xb));
+        acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(w1, xb));
+        // TRAP: without this GCC reassociates the unrolled integer sums: it keeps every product
+        // on the stack and adds them up after the loop, at 60% of this speed.
+        asm("" : "+x"(acc[r][0]), "+x"(acc[r][1]));
+      }
+    }
+    const float* dw = panel.dw.data() + b * kPanelColumns;
+    const float* mw = panel.mw.data() + b * kPanelColumns;
+    for (int r = 0; r < R; ++r) {
+      const __m256 da = _mm256_set1_ps(qx.row_d(m0 + r)[b]), sa = _mm256_set1_ps(qx.row_s(m0 + r)[b]);
+      for (int h = 0; h < 2; ++h) {
+        float* fr = f + r * kPanelColumns + 8 * h;
+        __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][h]), _mm256_mul_ps(_mm256_loadu_ps(dw + 8 * h), da),
+                                   _mm256_loadu_ps(fr));
+        _mm256_storeu_ps(fr, _mm256_fmadd_ps(_mm256_loadu_ps(mw + 8 * h), sa, v));
+      }
+    }
+  }
+}
+
+// Columns [local_begin, local_end) of block-quantized shard `sh` for all M rows of x, one panel
+// at a time; y points at the output column of local_begin.
+void panel_columns(const pagedserve::GgufShard& sh, int64_t local_begin, int64_t local_end, int64_t K,
+                   const QuantizedX& qx, int64_t M, float* y, int64_t ldy) {
+  // (References taken once: in a shared library each use of a thread_local calls __tls_get_addr.)
+  thread_local Panel thread_panel;
+  thread_local std::vector<float> thread_sums;
+  Panel& panel = thread_panel;
+  std::vector<float>& sums = thread_sums;
+  const int64_t blocks = K / 32;
+  panel.resize(blocks);
+  const PackFn pack = pack_for(sh.type);
+  // Rows of x in slices of kPanelSliceRows, each over every panel (packed again per slice): a
+  // slice's quantized x (<= 2.5 MB at K = 4864) stays in cache while the panels pass.
+  for (int64_t m0 = 0; m0 < M; m0 += kPanelSliceRows) {
+    const int64_t rows_x = std::min(kPanelSliceRows, M - m0);
+    for (int64_t n = local_begin; n < local_end; n += kPanelColumns) {
+      const int columns = static_cast<int>(std::min<int64_t>(kPanelColumns, local_end - n));
+      const int64_t next_n = n + kPanelColumns;
+      const int next_columns = static_cast<int>(std::min<int64_t>(kPanelColumns, local_end - next_n));
+      const uint8_t* rows[kPanelColumns];
+      const uint8_t* next[kPanelColumns];
+      for (int c = 0; c < kPanelColumns; ++c) {
+        rows[c] = sh.data + (n + std::min(c, columns - 1)) * sh.row_stride;
+        next[c] = sh.data + (next_n + std::min(c, std::max(next_columns, 1) - 1)) * sh.row_stride;
+      }
+      pack(rows, next_columns > 0 ? next : nullptr, K, panel);
+      // 8 blocks (8 KB of panel, in L1) at a time pass every row of x; the rows' float sums wait in
+      // `sums` (16 floats a row).
+      sums.assign(rows_x * kPanelColumns, 0.0f);
+      for (int64_t b0 = 0; b0 < blocks; b0 += 8) {
+        const int64_t b1 = std::min(blocks, b0 + 8);
+        int64_t m = 0;
+        for (; m + 4 <= rows_x; m += 4) panel_blocks<4>(panel, b0, b1, qx, m0 + m, sums.data() + m * kPanelColumns);
+        switch (rows_x - m) {
+          case 3: panel_blocks<3>(panel, b0, b1, qx, m0 + m, sums.data() + m * kPanelColumns); break;
+          case 2: panel_blocks<2>(panel, b0, b1, qx, m0 + m, sums.data() + m * kPanelColumns); break;
+          case 1: panel_blocks<1>(panel, b0, b1, qx, m0 + m, sums.data() + m * kPanelColumns); break;
+          default: break;
+        }
+      }
+      float* yn = y + m0 * ldy + (n - local_begin);
+      for (int64_t m = 0; m < rows_x; ++m)
+        std::memcpy(yn + m * ldy, sums.data() + m * kPanelColumns, columns * sizeof(float));
+    }
+  }
+}
+
 // Plain weights (F32 / F16 / BF16) against float32 rows of x: 8 values a step.
 template <int64_t T>
 inline __m256 load8(const uint8_t* w) {
@@ -925,6 +1135,12 @@ void dequant_gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const std::
 
 namespace pagedserve {
 
+bool all_block_quantized(const std::vector<GgufShard>& shards) {
+  for (const GgufShard& s : shards)
+    if (is_plain(s.type)) return false;
+  return true;
+}
+
 bool gguf_needs_activations(const std::vector<GgufShard>& shards) {
   for (const GgufShard& s : shards)
     if (!is_plain(s.type)) return true;
@@ -959,29 +1175,47 @@ void gguf_gemm_rows(const float* x, int64_t ldx, const GgufActivations& qx, int6
     while (n >= first_row + shards[s].rows) first_row += shards[s++].rows;
   };
 #if defined(PAGEDSERVE_AVX2)
-  // Rows are walked in chunks that stay in L1/L2 while every group of (up to 4) rows of x passes
-  // over them, one or two weight rows per tile (two_row_tiles).
-  const int64_t chunk = std::max<int64_t>(8, (16 * 1024) / gguf_row_bytes(shards, K));
-  float yt[8];
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += chunk) {
-    const int64_t n1 = std::min(n_end, n0 + chunk);
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int ra = static_cast<int>(std::min<int64_t>(4, M - m0));
-      s = 0;
-      first_row = 0;
-      for (int64_t n = n0; n < n1;) {
-        seek(n);
-        const GgufShard& sh = shards[s];
-        const int64_t shard_end = first_row + sh.rows, local = n - first_row;
-        // one row of x: single-row tiles of 8 sub-blocks at a time (quant_row_grouped)
-        const int rw = n + 1 < std::min(n1, shard_end) && (M > 1 || is_plain(sh.type)) && two_row_tiles(sh.type) ? 2 : 1;
-        const uint8_t* w[2] = {sh.data + local * sh.row_stride, sh.data + (local + rw - 1) * sh.row_stride};
-        const int64_t prefetch = n + 2 * rw <= std::min(n_end, shard_end) ? rw * sh.row_stride : 0;
-        tile_for(sh.type, rw, ra)({w, prefetch, K, &qx, x + m0 * ldx, ldx, m0, yt});
-        for (int i = 0; i < rw; ++i)
-          for (int r = 0; r < ra; ++r) y[(m0 + r) * ldy + n + i] = yt[i * ra + r];
-        n += rw;
+  // Tiles: rows are walked in chunks that stay in L1/L2 while every group of (up to 4) rows of x
+  // passes over them, one or two weight rows per tile (two_row_tiles).
+  auto tiles = [&](int64_t begin, int64_t end) {
+    const int64_t chunk = std::max<int64_t>(8, (16 * 1024) / gguf_row_bytes(shards, K));
+    float yt[8];
+    for (int64_t n0 = begin; n0 < end; n0 += chunk) {
+      const int64_t n1 = std::min(end, n0 + chunk);
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int ra = static_cast<int>(std::min<int64_t>(4, M - m0));
+        s = 0;
+        first_row = 0;
+        for (int64_t n = n0; n < n1;) {
+          seek(n);
+          const GgufShard& sh = shards[s];
+          const int64_t shard_end = first_row + sh.rows, local = n - first_row;
+          // one row of x: single-row tiles of 8 sub-blocks at a time (quant_row_grouped)
+          const int rw =
+              n + 1 < std::min(n1, shard_end) && (M > 1 || is_plain(sh.type)) && two_row_tiles(sh.type) ? 2 : 1;
+          const uint8_t* w[2] = {sh.data + local * sh.row_stride, sh.data + (local + rw - 1) * sh.row_stride};
+          const int64_t prefetch = n + 2 * rw <= std::min(end, shard_end) ? rw * sh.row_stride : 0;
+          tile_for(sh.type, rw, ra)({w, prefetch, K, &qx, x + m0 * ldx, ldx, m0, yt});
+          for (int i = 0; i < rw; ++i)
+            for (int r = 0; r < ra; ++r) y[(m0 + r) * ldy + n + i] = yt[i * ra + r];
+          n += rw;
+        }
       }
+    }
+  };
+  if (M < kPanelMinRows) {
+    tiles(n_begin, n_end);
+  } else {  // block-quantized shards by panels (unpacked once for every row of x), plain ones by tiles
+    for (int64_t n = n_begin; n < n_end;) {
+      seek(n);  // (tiles() leaves s / first_row at a shard at or before n's: seek only moves on)
+      const GgufShard& sh = shards[s];
+      const int64_t end = std::min(n_end, first_row + sh.rows);
+      if (is_plain(sh.type)) {
+        tiles(n, end);
+      } else {
+        panel_columns(sh, n - first_row, end - first_row, K, qx, M, y + n, ldy);
+      }
+      n = end;
     }
   }
 #else
@@ -1008,7 +1242,13 @@ void gguf_gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const std::vec
                const float* bias, float* y, int64_t ldy) {
   const int64_t N = gguf_total_rows(shards);
   if (M == 0 || N == 0) return;
-  if (M >= kDequantMinRows) {
+#if defined(PAGEDSERVE_AVX2)
+  // Plain (F32 / F16 / BF16) weights meet many rows of x in MKL, block-quantized ones in panels.
+  const bool dequantize = M >= kDequantMinRows && !all_block_quantized(shards);
+#else
+  const bool dequantize = M >= kDequantMinRows;  // the scalar rows path would be far slower than MKL
+#endif
+  if (dequantize) {
     dequant_gemm(x, ldx, M, K, shards, y, ldy);
     if (bias != nullptr) {
       for (int64_t m = 0; m < M; ++m)

@@ -16,9 +16,16 @@ struct GgufShard {
   int64_t rows;
 };
 
-// From this many rows of x on, gguf_gemm dequantizes weight rows into a float32 buffer and runs
-// the BLAS GEMM (MKL), which then beats the int16 tiles (1.2-1.7x at 128-512 rows).
+// From this many rows of x on, gguf_gemm runs plain (F32 / F16 / BF16) weights through a float32
+// copy and the BLAS GEMM (MKL). Block-quantized weights go through int16 panels at any size
+// from kPanelMinRows: on this AVX2 Zen 3 they measured 1.3-2.4x MKL's speed (dequantizing
+// included) at 128-256 rows and level with it at 512.
 constexpr int64_t kDequantMinRows = 96;
+
+// From this many rows of x on, block-quantized weights are unpacked once per 16 rows into
+// column-interleaved int16 panels that every row of x shares (see gguf_gemm.cpp); below, each
+// group of 4 rows unpacks them again in its tiles, which is faster for few rows.
+constexpr int64_t kPanelMinRows = 16;
 
 // Rows of x quantized for block weights: per block of 32 values int16 q and (d, d * sum(q)),
 // d = max|x| / 32767 (see gguf_gemm.cpp).
@@ -39,7 +46,7 @@ struct GgufActivations {
 void gguf_gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const std::vector<GgufShard>& shards,
                const float* bias, float* y, int64_t ldy);
 
-// The parts of gguf_gemm (M < kDequantMinRows), for callers that split the work themselves:
+// The parts of gguf_gemm (any M for block-quantized weights), for callers that split the work themselves:
 // quantize rows [m_begin, m_end) of x into `qx` (resized for all rows first; only needed when
 // gguf_needs_activations), then compute output columns [n_begin, n_end) on one thread.
 bool gguf_needs_activations(const std::vector<GgufShard>& shards);

@@ -91,9 +91,9 @@ def _weights(linear: LinearBase) -> tuple[list[torch.Tensor], list[int], torch.T
     return None
 
 
-# From this many decodes on, each layer's GEMMs run MKL (see kernels/csrc/gguf_gemm.h,
-# kDequantMinRows): one op per layer, each GEMM its own parallel region, instead of one region
-# for the whole step.
+# From this many decodes on, one op per layer, each GEMM its own parallel region (gguf_gemm:
+# int16 panels for block-quantized weights, MKL for plain ones, see kernels/csrc/gguf_gemm.h),
+# instead of one region for the whole step.
 _PER_LAYER_MIN_TOKENS = 96
 
 
