@@ -873,19 +873,23 @@ PackFn pack_for(int64_t type) {
 template <int R>
 __attribute__((noinline)) void panel_blocks(const Panel& panel, int64_t b_begin, int64_t b_end, const QuantizedX& qx,
                                             int64_t m0, float* f) {
+  const int32_t* xq[R];  // x's int16 pairs
+  const float* da[R];
+  const float* sa[R];
+  for (int r = 0; r < R; ++r) {
+    xq[r] = reinterpret_cast<const int32_t*>(qx.row_q(m0 + r));
+    da[r] = qx.row_d(m0 + r);
+    sa[r] = qx.row_s(m0 + r);
+  }
   for (int64_t b = b_begin; b < b_end; ++b) {
     __m256i acc[R][2];
-    const int32_t* xq[R];
-    for (int r = 0; r < R; ++r) {
-      acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-      xq[r] = reinterpret_cast<const int32_t*>(qx.row_q(m0 + r)) + 16 * b;
-    }
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
     const __m256i* w = reinterpret_cast<const __m256i*>(panel.q.data() + b * 16 * kPanelColumns);
 #pragma GCC unroll 16
     for (int p = 0; p < 16; ++p) {
       const __m256i w0 = _mm256_loadu_si256(w + 2 * p), w1 = _mm256_loadu_si256(w + 2 * p + 1);
       for (int r = 0; r < R; ++r) {
-        const __m256i xb = _mm256_set1_epi32(xq[r][p]);
+        const __m256i xb = _mm256_set1_epi32(xq[r][16 * b + p]);
         acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(w0, xb));
         acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(w1, xb));
         // TRAP: without this GCC reassociates the unrolled integer sums: it keeps every product
@@ -893,15 +897,16 @@ __attribute__((noinline)) void panel_blocks(const Panel& panel, int64_t b_begin,
         asm("" : "+x"(acc[r][0]), "+x"(acc[r][1]));
       }
     }
-    const float* dw = panel.dw.data() + b * kPanelColumns;
-    const float* mw = panel.mw.data() + b * kPanelColumns;
+    const float* dwb = panel.dw.data() + b * kPanelColumns;
+    const float* mwb = panel.mw.data() + b * kPanelColumns;
+    const __m256 dw[2] = {_mm256_loadu_ps(dwb), _mm256_loadu_ps(dwb + 8)};
+    const __m256 mw[2] = {_mm256_loadu_ps(mwb), _mm256_loadu_ps(mwb + 8)};
     for (int r = 0; r < R; ++r) {
-      const __m256 da = _mm256_set1_ps(qx.row_d(m0 + r)[b]), sa = _mm256_set1_ps(qx.row_s(m0 + r)[b]);
+      const __m256 d = _mm256_broadcast_ss(da[r] + b), s = _mm256_broadcast_ss(sa[r] + b);
       for (int h = 0; h < 2; ++h) {
         float* fr = f + r * kPanelColumns + 8 * h;
-        __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][h]), _mm256_mul_ps(_mm256_loadu_ps(dw + 8 * h), da),
-                                   _mm256_loadu_ps(fr));
-        _mm256_storeu_ps(fr, _mm256_fmadd_ps(_mm256_loadu_ps(mw + 8 * h), sa, v));
+        const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][h]), _mm256_mul_ps(dw[h], d), _mm256_loadu_ps(fr));
+        _mm256_storeu_ps(fr, _mm256_fmadd_ps(mw[h], s, v));
       }
     }
   }
