@@ -55,8 +55,8 @@ _CONSTRUCTION_COPIES = ("_vocab", "_merges")
 
 def _drop_construction_copies(tok: PreTrainedTokenizerBase) -> None:
     """Free the tokenizer's Python copies of its vocabulary and merges, and hand the freed heap
-    back to the OS: on Qwen2.5's 151k vocabulary the copies are ~50 MB of Python objects and
-    parsing left ~50 MB more of fragmented heap, i.e. ~100 MB of the API server's resident memory."""
+    back to the OS. On Qwen2.5's 151k vocabulary the copies are ~50 MB of Python objects, and the
+    API server's resident memory went from 249 to 181 MB."""
     for name in _CONSTRUCTION_COPIES:
         value = getattr(tok, name, None)
         if isinstance(value, (dict, list)):
