@@ -76,7 +76,7 @@ def test_smollm2_tokenizer_matches_transformers_gguf_tokenizer(
 
 def test_tokenizer_keeps_no_python_copy_of_its_vocabulary(qwen3_tokenizer_dir: str) -> None:
     # transformers' BPE classes (Qwen2Tokenizer here) keep the vocab dict and merges list they
-    # built the Rust tokenizer from: ~100 MB of the API server on this 151k vocabulary.
+    # built the Rust tokenizer from: ~50 MB of Python objects on this 151k vocabulary.
     tokenizer = get_tokenizer(qwen3_tokenizer_dir)
     vocab_size = len(tokenizer)
     held = {

@@ -46,8 +46,8 @@ struct GgufActivations {
 void gguf_gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const std::vector<GgufShard>& shards,
                const float* bias, float* y, int64_t ldy);
 
-// The parts of gguf_gemm (any M for block-quantized weights), for callers that split the work themselves:
-// quantize rows [m_begin, m_end) of x into `qx` (resized for all rows first; only needed when
+// The parts of gguf_gemm (at any M for block-quantized weights), for callers that split the work
+// themselves: quantize rows [m_begin, m_end) of x into `qx` (resized for all rows first; only needed when
 // gguf_needs_activations), then compute output columns [n_begin, n_end) on one thread.
 bool gguf_needs_activations(const std::vector<GgufShard>& shards);
 void gguf_quantize_rows(const float* x, int64_t ldx, int64_t m_begin, int64_t m_end, GgufActivations* qx);
