@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 import hashlib
 import json
@@ -67,12 +66,10 @@ def _drop_construction_copies(tok: PreTrainedTokenizerBase) -> None:
 
 def _trim_heap() -> None:
     """glibc's malloc_trim(0): return free heap pages to the OS (a no-op elsewhere)."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        libc.malloc_trim(0)
-    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS)
-        pass
+    # The process's own symbols (CDLL(None)): find_library would run ldconfig in a subprocess.
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:  # not glibc (musl, macOS): nothing to trim
+        trim(0)
 
 
 def _from_directory(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -930,13 +930,13 @@ void panel_columns(const pagedserve::GgufShard& sh, int64_t local_begin, int64_t
     const int64_t rows_x = std::min(kPanelSliceRows, M - m0);
     for (int64_t n = local_begin; n < local_end; n += kPanelColumns) {
       const int columns = static_cast<int>(std::min<int64_t>(kPanelColumns, local_end - n));
-      const int64_t next_n = n + kPanelColumns;
+      const int64_t next_n = n + kPanelColumns;  // the next panel's first row, if any
       const int next_columns = static_cast<int>(std::min<int64_t>(kPanelColumns, local_end - next_n));
       const uint8_t* rows[kPanelColumns];
       const uint8_t* next[kPanelColumns];
       for (int c = 0; c < kPanelColumns; ++c) {
         rows[c] = sh.data + (n + std::min(c, columns - 1)) * sh.row_stride;
-        next[c] = sh.data + (next_n + std::min(c, std::max(next_columns, 1) - 1)) * sh.row_stride;
+        if (next_columns > 0) next[c] = sh.data + (next_n + std::min(c, next_columns - 1)) * sh.row_stride;
       }
       pack(rows, next_columns > 0 ? next : nullptr, K, panel);
       // 8 blocks (8 KB of panel, in L1) at a time pass every row of x; the rows' float sums wait in
