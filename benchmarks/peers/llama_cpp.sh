@@ -55,6 +55,11 @@ default_gguf() {
     "$PYTHON" -c "from pagedserve.model_files import default_model; print(default_model())"
 }
 
+# -march=native turns on ggml's AMX kernels where the CPU lists AMX; on the Sapphire Rapids VMs here
+# they die with SIGILL at their first tilezero while loading a model (plain AMX code runs fine
+# there), so llama.cpp is built as its AVX-512/VNNI users run it.
+NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
 build() {
     mkdir -p "$WORK"
     if [[ ! -d $SRC ]]; then
@@ -67,7 +72,8 @@ build() {
     fi
     cmake -S "$SRC" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release \
         -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF \
-        -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_NATIVE=ON
+        -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_NATIVE=ON \
+        -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX"
     cmake --build "$BUILD" --config Release -j "$JOBS" --target llama-server llama-quantize
     echo "built: $SERVER"
 }

@@ -60,6 +60,7 @@ from pagedserve.logger import configure_logging
 from pagedserve.process_utils import set_parent_death_signal, watch_parent
 from pagedserve.spec_decode.metrics import SpecDecodingStats
 from pagedserve.structured_output import StructuredOutputManager
+from pagedserve.utils import freeze_gc_heap
 from pagedserve.worker.outputs import ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
@@ -428,4 +429,5 @@ def run_engine_core(
         socket.close()
         os._exit(1)
     signal.signal(signal.SIGTERM, exit_on_sigterm)  # again: ray.init installs its own
+    freeze_gc_heap()
     engine.run()

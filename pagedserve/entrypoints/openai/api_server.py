@@ -67,6 +67,7 @@ from pagedserve.entrypoints.openai.serving_engine import RequestLimits
 from pagedserve.entrypoints.openai.serving_models import BaseModelPath, OpenAIServingModels
 from pagedserve.entrypoints.openai.serving_score import ServingScores
 from pagedserve.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
+from pagedserve.utils import freeze_gc_heap
 
 if TYPE_CHECKING:
     from pagedserve.config import EngineConfig
@@ -542,6 +543,7 @@ async def run_server(args: argparse.Namespace) -> int:
         app = build_app(args)
         init_app_state(engine, config, app.state, args, registry, stat_loggers)
         _log_startup(args, config, names, time.perf_counter() - start)
+        freeze_gc_heap()
         uvicorn_config = uvicorn.Config(
             app,
             log_level=args.uvicorn_log_level,
