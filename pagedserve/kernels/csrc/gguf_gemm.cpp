@@ -881,6 +881,32 @@ __attribute__((noinline)) void panel_blocks(const Panel& panel, int64_t b_begin,
     da[r] = qx.row_d(m0 + r);
     sa[r] = qx.row_s(m0 + r);
   }
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+  // One vpdpwssd per pair and row of x covers all 16 columns. Two accumulators per row (even and
+  // odd pairs): R chains of dependent vpdpwssd (5 cycles each) would idle the multipliers. The
+  // integer sums are the AVX2 loop's, and the float code below works lane by lane as it does,
+  // so results are the same bit for bit.
+  for (int64_t b = b_begin; b < b_end; ++b) {
+    __m512i acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+    const __m512i* w = reinterpret_cast<const __m512i*>(panel.q.data() + b * 16 * kPanelColumns);
+#pragma GCC unroll 16
+    for (int p = 0; p < 16; ++p) {
+      const __m512i wp = _mm512_loadu_si512(w + p);
+      for (int r = 0; r < R; ++r)
+        acc[r][p % 2] = _mm512_dpwssd_epi32(acc[r][p % 2], wp, _mm512_set1_epi32(xq[r][16 * b + p]));
+    }
+    const __m512 dw = _mm512_loadu_ps(panel.dw.data() + b * kPanelColumns);
+    const __m512 mw = _mm512_loadu_ps(panel.mw.data() + b * kPanelColumns);
+    for (int r = 0; r < R; ++r) {
+      const __m512 d = _mm512_set1_ps(da[r][b]), s = _mm512_set1_ps(sa[r][b]);
+      float* fr = f + r * kPanelColumns;
+      const __m512 sums = _mm512_cvtepi32_ps(_mm512_add_epi32(acc[r][0], acc[r][1]));
+      const __m512 v = _mm512_fmadd_ps(sums, _mm512_mul_ps(dw, d), _mm512_loadu_ps(fr));
+      _mm512_storeu_ps(fr, _mm512_fmadd_ps(mw, s, v));
+    }
+  }
+#else
   for (int64_t b = b_begin; b < b_end; ++b) {
     __m256i acc[R][2];
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
@@ -910,6 +936,7 @@ __attribute__((noinline)) void panel_blocks(const Panel& panel, int64_t b_begin,
       }
     }
   }
+#endif
 }
 
 // Columns [local_begin, local_end) of block-quantized shard `sh` for all M rows of x, one panel
