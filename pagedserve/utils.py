@@ -14,9 +14,9 @@ def freeze_gc_heap() -> None:
     """Moves every object alive now (the startup heap: torch, the model's modules, the tokenizer)
     out of the garbage collector's reach, as vLLM does once its engine is up.
 
-    Without it, each collection of the oldest generation walks millions of objects that will live
-    as long as the process: a pause of tens of milliseconds in the middle of a decode step, every
-    few hundred steps. Cycles among frozen objects are never freed; call this once, after start-up.
+    Without it, each collection of the oldest generation walks all of those objects, which live as
+    long as the process, in the middle of whatever step is running. Cycles among frozen objects
+    are never freed; call this once, after start-up.
     """
     gc.collect()
     gc.freeze()

@@ -97,8 +97,8 @@ def test_linear_output_rows_do_not_depend_on_the_batch(qtype: GGMLQuantizationTy
 @pytest.mark.parametrize("num_rows", [16, 23, 300])
 def test_panels_are_within_the_activation_rounding_bound(qtype: GGMLQuantizationType, num_rows: int) -> None:
     # From 16 rows of x on (8 with AVX-512 VNNI), weights are unpacked into panels of 16 rows: 37
-    # rows are two whole panels and one of 5, 300 rows of x two slices of up to 256, and 288 columns end in 32-value
-    # blocks past the last group of 8.
+    # rows are two whole panels and one of 5, 300 rows of x two slices of up to 256, and 288
+    # columns end in 32-value blocks past the last group of 8.
     columns = 288 if GGML_QUANT_SIZES[qtype][0] == 32 else 512
     weight = random_weight(qtype, 37, columns, seed=num_rows)
     dense = reference(weight, qtype)
